@@ -1,0 +1,1 @@
+"""Writers of ONNX models: physical slimming and safe file output."""

@@ -1,0 +1,88 @@
+"""A new ONNX model with pruned channels physically removed (initializers sliced, no masks).
+
+Edits are made per node input slot, never on a shared initializer in place: if the same
+tensor also feeds a node outside the group, that node keeps the original.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from pipeline.analyze import ChannelGroup
+from pipeline.graph import GraphView
+from pipeline.prune import LayerWeights
+
+
+def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarray],
+         layers: dict[str, LayerWeights]) -> ModelProto:
+    """Slice every producer-side parameter and consumer weight of the pruned groups."""
+    out = ModelProto()
+    out.CopyFrom(proto)
+    view = GraphView(out)
+    editor = _SlotEditor(out)
+    for group in groups:
+        if group.id not in kept:
+            continue
+        idx = kept[group.id]
+        for s in group.slices:
+            node = view.nodes[s.node]
+            editor.set(node, s.index, np.take(view.const(node.input[s.index]), _expand(idx, s.block), axis=s.axis))
+        for c in group.consumers:
+            node = view.nodes[c.node]
+            layer = layers[c.node]
+            editor.set(node, 1, np.take(layer.weight, _expand(idx, c.block), axis=c.in_axis))
+            if len(node.input) < 3:
+                node.input.append("")
+            editor.set(node, 2, layer.bias)
+    editor.drop_unused()
+    del out.graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _expand(idx: np.ndarray, block: int) -> np.ndarray:
+    return (idx[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
+
+class _SlotEditor:
+    """Replaces the tensor in one node input slot, keeping names stable where it is safe."""
+
+    def __init__(self, proto: ModelProto):
+        self.graph = proto.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.uses = Counter(i for n in self.graph.node for i in n.input if i)
+        self.uses.update(o.name for o in self.graph.output)
+        self.names = set(self.inits) | {v for n in self.graph.node for v in list(n.input) + list(n.output)}
+        self.edited: set[str] = set()
+
+    def set(self, node, index: int, value: np.ndarray) -> None:
+        old = node.input[index]
+        if old and self.uses[old] == 1 and old in self.inits and old not in self.edited:
+            self.inits[old].CopyFrom(numpy_helper.from_array(value, old))
+            self.edited.add(old)
+            return
+        name = self._fresh(old or f"{node.name}_bias")
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.inits[name] = self.graph.initializer[-1]
+        self.edited.add(name)
+        if old:
+            self.uses[old] -= 1
+        self.uses[name] += 1
+        node.input[index] = name
+
+    def _fresh(self, base: str) -> str:
+        name, k = f"{base}_slim", 1
+        while name in self.names:
+            name, k = f"{base}_slim{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def drop_unused(self) -> None:
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        keep = [i for i in self.graph.initializer if i.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)

@@ -1,0 +1,147 @@
+"""Stage 7: latency per execution provider and batch size, every model timed in the same run.
+
+Sessions are timed one at a time with spinning off, in interleaved rounds, so slow drifts
+of the machine hit every model alike. A provider that is missing or would silently fall back
+to the CPU is reported as unavailable with the reason, never timed as if it were there.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+from onnx import ModelProto
+
+from pipeline.errors import UsageError
+from pipeline.runtime import PROVIDERS, ProviderUnavailable, SessionConfig, input_dtype, make_session
+
+
+@dataclass
+class Timing:
+    model: str
+    provider: str
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float  # samples per second at the median latency
+    runs: int
+    cold_start_ms: float  # session creation plus the first run
+    speedup: float = 1.0  # p50 of the first model over this one's, same provider and batch
+
+
+@dataclass
+class BenchResult:
+    timings: list[Timing] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"timings": [asdict(t) for t in self.timings], "unavailable": self.unavailable,
+                "settings": self.settings}
+
+    def speedup(self, provider: str, batch: int) -> float | None:
+        return next((t.speedup for t in self.timings[1:] if t.provider == provider
+                     and t.batch == batch), None)
+
+
+def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], batches: list[int],
+          runs: int = 50, warmup: int = 5, rounds: int = 5, threads: int = 0, seed: int = 0,
+          progress: Callable[[str], None] = lambda _: None) -> BenchResult:
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise UsageError(f"--providers: unknown provider '{unknown[0]}' (choose from {', '.join(PROVIDERS)})")
+    if not models:
+        raise UsageError("nothing to time")
+    result = BenchResult(settings=_settings(threads, runs, warmup, rounds))
+    for provider in providers:
+        config = SessionConfig(provider=provider, threads=threads)
+        try:
+            sessions = [(label, _open(model, config)) for label, model in models]
+        except ProviderUnavailable as exc:
+            result.unavailable[provider] = str(exc)
+            progress(f"{provider}: unavailable ({exc})")
+            continue
+        for batch in batches:
+            feeds = [(label, s, _feed(s, batch, seed)) for label, (s, _) in sessions]
+            if any(f is None for _, _, f in feeds):
+                result.unavailable[f"{provider}@{batch}"] = f"a model has a fixed batch size other than {batch}"
+                continue
+            samples: dict[str, list[float]] = {label: [] for label, _ in models}
+            for label, s, feed in feeds:
+                for _ in range(warmup):
+                    feed()
+            per_round = max(1, runs // rounds)
+            for r in range(rounds):
+                for label, s, feed in feeds:
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        feed()
+                        samples[label].append((time.perf_counter() - t0) * 1e3)
+                progress(f"{provider} batch {batch}: round {r + 1}/{rounds}")
+            base = None
+            for (label, (_, cold)) in sessions:
+                t = _summarise(label, provider, batch, samples[label], cold)
+                base = base or t.p50_ms
+                t.speedup = base / t.p50_ms
+                result.timings.append(t)
+    return result
+
+
+def _open(model, config: SessionConfig) -> tuple[ort.InferenceSession, float]:
+    """A session and its cold start: creation plus one run at batch 1."""
+    t0 = time.perf_counter()
+    session = make_session(model, config)
+    feed = _feed(session, _fixed_batch(session) or 1, 0)
+    if feed is not None:
+        feed()
+    return session, (time.perf_counter() - t0) * 1e3
+
+
+def _fixed_batch(session: ort.InferenceSession) -> int | None:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _feed(session: ort.InferenceSession, batch: int, seed: int) -> Callable[[], None] | None:
+    """A closure running one batch; device providers bind inputs and outputs on the device."""
+    fixed = _fixed_batch(session)
+    if fixed is not None and fixed != batch:
+        return None
+    inp = session.get_inputs()[0]
+    dims = [batch] + [d if isinstance(d, int) and d > 0 else None for d in inp.shape[1:]]
+    if None in dims:
+        raise UsageError(f"input '{inp.name}' has symbolic dimensions {inp.shape}; "
+                         f"benchmarking needs static ones apart from the batch")
+    x = np.random.default_rng(seed).standard_normal(dims).astype(input_dtype(session))
+    device = session.get_providers()[0]
+    if device == "CPUExecutionProvider":
+        return lambda: session.run(None, {inp.name: x})
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the GPU work ends inside the timed region
+    return run
+
+
+def _summarise(label: str, provider: str, batch: int, ms: list[float], cold: float) -> Timing:
+    a = np.asarray(ms)
+    p50 = float(np.percentile(a, 50))
+    return Timing(label, provider, batch, p50, float(np.percentile(a, 90)), float(np.percentile(a, 99)),
+                  float(a.mean()), batch * 1e3 / p50, len(a), cold)
+
+
+def _settings(threads: int, runs: int, warmup: int, rounds: int) -> dict:
+    return {"onnxruntime": ort.__version__, "available_providers": ort.get_available_providers(),
+            "intra_op_threads": threads or "default (all cores)", "spinning": "off",
+            "graph_optimization": "all", "runs": runs, "warmup": warmup, "rounds": rounds,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}

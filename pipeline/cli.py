@@ -1,0 +1,309 @@
+"""The `crossprune` command line: compress, bench, inspect and demo.
+
+Every failure the user can fix is one line on stderr and a documented exit code (see
+`crossprune --help`); `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from pipeline.errors import EXIT_CODES, CrossPruneError, UsageError
+
+EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+
+
+def _raise_interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def guarded(fn):
+    """Turn our errors into one line and an exit code; SIGTERM behaves like Ctrl-C."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return fn(*args, **kwargs)
+        except CrossPruneError as exc:
+            if debug:
+                raise
+            click.echo(f"crossprune: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("crossprune: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"crossprune: internal error: {type(exc).__name__}: {first} "
+                       f"(run again with --debug for the traceback)", err=True)
+            sys.exit(1)
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")(wrapper)
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+    if not out or any(v < 1 for v in out):
+        raise click.BadParameter("batch sizes must be positive integers")
+    return out
+
+
+def _providers(ctx, param, value: str) -> list[str]:
+    from pipeline.runtime import PROVIDERS
+
+    out = [v.strip().lower() for v in value.split(",") if v.strip()] if value else []
+    bad = [v for v in out if v not in PROVIDERS]
+    if bad:
+        raise click.BadParameter(f"unknown provider '{bad[0]}' (choose from {', '.join(PROVIDERS)})")
+    return out
+
+
+def _floats(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
+
+
+def _size(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW such as 224x224, got '{value}'") from None
+    return [h, w]
+
+
+def _say(quiet: bool):
+    return (lambda msg: None) if quiet else (lambda msg: click.echo(f"  {msg}", err=True))
+
+
+@click.group(epilog=EPILOG)
+@click.version_option(package_name="crossprune")
+def main() -> None:
+    """Few-shot channel pruning of ONNX models by cross distillation.
+
+    Give it a trained ONNX model and a handful of samples; get back a smaller ONNX model with
+    the same inputs and outputs, verified against the pruned network it came from, and its
+    latency per execution provider.
+    """
+
+
+def prune_options(fn):
+    opts = [
+        click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+                     show_default=True, help="Share of each prunable channel group's channels to KEEP."),
+        click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1"]), default="cross",
+                     show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
+                     "plain regression of the student on the teacher; soft: regression from a mix of "
+                     "teacher and student inputs (mu = teacher share); l1: magnitude, no refit."),
+        click.option("--mu", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+                     help="Weight of the correction loss (cross) or of the teacher input (soft)."),
+        click.option("--solver", type=click.Choice(["closed", "pgd"]), default="closed", show_default=True,
+                     help="closed: exact least squares with greedy group-OBS selection; pgd: the paper's "
+                     "Adam with a shrinking top-k proximal step."),
+        click.option("--damp", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
+                     help="Ridge added to each layer's Gram matrix, relative to its mean diagonal."),
+        click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
+        click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
+        click.option("--shots", type=click.IntRange(1), help="Samples per class (labeled data)."),
+        click.option("--samples", type=click.IntRange(1), help="Number of samples (unlabeled data)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def data_options(fn):
+    opts = [
+        click.option("--eval-data", type=click.Path(path_type=Path),
+                     help="Separate labeled data for accuracy; default: the samples not drawn as shots."),
+        click.option("--preprocess", "preprocess_file", type=click.Path(path_type=Path),
+                     help="Preprocessing JSON (default: <model>.preprocess.json beside the model)."),
+        click.option("--size", callback=_size, help="Resize images to HxW."),
+        click.option("--channels", type=click.Choice(["gray", "rgb", "bgr"]), help="Channel order of images."),
+        click.option("--scale", type=float, help="Pixels are divided by this first (default 255)."),
+        click.option("--mean", callback=_floats, help="Per-channel mean, e.g. 0.485,0.456,0.406."),
+        click.option("--std", callback=_floats, help="Per-channel std, e.g. 0.229,0.224,0.225."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Input layout of the model."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def bench_options(fn):
+    opts = [
+        click.option("--providers", default="cpu", show_default=True, callback=_providers,
+                     help="Execution providers to time: cpu, cuda, tensorrt (comma-separated)."),
+        click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list,
+                     help="Batch sizes to time (comma-separated)."),
+        click.option("--runs", type=click.IntRange(1), default=50, show_default=True,
+                     help="Timed runs per model, provider and batch size."),
+        click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+                     help="Intra-op threads (0: onnxruntime's default, all cores)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _options(data, shots, samples, seed, ratio, method, mu, solver, damp, pgd_iters, pgd_lr,
+             eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
+             runs, threads, no_bench):
+    from pipeline.compress import CompressOptions
+    from pipeline.prune import PruneConfig
+
+    if shots is not None and samples is not None:
+        raise UsageError("give either --shots (per class) or --samples (in total), not both")
+    overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
+    return CompressOptions(
+        data=data, shots=shots, samples=samples, seed=seed,
+        prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp,
+                          pgd_iters=pgd_iters, pgd_lr=pgd_lr),
+        eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
+        providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads)
+
+
+def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:
+    from exporters.write import atomic_write
+    from pipeline.report import dumps
+
+    if report_path is not None:
+        atomic_write(report_path, dumps(report).encode())
+    click.echo(dumps(report) if as_json else text)
+
+
+@main.command(epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Folder of images in class subfolders (or flat, unlabeled), or an .npz with x (NCHW "
+              "float32, preprocessed) and optional y.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Slim ONNX model to write.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@prune_options
+@data_options
+@bench_options
+@guarded
+def compress(model, data, output, report_path, as_json, no_bench, force, quiet, **kw):
+    """Prune MODEL from a few samples and write a slim, verified ONNX model.
+
+    \b
+    Example:
+      crossprune compress model.onnx --data shots/ --shots 5 --ratio 0.5 \\
+          -o model.slim.onnx --report report.json
+    """
+    from pipeline.compress import compress as run
+    from pipeline.report import summary
+
+    if output.exists() and not force:
+        raise UsageError(f"-o {output}: file exists; pass --force to replace it")
+    result = run(model, _options(data, no_bench=no_bench, **kw), output, _say(quiet or as_json))
+    _emit(result.report, report_path, as_json, summary(result.report) + f"\n\nwrote {output}")
+
+
+@main.command(epilog=EPILOG)
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
+              help="Models are timed in turn, this many rounds each, so drift hits all alike.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@bench_options
+@guarded
+def bench(models, warmup, rounds, report_path, as_json, providers, batches, runs, threads):
+    """Time MODELS on each execution provider and batch size; speedups are against the first.
+
+    \b
+    Example:
+      crossprune bench model.onnx model.slim.onnx --providers cpu,cuda --batch 1,32
+    """
+    from pipeline.bench import bench as run
+    from pipeline.load import load_model
+    from pipeline.report import latency_table
+
+    loaded = [(str(m), load_model(m, normalise=False).path.read_bytes()) for m in models]
+    result = run(loaded, providers, batches, runs=runs, warmup=warmup, rounds=rounds, threads=threads,
+                 progress=_say(as_json))
+    _emit({"latency": result.to_json()}, report_path, as_json, latency_table(result.to_json()))
+
+
+@main.command(epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@guarded
+def inspect(model, as_json):
+    """List MODEL's channel groups, whether each can be pruned (and why not), and layer FLOPs."""
+    from pipeline import analyze, flops
+    from pipeline.graph import GraphView
+    from pipeline.load import load_model
+    from pipeline.report import _table, dumps
+
+    loaded = load_model(model)
+    view = GraphView(loaded.proto)
+    groups = analyze.find_groups(view)
+    costs = flops.layer_costs(view)
+    if as_json:
+        click.echo(dumps({"groups": [g.to_json() for g in groups], "layers": [c.to_json() for c in costs],
+                          "normalisation": loaded.notes}))
+        return
+    click.echo(_table(["group", "producer", "channels", "consumers", "prunable"],
+                      [[str(g.id), g.producer, str(g.size), ", ".join(c.node for c in g.consumers) or "-",
+                        "yes" if g.prunable else f"no: {g.reason}"] for g in groups]))
+    click.echo()
+    click.echo(_table(["layer", "op", "MFLOPs", "params"],
+                      [[c.node, c.op, f"{c.flops / 1e6:.2f}", str(c.params)] for c in costs]))
+
+
+@main.command(epilog=EPILOG)
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Where to write the slim demo model (default: a temporary folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--shots", type=click.IntRange(1, 10), default=5, show_default=True)
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Share of channels kept.")
+@click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1"]), default="cross",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@guarded
+def demo(output, as_json, quiet, shots, ratio, method, seed):
+    """Compress the embedded Fashion-MNIST VGG-style teacher from a few shots per class.
+
+    Prints accuracy before and after on held-out test images, FLOPs and parameters before and
+    after, and CPU latency before and after.
+    """
+    from pipeline.compress import CompressOptions
+    from pipeline.compress import compress as run
+    from pipeline.prune import PruneConfig
+    from pipeline.report import summary
+
+    assets = resources.files("pipeline") / "assets"
+    with resources.as_file(assets) as folder, tempfile.TemporaryDirectory() as tmp:
+        target = output or Path(tmp) / "demo_vgg.slim.onnx"
+        options = CompressOptions(data=folder / "demo_shots", shots=shots, seed=seed,
+                                  prune=PruneConfig(ratio=ratio, method=method),
+                                  eval_data=folder / "demo_eval.npz")
+        result = run(folder / "demo_vgg.onnx", options, target, _say(quiet or as_json))
+        _emit(result.report, None, as_json, summary(result.report) +
+              (f"\n\nwrote {target}" if output else ""))

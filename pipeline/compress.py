@@ -1,0 +1,174 @@
+"""The whole job, stage by stage: load -> data -> convert -> analyze -> prune -> slim -> verify -> bench.
+
+Each stage gets what the previous one returned and nothing else; this module only passes
+results forward, times the stages and assembles the report. Nothing is written unless the
+slim model has passed verification.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from exporters.slim import slim as slim_model
+from exporters.write import atomic_write
+from pipeline import analyze, bench, convert, data, load, prune, report, verify
+from pipeline.errors import NothingToPruneError, UsageError
+from pipeline.graph import GraphView
+
+MAX_EVAL = 5000  # held-out samples used for quality and verification at most
+
+
+@dataclass
+class CompressOptions:
+    data: Path
+    shots: int | None = None
+    samples: int | None = None
+    seed: int = 0
+    prune: prune.PruneConfig = field(default_factory=prune.PruneConfig)
+    eval_data: Path | None = None
+    preprocess_file: Path | None = None
+    preprocess: dict = field(default_factory=dict)  # option overrides: size, mean, std, ...
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    batches: list[int] = field(default_factory=lambda: [1, 32])
+    bench_runs: int = 50
+    threads: int = 0
+
+
+@dataclass
+class CompressResult:
+    slim: bytes
+    report: dict
+
+
+Progress = Callable[[str], None]
+
+
+def compress(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
+             progress: Progress = lambda _: None) -> CompressResult:
+    """Run every stage; write `output` only after verification passed."""
+    model_path = Path(model_path)
+    if output is not None and Path(output).resolve() == model_path.resolve():
+        raise UsageError(f"-o {output}: refusing to overwrite the input model; choose another path")
+    torch.manual_seed(options.seed)
+    stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        progress(f"{name}...")
+        start = time.perf_counter()
+        yield
+        stages[name] = round(time.perf_counter() - start, 3)
+
+    with stage("load"):
+        model = load.load_model(model_path)
+        if len(model.inputs) != 1:
+            raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
+                             f"can be fed few-shot data")
+        original = model_path.read_bytes()
+    with stage("data"):
+        shots, evalset, data_notes, pre = _data(model, options)
+    with stage("convert"):
+        teacher = convert.to_torch(model.proto, str(model_path))
+        parity = convert.check_parity(model, teacher, shots.calib.x)
+    with stage("analyze"):
+        view = GraphView(model.proto)
+        groups = analyze.find_groups(view)
+        if not any(g.prunable for g in groups):
+            reasons = "; ".join(f"{g.producer}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
+            raise NothingToPruneError(f"{model_path}: no prunable channel group ({reasons})")
+    with stage("prune"):
+        result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress)
+        if not result.outcomes:
+            raise NothingToPruneError(f"{model_path}: every channel group was left whole "
+                                      f"({'; '.join(result.skipped.values())})")
+    with stage("export"):
+        slim = slim_model(model.proto, groups, result.kept, result.layers)
+    with stage("verify"):
+        check_x = np.concatenate([shots.calib.x, evalset.x[:256]])
+        verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
+        quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
+    slim_bytes = slim.SerializeToString()
+    latency = None
+    if options.providers and options.batches:
+        with stage("bench"):
+            latency = bench.bench([("teacher", original), ("slim", slim_bytes)], options.providers,
+                                  options.batches, runs=options.bench_runs, threads=options.threads,
+                                  seed=options.seed, progress=progress)
+    if output is not None:
+        atomic_write(output, slim_bytes)
+    rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
+                  original, slim_bytes, verify_err, quality, latency, stages, output)
+    return CompressResult(slim_bytes, rep)
+
+
+def _data(model: load.LoadedModel, options: CompressOptions):
+    spec = model.inputs[0]
+    pre, notes = data.preprocess_for(model.path, spec, options.preprocess_file, **options.preprocess)
+    samples = data.load_samples(options.data, spec, pre)
+    if options.shots is None and options.samples is None and samples.y is not None:
+        raise UsageError("--data has labels: give --shots K (samples per class) or --samples N")
+    shots = data.draw_shots(samples, shots=options.shots, count=options.samples, seed=options.seed)
+    if options.eval_data is not None:
+        evalset = data.load_samples(options.eval_data, spec, pre)
+        evalset.source = "eval"
+    elif shots.holdout is not None:
+        rng = np.random.default_rng(options.seed)
+        idx = np.sort(rng.permutation(len(shots.holdout))[:MAX_EVAL])
+        evalset = shots.holdout.subset(idx)
+        evalset.source = "held-out"
+    else:
+        evalset = data.Samples(shots.calib.x, shots.calib.y, shots.calib.classes, "calibration (in-sample)")
+        notes.append("no held-out samples: quality is measured on the calibration samples themselves")
+    return shots, evalset, notes, pre
+
+
+def _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
+            original, slim_bytes, verify_err, quality, latency, stages, output) -> dict:
+    from pipeline import flops
+
+    before = {c.node: c for c in flops.layer_costs(view)}
+    slim_view = GraphView(slim)
+    after = {c.node: c for c in flops.layer_costs(slim_view)}
+    outcomes = {o.group: o for o in result.outcomes}
+    group_rows = []
+    for g in groups:
+        o = outcomes.get(g.id)
+        group_rows.append({**g.to_json(), "channels_before": g.size,
+                           "channels_after": len(o.kept) if o else g.size,
+                           "kept": o.kept if o else None,
+                           "loss": None if o is None or np.isnan(o.loss) else o.loss,
+                           "seconds": o.seconds if o else 0.0,
+                           "reason": g.reason or result.skipped.get(g.id)})
+    layers = [{"node": n, "op": c.op, "flops_before": c.flops, "flops_after": after[n].flops,
+               "params_before": c.params, "params_after": after[n].params} for n, c in before.items()]
+    f0, f1 = sum(c.flops for c in before.values()), sum(c.flops for c in after.values())
+    return {
+        "tool": {"name": "crossprune", "versions": report.versions()},
+        "config": {**asdict(options.prune), "shots": options.shots, "samples": options.samples,
+                   "seed": options.seed, "data": str(options.data),
+                   "eval_data": str(options.eval_data) if options.eval_data else None},
+        "input": {"path": str(model.path), "sha256": report.sha256(original), "opset": model.opset,
+                  "inputs": [s.to_json() for s in model.inputs], "outputs": [s.to_json() for s in model.outputs],
+                  "normalisation": model.notes},
+        "output": {"path": str(output) if output else None, "sha256": report.sha256(slim_bytes)},
+        "data": {"source": shots.calib.source, "calibration_samples": len(shots.calib),
+                 "classes": len(np.unique(shots.calib.y)) if shots.calib.y is not None else None,
+                 "evaluation": evalset.source, "evaluation_samples": len(evalset),
+                 "preprocess": pre.to_json(), "notes": data_notes},
+        "parity": {"torch_vs_onnxruntime": parity, "slim_vs_masked_student": verify_err},
+        "groups": group_rows,
+        "layers": layers,
+        "totals": {"flops_before": f0, "flops_after": f1, "flops_reduction": f0 / max(f1, 1),
+                   "params_before": flops.total_params(view), "params_after": flops.total_params(slim_view),
+                   "bytes_before": len(original), "bytes_after": len(slim_bytes)},
+        "quality": quality.to_json(),
+        "latency": latency.to_json() if latency else None,
+        "stages_seconds": stages,
+        "peak_rss_mb": report.peak_rss_mb(),
+    }

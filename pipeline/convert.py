@@ -1,0 +1,94 @@
+"""Stage 3: the torch twin of the ONNX model, proven equal to onnxruntime before use.
+
+torch is only the numeric engine: layers are found by their ONNX node names, and nothing
+is trusted until the converted model reproduces onnxruntime on the user's own samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import ModelProto
+from onnx2torch import convert as onnx2torch_convert
+from onnx2torch.node_converters.registry import get_converter
+from onnx2torch.onnx_graph import OnnxGraph
+
+from pipeline.errors import ModelError
+from pipeline.load import LoadedModel
+from pipeline.runtime import make_session, run_batched
+
+PARITY_RTOL = 1e-4
+
+
+@dataclass
+class TorchModel:
+    """A converted model plus the map from ONNX node names to its modules."""
+
+    module: torch.fx.GraphModule
+    modules_by_node: dict[str, torch.nn.Module]
+
+    def layer(self, node_name: str) -> torch.nn.Module:
+        return self.modules_by_node[node_name]
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.module(x)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def to_torch(proto: ModelProto, source: str = "model") -> TorchModel:
+    """Convert with onnx2torch, naming the first node it cannot handle if it fails."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    for node in proto.graph.node:
+        version = opset if node.domain in ("", "ai.onnx") else next(
+            (o.version for o in proto.opset_import if o.domain == node.domain), 1)
+        try:
+            get_converter(node.op_type, version, node.domain or "")
+        except NotImplementedError:
+            raise ModelError(f"{source}: onnx2torch cannot convert node '{node.name}' "
+                             f"(op {node.domain + '.' if node.domain else ''}{node.op_type}, "
+                             f"opset {version})") from None
+    try:
+        module = onnx2torch_convert(proto).eval()
+    except Exception as exc:
+        raise ModelError(f"{source}: onnx2torch failed ({type(exc).__name__}: {exc})") from exc
+    named = dict(module.named_modules())
+    by_node = {n.name: named[OnnxGraph.generate_node_name(n)] for n in proto.graph.node
+               if OnnxGraph.generate_node_name(n) in named}
+    return TorchModel(module, by_node)
+
+
+def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int = 64) -> float:
+    """Worst relative difference between onnxruntime on the original file and the twin."""
+    try:
+        session = make_session(model.path.read_bytes())
+    except Exception as exc:
+        raise ModelError(f"{model.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
+    reference = run_batched(session, x, batch)
+    ours = run_torch(twin, x, batch)
+    worst = 0.0
+    for name, ref, got in zip((o.name for o in model.outputs), reference, ours):
+        err = relative_error(ref, got)
+        worst = max(worst, err)
+        if not err <= PARITY_RTOL:
+            raise ModelError(f"{model.path}: the torch conversion differs from onnxruntime on output "
+                             f"'{name}' (relative error {err:.2e} > {PARITY_RTOL:.0e}); refusing to "
+                             f"prune a model we cannot reproduce")
+    return worst
+
+
+@torch.no_grad()
+def run_torch(twin: TorchModel, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    chunks = [twin.outputs(torch.from_numpy(x[i:i + batch])) for i in range(0, len(x), batch)]
+    return [torch.cat([c[k] for c in chunks]).numpy() for k in range(len(chunks[0]))]
+
+
+def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
+    """max |a - b| / max |a|: scale-free, and strict where outputs are large."""
+    reference = np.asarray(reference, dtype=np.float64)
+    value = np.asarray(value, dtype=np.float64)
+    if reference.shape != value.shape:
+        return float("inf")
+    scale = max(float(np.abs(reference).max(initial=0.0)), 1e-12)
+    return float(np.abs(reference - value).max(initial=0.0)) / scale

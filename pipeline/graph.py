@@ -1,0 +1,54 @@
+"""Read-only views of an ONNX graph: who produces and consumes what, constants and shapes."""
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import cached_property
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+
+class GraphView:
+    """Indexes a (normalised, shape-inferred) ModelProto once for the stages that read it."""
+
+    def __init__(self, proto: ModelProto):
+        self.proto = proto
+        self.graph = proto.graph
+        self.nodes: dict[str, NodeProto] = {n.name: n for n in self.graph.node}
+        self.order: dict[str, int] = {n.name: i for i, n in enumerate(self.graph.node)}
+        self.producer: dict[str, NodeProto] = {o: n for n in self.graph.node for o in n.output if o}
+        consumers: dict[str, list[NodeProto]] = defaultdict(list)
+        for n in self.graph.node:
+            for i in dict.fromkeys(n.input):
+                if i:
+                    consumers[i].append(n)
+        self.consumers = consumers
+        self.initializers = {i.name: i for i in self.graph.initializer}
+        self.outputs = {o.name for o in self.graph.output}
+
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers
+
+    def const(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple]:
+        out = {}
+        for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output):
+            t = v.type.tensor_type
+            if t.HasField("shape"):
+                out[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        for name, init in self.initializers.items():
+            out[name] = tuple(init.dims)
+        return out
+
+    def shape(self, name: str) -> tuple | None:
+        """Dims with None for unknown or symbolic ones; None when even the rank is unknown."""
+        return self._shapes.get(name)
+
+    def attr(self, node: NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default

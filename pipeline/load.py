@@ -1,0 +1,203 @@
+"""Stage 1: read an ONNX model, check it and normalise it for conversion.
+
+ONNX is the source of truth: everything later (analysis, export) works on the normalised
+proto returned here, and the torch model is derived from it. Normalisation may restructure
+the graph (constant folding, Constant nodes to initializers) but never the I/O signature.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import ModelProto, TensorProto, ValueInfoProto
+
+from pipeline.errors import ModelError
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One graph input or output as a caller sees it."""
+
+    name: str
+    elem_type: int
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def dtype_name(self) -> str:
+        return TensorProto.DataType.Name(self.elem_type).lower()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype_name,
+                "shape": list(self.shape) if self.shape is not None else None}
+
+
+@dataclass
+class LoadedModel:
+    """A checked, normalised model plus what we learnt while loading it."""
+
+    path: Path
+    proto: ModelProto
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def opset(self) -> int:
+        return onnx_opset(self.proto)
+
+
+def onnx_opset(proto: ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _value_spec(value: ValueInfoProto) -> IOSpec:
+    ttype = value.type.tensor_type
+    shape = None
+    if ttype.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in ttype.shape.dim)
+    return IOSpec(value.name, ttype.elem_type, shape)
+
+
+def signature(proto: ModelProto) -> tuple[list[IOSpec], list[IOSpec]]:
+    """Graph inputs (initializers excluded, as IR < 4 models list them) and outputs."""
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [_value_spec(v) for v in proto.graph.input if v.name not in inits]
+    return inputs, [_value_spec(v) for v in proto.graph.output]
+
+
+def load_model(path: str | os.PathLike, *, normalise: bool = True,
+               max_tensor_bytes: int | None = None) -> LoadedModel:
+    """Read, check and normalise `path`; raise ModelError with a one-line reason otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a regular file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning or others
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if not proto.graph.node:
+        raise ModelError(f"{path}: the ONNX graph has no nodes (is this an ONNX model?)")
+    _check_tensor_sizes(path, proto, max_tensor_bytes)
+    _load_external_data(path, proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{path}: fails onnx.checker: {first}") from exc
+    inputs, outputs = signature(proto)
+    notes: list[str] = []
+    if normalise:
+        proto = _normalise(path, proto, notes)
+    proto = _infer_shapes(path, proto)
+    return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, notes=notes)
+
+
+def _check_tensor_sizes(path: Path, proto: ModelProto, budget: int | None) -> None:
+    """Refuse declared tensors larger than the memory budget before anything allocates them."""
+    if budget is None:
+        return
+    for init in proto.graph.initializer:
+        count = 1
+        for d in init.dims:
+            count *= max(int(d), 0)
+        size = count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize \
+            if init.data_type != TensorProto.STRING else 0
+        if size > budget:
+            raise ModelError(f"{path}: initializer '{init.name}' declares {size / 2**20:.0f} MiB, "
+                             f"over the memory budget of {budget / 2**20:.0f} MiB (--max-memory)")
+
+
+def _load_external_data(path: Path, proto: ModelProto) -> None:
+    """Load external tensors, but only from files inside the model's own folder."""
+    base = path.resolve().parent
+    external = [t for t in _all_tensors(proto) if t.data_location == TensorProto.EXTERNAL]
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(base):
+            raise ModelError(f"{path}: tensor '{tensor.name}' points outside the model's folder "
+                             f"('{location}'); refusing to read it")
+        if not target.is_file():
+            raise ModelError(f"{path}: external data file '{location}' for tensor "
+                             f"'{tensor.name}' is missing")
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(base))
+        except Exception as exc:
+            raise ModelError(f"{path}: cannot read external data ({exc})") from exc
+
+
+def _all_tensors(proto: ModelProto):
+    yield from proto.graph.initializer
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+def _normalise(path: Path, proto: ModelProto, notes: list[str]) -> ModelProto:
+    """Fold constants and turn Constant nodes into initializers, keeping the I/O signature.
+
+    onnxslim does the graph plumbing; layer fusions and weight tying are switched off so that
+    BatchNormalization stays separate (the loss is defined before it) and no initializer is
+    shared between layers that may be sliced differently.
+    """
+    import onnxslim
+    from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
+
+    before = signature(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    if any(v.name in inits for v in proto.graph.input):
+        notes.append("initializers listed as graph inputs were made plain initializers")
+        kept = [v for v in proto.graph.input if v.name not in inits]
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)
+    n_const = sum(n.op_type == "Constant" for n in proto.graph.node)
+    try:
+        slim = onnxslim.slim(proto, skip_fusion_patterns=list(DEFAULT_FUSION_PATTERNS),
+                             skip_optimizations=["graph_fusion", "weight_tying"])
+    except Exception as exc:  # onnxslim is best effort: an unslimmed graph is still valid
+        notes.append(f"onnxslim could not normalise the graph ({type(exc).__name__}); used as is")
+        slim = proto
+    if slim is not proto and signature(slim) != before:
+        notes.append("onnxslim changed the I/O signature; its result was discarded")
+        slim = proto
+    elif slim is not proto:
+        n_after = sum(n.op_type == "Constant" for n in slim.graph.node)
+        notes.append(f"normalised with onnxslim: {len(proto.graph.node)} -> {len(slim.graph.node)} "
+                     f"nodes, {n_const - n_after} Constant nodes became initializers")
+    _unique_node_names(slim, notes)
+    return slim
+
+
+def _unique_node_names(proto: ModelProto, notes: list[str]) -> None:
+    """Give every node a distinct name, so that stages can refer to nodes by name alone."""
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(proto.graph.node):
+        key = node.name.replace(".", "/")
+        if not node.name or key in seen:
+            base = f"{node.op_type}_{i}"
+            node.name = base
+            while node.name.replace(".", "/") in seen:
+                node.name = f"{base}_{len(seen)}"
+            renamed += 1
+        seen.add(node.name.replace(".", "/"))
+    if renamed:
+        notes.append(f"{renamed} unnamed or duplicate node names were made unique")
+
+
+def _infer_shapes(path: Path, proto: ModelProto) -> ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False,
+                                                 data_prop=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: shape inference failed: {first}") from exc

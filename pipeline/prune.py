@@ -1,0 +1,257 @@
+"""Stage 4: few-shot pruning, group by group in network order.
+
+The teacher is the converted original; the student starts as its copy and is pruned in
+place (masked: dropped input channels of each consumer are zero, producers untouched), so
+that every later group sees the real student input h_s that its predecessors left behind.
+Only Gram matrices are kept, accumulated over chunks of samples: memory does not grow with
+the number of samples.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.analyze import ChannelGroup, Consumer
+from pipeline.convert import TorchModel
+from pipeline.graph import GraphView
+from pipeline.solve import METHODS, SOLVERS, Problem, Stats, solve_closed, solve_l1, solve_pgd
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.5  # share of each group's channels kept
+    method: str = "cross"
+    mu: float = 0.6
+    solver: str = "closed"
+    damp: float = 0.01
+    pgd_iters: int = 3000
+    pgd_lr: float = 1e-3
+    chunk: int = 16  # samples per forward pass while accumulating statistics
+    round_to: int = 1
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1:
+            raise ValueError("ratio must be in (0, 1)")
+        if not 0 <= self.mu <= 1:
+            raise ValueError("mu must be in [0, 1]")
+        if self.method not in METHODS or self.solver not in SOLVERS:
+            raise ValueError(f"method in {METHODS}, solver in {SOLVERS}")
+
+    def kept_count(self, size: int) -> int:
+        keep = max(1, round(self.ratio * size))
+        if self.round_to > 1:
+            keep = min(size, max(self.round_to, round(keep / self.round_to) * self.round_to))
+        return keep
+
+
+@dataclass
+class LayerWeights:
+    """New ONNX-layout weights of one consumer (full input width, dropped channels zero)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+@dataclass
+class GroupOutcome:
+    group: int
+    size: int
+    kept: np.ndarray
+    loss: float
+    seconds: float
+
+
+@dataclass
+class PruneResult:
+    student: TorchModel
+    outcomes: list[GroupOutcome]
+    layers: dict[str, LayerWeights]
+    skipped: dict[int, str] = field(default_factory=dict)  # group id -> why it was left whole
+
+    @property
+    def kept(self) -> dict[int, np.ndarray]:
+        return {o.group: o.kept for o in self.outcomes}
+
+
+class _Stop(Exception):
+    """Ends a forward pass once every input we need has been seen."""
+
+
+def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
+          config: PruneConfig, progress: Callable[[str], None] = lambda _: None) -> PruneResult:
+    student = TorchModel(copy.deepcopy(teacher.module), {})
+    named = dict(student.module.named_modules())
+    teacher_names = {m: n for n, m in teacher.module.named_modules()}
+    student.modules_by_node = {k: named[teacher_names[m]] for k, m in teacher.modules_by_node.items()}
+    result = PruneResult(student, [], {})
+    for group in groups:
+        if not group.prunable:
+            continue
+        keep = config.kept_count(group.size)
+        why = _unsupported(teacher, group) or ("" if keep < group.size else "nothing to remove at this ratio")
+        if why:
+            result.skipped[group.id] = why
+            progress(f"group {group.id}: skipped ({why})")
+            continue
+        start = time.perf_counter()
+        problems = [_problem(view, c, group.size) for c in group.consumers]
+        if config.method != "l1":
+            _collect(view, teacher, student, group.consumers, problems, x, config.chunk)
+        sol = _solve(problems, keep, config)
+        for consumer, w in zip(group.consumers, sol.weights):
+            layer = _to_onnx_layout(view, consumer, w)
+            result.layers[consumer.node] = layer
+            _write(student.layer(consumer.node), layer, view, consumer)
+        kept = sol.kept.numpy().astype(np.int64)
+        result.outcomes.append(GroupOutcome(group.id, group.size, kept, sol.loss,
+                                            time.perf_counter() - start))
+        progress(f"group {group.id}: {group.size} -> {len(kept)} channels")
+    return result
+
+
+def _solve(problems: list[Problem], keep: int, config: PruneConfig):
+    if config.method == "l1":
+        return solve_l1(problems, keep)
+    if config.solver == "pgd":
+        return solve_pgd(problems, keep, config.method, config.mu, config.damp,
+                         config.pgd_iters, config.pgd_lr)
+    return solve_closed(problems, keep, config.method, config.mu, config.damp)
+
+
+def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
+    for c in group.consumers:
+        module = teacher.modules_by_node.get(c.node)
+        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            return f"consumer '{c.node}' became {type(module).__name__} in torch, not Conv2d/Linear"
+    return ""
+
+
+def _problem(view: GraphView, consumer: Consumer, channels: int) -> Problem:
+    """Teacher weights in solver layout (inputs x outputs, bias row last) and channel rows."""
+    node = view.nodes[consumer.node]
+    w = view.const(node.input[1]).astype(np.float64)
+    bias = view.const(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else None
+    if consumer.kind == "conv":
+        out = w.shape[0]
+        mat = w.reshape(out, -1).T
+        per = w.shape[2] * w.shape[3]
+    else:
+        mat = (w.T if consumer.in_axis == 1 else w) * view.attr(node, "alpha", 1.0)
+        out = mat.shape[1]
+        per = consumer.block
+        if bias is not None:
+            bias = np.broadcast_to(bias * view.attr(node, "beta", 1.0), (out,))
+    bias_row = np.zeros((1, out)) if bias is None else np.asarray(bias).reshape(1, out)
+    weight = torch.from_numpy(np.concatenate([mat, bias_row]))
+    columns = torch.arange(channels * per).reshape(channels, per)
+    return Problem(weight, columns)
+
+
+def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumers: list[Consumer],
+             problems: list[Problem], x: np.ndarray, chunk: int) -> None:
+    """Accumulate G_tt, G_ss, G_st of every consumer over the samples, one chunk at a time."""
+    dims = [len(p.weight) for p in problems]
+    sums = [[torch.zeros(d, d, dtype=torch.float64) for _ in range(3)] for d in dims]
+    rows = [0] * len(problems)
+    for i in range(0, len(x), chunk):
+        batch = torch.from_numpy(x[i:i + chunk])
+        xt = _capture(teacher, consumers, batch)
+        xs = _capture(student, consumers, batch)
+        for k, c in enumerate(consumers):
+            at, as_ = _rows(view, c, xt[k]), _rows(view, c, xs[k])
+            sums[k][0] += (at.T @ at).double()
+            sums[k][1] += (as_.T @ as_).double()
+            sums[k][2] += (as_.T @ at).double()
+            rows[k] += len(at)
+    for p, s, n in zip(problems, sums, rows):
+        p.stats = Stats(s[0] / n, s[1] / n, s[2] / n, n)
+
+
+@torch.no_grad()
+def _capture(model: TorchModel, consumers: list[Consumer], batch: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs of the consumers for one batch, stopping the forward once all are seen."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_module, args):
+            seen[name] = args[0].detach()
+            if len(seen) == len(consumers):
+                raise _Stop
+        return hook
+
+    handles = [model.layer(c.node).register_forward_pre_hook(hook_for(c.node)) for c in consumers]
+    try:
+        model.module(batch)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[c.node] for c in consumers]
+
+
+def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tensor:
+    """The consumer's input as rows of its linear map (patches for Conv), with a ones column."""
+    node = view.nodes[consumer.node]
+    if consumer.kind == "conv":
+        w_shape = view.initializers[node.input[1]].dims
+        kernel = tuple(view.attr(node, "kernel_shape", w_shape[2:]))
+        strides = tuple(view.attr(node, "strides", (1, 1)))
+        dil = tuple(view.attr(node, "dilations", (1, 1)))
+        top, left, bottom, right = _pads(view, node, inp.shape[2:], kernel, strides, dil)
+        inp = F.pad(inp, (left, right, top, bottom))
+        cols = F.unfold(inp, kernel, dilation=dil, stride=strides)  # (N, C*kh*kw, L)
+        flat = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        flat = inp.reshape(inp.shape[0], -1)
+    return torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
+
+
+def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> tuple[int, int, int, int]:
+    auto = view.attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, k, s, d in zip(spatial, kernel, strides, dil):
+            total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        return pads[0][0], pads[1][0], pads[0][1], pads[1][1]
+    p = list(view.attr(node, "pads", (0, 0, 0, 0))) if auto == "NOTSET" else [0, 0, 0, 0]
+    return p[0], p[1], p[2], p[3]
+
+
+def _to_onnx_layout(view: GraphView, consumer: Consumer, w: torch.Tensor) -> LayerWeights:
+    node = view.nodes[consumer.node]
+    orig = view.const(node.input[1])
+    mat, bias = w[:-1].numpy(), w[-1].numpy()
+    if consumer.kind == "conv":
+        weight = mat.T.reshape(orig.shape)
+    else:
+        mat = mat / view.attr(node, "alpha", 1.0)
+        weight = mat.T if consumer.in_axis == 1 else mat
+        bias = bias / (view.attr(node, "beta", 1.0) or 1.0)
+    return LayerWeights(weight.astype(orig.dtype), bias.astype(orig.dtype))
+
+
+@torch.no_grad()
+def _write(module: torch.nn.Module, layer: LayerWeights, view: GraphView, consumer: Consumer) -> None:
+    """Put the refit weights into the student's torch layer (onnx2torch folds alpha/beta in)."""
+    node = view.nodes[consumer.node]
+    if isinstance(module, torch.nn.Conv2d):
+        weight = torch.from_numpy(layer.weight)
+        bias = torch.from_numpy(layer.bias)
+    else:
+        alpha, beta = view.attr(node, "alpha", 1.0), view.attr(node, "beta", 1.0) or 1.0
+        w = layer.weight if consumer.in_axis == 1 else layer.weight.T
+        weight = torch.from_numpy(alpha * w)
+        bias = torch.from_numpy(beta * layer.bias)
+    module.weight.copy_(weight.to(module.weight.dtype))
+    # a new Parameter: the layer may have had no bias, or a broadcast one of another shape
+    module.bias = torch.nn.Parameter(bias.to(module.weight.dtype), requires_grad=False)

@@ -1,0 +1,93 @@
+"""onnxruntime sessions made one way everywhere: explicit provider, no spinning threads.
+
+Spinning intra-op threads of an idle session steal cores from the one being timed or
+checked, so spinning is always off; the provider actually used is checked, never assumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from onnx import ModelProto, helper
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    provider: str = "cpu"
+    threads: int = 0  # 0: onnxruntime's default (all physical cores)
+    opt_level: str = "all"  # basic | extended | all
+
+    def to_json(self) -> dict:
+        return {"provider": self.provider, "threads": self.threads, "graph_optimization": self.opt_level}
+
+
+_OPT = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def make_session(model: ModelProto | bytes | str, config: SessionConfig = SessionConfig(),
+                 provider_options: dict | None = None) -> ort.InferenceSession:
+    """A session on exactly the requested provider, or ProviderUnavailable."""
+    name = PROVIDERS[config.provider]
+    if name not in ort.get_available_providers():
+        raise ProviderUnavailable(f"{config.provider}: {name} is not in this onnxruntime build "
+                                  f"({ort.__version__}, providers: {', '.join(ort.get_available_providers())})")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = config.threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = _OPT[config.opt_level]
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, ModelProto) else model
+    providers = [(name, provider_options or {})]
+    if name != "CPUExecutionProvider":
+        providers.append(("CPUExecutionProvider", {}))  # for nodes the device cannot run
+    try:
+        session = ort.InferenceSession(source, sess_options=opts, providers=providers)
+    except Exception as exc:
+        if config.provider != "cpu":
+            raise ProviderUnavailable(f"{config.provider}: session creation failed "
+                                      f"({_first_line(exc)})") from exc
+        raise
+    if session.get_providers()[0] != name:
+        raise ProviderUnavailable(f"{config.provider}: onnxruntime fell back to "
+                                  f"{session.get_providers()[0]} (no usable device or missing "
+                                  f"CUDA/cuDNN/TensorRT libraries)")
+    return session
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def input_dtype(session: ort.InferenceSession) -> np.dtype:
+    kind = session.get_inputs()[0].type  # e.g. 'tensor(float)'
+    elem = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(double)": 11, "tensor(uint8)": 2,
+            "tensor(int8)": 3, "tensor(int32)": 6, "tensor(int64)": 7}.get(kind, 1)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+
+
+def run_batched(session: ort.InferenceSession, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    """All outputs for all samples, fed in batches (models with a fixed batch of 1 too)."""
+    shape0 = session.get_inputs()[0].shape[0]
+    if isinstance(shape0, int) and shape0 > 0:
+        batch = shape0
+    name = session.get_inputs()[0].name
+    dtype = input_dtype(session)
+    chunks = [session.run(None, {name: x[i:i + batch].astype(dtype, copy=False)})
+              for i in range(0, len(x), batch)]
+    return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

@@ -1,0 +1,184 @@
+"""Per-group solvers: which input channels to keep and the consumers' refit weights.
+
+Each consumer's objective is quadratic in its weights W (rows: input features, then a bias
+row; columns: outputs), so it is fully described by Gram matrices of its unfolded inputs:
+G_tt = X_t'X_t, G_ss = X_s'X_s, G_st = X_s'X_t (teacher t, student s). Every method below
+reduces to "(W - W*)' H (W - W*)" for some H and target W*:
+
+  cross      mu*||S(h_t) - T(h_t)||^2 + (1-mu)*||T(h_s) - S(h_s)||^2:  H = mu G_tt + (1-mu) G_ss, W* = W_t
+  layerwise  ||S(h_s) - T(h_t)||^2:          H = G_ss,  W* = G_ss^-1 G_st W_t
+  soft       ||S(m) - T(h_t)||^2 with m = mu h_t + (1-mu) h_s: H = G_mm, W* = G_mm^-1 G_mt W_t
+
+so selection (greedy group Optimal Brain Surgeon) and refit (a least-squares solve) are exact
+linear algebra shared by all methods. A group may feed several consumers: a channel's cost
+is the sum of its costs in every consumer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("cross", "layerwise", "soft", "l1")
+SOLVERS = ("closed", "pgd")
+
+
+@dataclass
+class Stats:
+    """Sufficient statistics of one consumer, averaged over rows (float64)."""
+
+    g_tt: torch.Tensor
+    g_ss: torch.Tensor
+    g_st: torch.Tensor
+    rows: int = 0
+
+
+@dataclass
+class Problem:
+    """One consumer: teacher weights (D, out) in solver layout and its channel columns."""
+
+    weight: torch.Tensor
+    columns: torch.Tensor  # (channels, k): the rows of `weight` that belong to each channel
+    stats: Stats | None = None
+
+
+@dataclass
+class Solution:
+    kept: torch.Tensor  # sorted channel indices
+    weights: list[torch.Tensor]  # refit weights per problem, dropped rows zero
+    loss: float  # relative objective after refit: sum (W-W*)'H(W-W*) / sum W*'HW*
+
+
+def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
+              damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(damped H, W*) of one consumer for `method`."""
+    if method == "cross":
+        h = mu * stats.g_tt + (1 - mu) * stats.g_ss
+        return _damped(h, damp), weight
+    if method == "layerwise":
+        h, cross = stats.g_ss, stats.g_st
+    elif method == "soft":
+        a = mu
+        h = (a * a * stats.g_tt + (1 - a) ** 2 * stats.g_ss
+             + a * (1 - a) * (stats.g_st + stats.g_st.T))
+        cross = a * stats.g_tt + (1 - a) * stats.g_st
+    else:
+        raise ValueError(f"no quadratic objective for method '{method}'")
+    h = _damped(h, damp)
+    return h, torch.linalg.solve(h, cross @ weight)
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    scale = torch.diagonal(h).mean().clamp_min(1e-12)
+    return h + damp * scale * torch.eye(len(h), dtype=h.dtype)
+
+
+def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
+                 damp: float) -> Solution:
+    """Greedy group-OBS removal by exact loss increase, then an exact refit of the kept rows."""
+    quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
+    channels = len(problems[0].columns)
+    alive = torch.ones(channels, dtype=torch.bool)
+    hinv = [torch.cholesky_inverse(torch.linalg.cholesky(h)) for h, _ in quads]
+    cur = [w.clone() for _, w in quads]
+    for _ in range(channels - keep):
+        idx = torch.nonzero(alive).squeeze(1)
+        cost = torch.zeros(len(idx), dtype=torch.float64)
+        for p, hi, w in zip(problems, hinv, cur):
+            cols = p.columns[idx]  # (A, k)
+            block = hi[cols[:, :, None], cols[:, None, :]]  # (A, k, k)
+            wb = w[cols]  # (A, k, out)
+            cost += torch.einsum("akc,akc->a", wb, torch.linalg.solve(block, wb))
+        drop = int(idx[int(torch.argmin(cost))])
+        alive[drop] = False
+        for p, hi, w in zip(problems, hinv, cur):
+            g = p.columns[drop]
+            step = hi[:, g] @ torch.linalg.inv(hi[g][:, g])
+            w -= step @ w[g]
+            hi -= step @ hi[g, :]
+    kept = torch.nonzero(alive).squeeze(1)
+    weights = [_refit(h, w_star, p.columns, kept) for p, (h, w_star) in zip(problems, quads)]
+    return Solution(kept, weights, _relative_loss(quads, weights))
+
+
+def _refit(h: torch.Tensor, w_star: torch.Tensor, columns: torch.Tensor,
+           kept: torch.Tensor) -> torch.Tensor:
+    """argmin (W-W*)'H(W-W*) with the rows of dropped channels fixed at zero."""
+    rows = _kept_rows(columns, kept, len(h))
+    out = torch.zeros_like(w_star)
+    out[rows] = torch.linalg.solve(h[rows][:, rows], (h @ w_star)[rows])
+    return out
+
+
+def _kept_rows(columns: torch.Tensor, kept: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows of kept channels plus every row that belongs to no channel (the bias)."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[columns.reshape(-1)] = False
+    mask[columns[kept].reshape(-1)] = True
+    return torch.nonzero(mask).squeeze(1)
+
+
+def _relative_loss(quads, weights) -> float:
+    num = sum(float(torch.sum((w - ws) * (h @ (w - ws)))) for (h, ws), w in zip(quads, weights))
+    den = sum(float(torch.sum(ws * (h @ ws))) for h, ws in quads)
+    return num / max(den, 1e-30)
+
+
+def solve_l1(problems: list[Problem], keep: int) -> Solution:
+    """Magnitude baseline: keep the channels with the largest L1 norm of consumer weights, no refit."""
+    norms = sum(p.weight[p.columns].abs().sum(dim=(1, 2)) for p in problems)
+    kept = torch.sort(torch.topk(norms, keep).indices).values
+    weights = []
+    for p in problems:
+        w = p.weight.clone()
+        dropped = torch.ones(len(p.columns), dtype=torch.bool)
+        dropped[kept] = False
+        w[p.columns[dropped].reshape(-1)] = 0
+        weights.append(w)
+    return Solution(kept, weights, float("nan"))
+
+
+def solve_pgd(problems: list[Problem], keep: int, method: str, mu: float, damp: float,
+              iters: int, lr: float) -> Solution:
+    """The paper's solver: Adam from the teacher's weights with a shrinking group top-k proximal step.
+
+    During the first third of the iterations the kept count falls linearly from all channels
+    to `keep` (lowest-norm groups zeroed, their gradients and Adam moments masked); then the
+    mask is fixed and the learning rate drops tenfold. The loss is evaluated through the same
+    Gram matrices as the closed form, so both solvers minimise the same objective.
+    """
+    quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
+    scale = sum(float(torch.sum(ws * (h @ ws))) for h, ws in quads)
+    params = [p.weight.clone().requires_grad_(True) for p in problems]
+    opt = torch.optim.Adam(params, lr=lr)
+    channels = len(problems[0].columns)
+    alive = torch.ones(channels, dtype=torch.bool)
+    prox_end = max(1, iters // 3)
+    for it in range(iters):
+        opt.zero_grad()
+        loss = sum(torch.sum((w - ws) * (h @ (w - ws))) for w, (h, ws) in zip(params, quads)) / scale
+        loss.backward()
+        for w, p in zip(params, problems):
+            w.grad[p.columns[~alive].reshape(-1)] = 0
+        opt.step()
+        if it == prox_end:
+            for group in opt.param_groups:
+                group["lr"] = lr / 10
+        if it < prox_end:
+            target = channels - round((channels - keep) * (it + 1) / prox_end)
+            with torch.no_grad():
+                norms = sum((w[p.columns] ** 2).sum(dim=(1, 2)) for w, p in zip(params, problems))
+                norms[~alive] = -1
+                alive = torch.zeros(channels, dtype=torch.bool)
+                alive[torch.topk(norms, target).indices] = True
+        with torch.no_grad():
+            for w, p in zip(params, problems):
+                rows = p.columns[~alive].reshape(-1)
+                w[rows] = 0
+                state = opt.state.get(w, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][rows] = 0
+    kept = torch.nonzero(alive).squeeze(1)
+    weights = [w.detach() for w in params]
+    return Solution(kept, weights, _relative_loss(quads, weights))

@@ -1,0 +1,69 @@
+"""Stage 6: prove the slim model reproduces the masked student, and measure what pruning cost.
+
+The equivalence check is the guard on the whole export: a channel sliced in the wrong place
+shows up here as a large error and fails the command.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import ModelProto
+
+from pipeline.convert import TorchModel, relative_error, run_torch
+from pipeline.errors import VerificationError
+from pipeline.runtime import make_session, run_batched
+
+VERIFY_RTOL = 1e-4
+
+
+def check_slim(slim: ModelProto, student: TorchModel, x: np.ndarray, output_names: list[str]) -> float:
+    """Worst relative error of onnxruntime(slim) against the torch masked student on `x`."""
+    got = run_batched(make_session(slim), x)
+    ref = run_torch(student, x)
+    worst = 0.0
+    for name, r, g in zip(output_names, ref, got):
+        err = relative_error(r, g)
+        worst = max(worst, err)
+        if not err <= VERIFY_RTOL:
+            raise VerificationError(f"slim model differs from the masked student on output '{name}' "
+                                    f"(relative error {err:.2e} > {VERIFY_RTOL:.0e}); nothing was written")
+    return worst
+
+
+@dataclass
+class Quality:
+    """How the student compares with the teacher on a set of samples."""
+
+    samples: int
+    split: str  # where the samples came from: eval, holdout or calibration
+    agreement: float  # share of samples where student and teacher pick the same class
+    relative_error: float  # ||student - teacher|| / ||teacher|| over the first output
+    teacher_accuracy: float | None = None
+    student_accuracy: float | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.teacher_accuracy is None:
+            return None
+        return self.teacher_accuracy - self.student_accuracy
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "split": self.split, "top1_agreement": self.agreement,
+                "relative_error": self.relative_error, "teacher_accuracy": self.teacher_accuracy,
+                "student_accuracy": self.student_accuracy, "accuracy_drop": self.accuracy_drop}
+
+
+def compare(teacher: ModelProto | bytes, student: ModelProto, x: np.ndarray, y: np.ndarray | None,
+            split: str) -> Quality:
+    """Fidelity (and accuracy where labels exist) of `student` to `teacher`, both in onnxruntime."""
+    t = run_batched(make_session(teacher), x)[0]
+    s = run_batched(make_session(student), x)[0]
+    t2, s2 = t.reshape(len(t), -1), s.reshape(len(s), -1)
+    agreement = float(np.mean(t2.argmax(1) == s2.argmax(1)))
+    rel = float(np.linalg.norm(s2 - t2) / max(np.linalg.norm(t2), 1e-12))
+    quality = Quality(len(x), split, agreement, rel)
+    if y is not None and t2.shape[1] > int(y.max()):
+        quality.teacher_accuracy = float(np.mean(t2.argmax(1) == y))
+        quality.student_accuracy = float(np.mean(s2.argmax(1) == y))
+    return quality
