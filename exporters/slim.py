@@ -1,7 +1,10 @@
 """A new ONNX model with pruned channels physically removed (initializers sliced, no masks).
 
 Edits are made per node input slot, never on a shared initializer in place: if the same
-tensor also feeds a node outside the group, that node keeps the original.
+tensor also feeds a node outside the group, that node keeps the original. Consumers are
+written first (refit weights, input channels sliced), then every producer-side slot is
+sliced from its current value, so a layer that both consumes one group and produces
+another ends up sliced on both axes.
 """
 from __future__ import annotations
 
@@ -23,13 +26,9 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
     out.CopyFrom(proto)
     view = GraphView(out)
     editor = _SlotEditor(out)
-    for group in groups:
-        if group.id not in kept:
-            continue
+    pruned = [g for g in groups if g.id in kept]
+    for group in pruned:
         idx = kept[group.id]
-        for s in group.slices:
-            node = view.nodes[s.node]
-            editor.set(node, s.index, np.take(view.const(node.input[s.index]), _expand(idx, s.block), axis=s.axis))
         for c in group.consumers:
             node = view.nodes[c.node]
             layer = layers[c.node]
@@ -37,6 +36,19 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
             if len(node.input) < 3:
                 node.input.append("")
             editor.set(node, 2, layer.bias)
+    for group in pruned:
+        idx = kept[group.id]
+        for s in group.slices:
+            node = view.nodes[s.node]
+            value = editor.get(node, s.index)
+            if value is None or value.ndim == 0 or value.shape[s.axis] == 1:
+                continue  # no such input, or one value broadcast over all channels
+            editor.set(node, s.index, np.take(value, _expand(idx, s.block), axis=s.axis))
+        for e in group.shape_edits:
+            node = view.nodes[e.node]
+            shape = editor.get(node, e.index).copy()
+            shape[e.position] = len(idx) * e.block
+            editor.set(node, e.index, shape)
     editor.drop_unused()
     del out.graph.value_info[:]
     out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
@@ -49,7 +61,7 @@ def _expand(idx: np.ndarray, block: int) -> np.ndarray:
 
 
 class _SlotEditor:
-    """Replaces the tensor in one node input slot, keeping names stable where it is safe."""
+    """Reads and replaces the tensor in one node input slot, keeping names where it is safe."""
 
     def __init__(self, proto: ModelProto):
         self.graph = proto.graph
@@ -57,18 +69,22 @@ class _SlotEditor:
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
         self.names = set(self.inits) | {v for n in self.graph.node for v in list(n.input) + list(n.output)}
-        self.edited: set[str] = set()
+        self.owned: set[str] = set()  # initializers that only this editor's slots use
+
+    def get(self, node, index: int) -> np.ndarray | None:
+        name = node.input[index] if index < len(node.input) else ""
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
     def set(self, node, index: int, value: np.ndarray) -> None:
         old = node.input[index]
-        if old and self.uses[old] == 1 and old in self.inits and old not in self.edited:
+        if old in self.owned or (old in self.inits and self.uses[old] == 1):
             self.inits[old].CopyFrom(numpy_helper.from_array(value, old))
-            self.edited.add(old)
+            self.owned.add(old)
             return
         name = self._fresh(old or f"{node.name}_bias")
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.inits[name] = self.graph.initializer[-1]
-        self.edited.add(name)
+        self.owned.add(name)
         if old:
             self.uses[old] -= 1
         self.uses[name] += 1

@@ -48,6 +48,16 @@ class Consumer:
     block: int = 1
 
 
+@dataclass(frozen=True)
+class ShapeEdit:
+    """Entry `position` of the constant shape at input `index` of `node` is channels x `block`."""
+
+    node: str
+    index: int
+    position: int
+    block: int
+
+
 @dataclass
 class ChannelGroup:
     id: int
@@ -56,6 +66,7 @@ class ChannelGroup:
     tensors: list[str] = field(default_factory=list)
     slices: list[ParamSlice] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
+    shape_edits: list[ShapeEdit] = field(default_factory=list)
     reason: str = ""  # why it is frozen; empty when prunable
 
     @property
@@ -90,26 +101,22 @@ def find_groups(view: GraphView) -> list[ChannelGroup]:
 
 
 def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSlice]] | None:
-    """(channels, output-side slices) for a linear layer with constant weights, else None."""
+    """(channels, output-side slices) for a linear layer with constant weights, else None.
+
+    The bias slot (input 2) is always listed, on its last axis: a consumer refit may add a
+    bias the exported model did not have, and a broadcast bias of length 1 is left alone.
+    """
     if node.op_type == "Conv" and len(node.input) > 1 and view.is_const(node.input[1]):
         if view.attr(node, "group", 1) != 1:
             return None  # output channels of a grouped conv are tied to its inputs
         w = view.initializers[node.input[1]]
-        slices = [ParamSlice(node.name, 1, 0)]
-        if len(node.input) > 2 and node.input[2]:
-            slices.append(ParamSlice(node.name, 2, 0))
-        return int(w.dims[0]), slices
+        return int(w.dims[0]), [ParamSlice(node.name, 1, 0), ParamSlice(node.name, 2, -1)]
     if node.op_type == "Gemm" and view.is_const(node.input[1]) and not view.attr(node, "transA", 0):
+        if len(node.input) > 2 and node.input[2] and not view.is_const(node.input[2]):
+            return None
         w = view.initializers[node.input[1]]
         axis = 0 if view.attr(node, "transB", 0) else 1
-        slices = [ParamSlice(node.name, 1, axis)]
-        if len(node.input) > 2 and node.input[2]:
-            c = view.shape(node.input[2])
-            if c is None or not view.is_const(node.input[2]):
-                return None
-            if c and c[-1] == w.dims[axis]:
-                slices.append(ParamSlice(node.name, 2, len(c) - 1))
-        return int(w.dims[axis]), slices
+        return int(w.dims[axis]), [ParamSlice(node.name, 1, axis), ParamSlice(node.name, 2, -1)]
     if node.op_type == "MatMul" and view.is_const(node.input[1]):
         w = view.initializers[node.input[1]]
         if len(w.dims) == 2 and view.shape(node.input[0]) is not None and len(view.shape(node.input[0])) == 2:
@@ -179,7 +186,7 @@ def _step(view: GraphView, node: NodeProto, tensor: str, block: int, group: Chan
             raise _Frozen(f"Flatten node '{name}' with axis != 1")
         return [(node.output[0], block * _spatial(view, tensor, name))]
     if op == "Reshape":
-        return [(node.output[0], _reshape_block(view, node, tensor, block))]
+        return [(node.output[0], _reshape_block(view, node, tensor, block, group))]
     if op in ("ReduceMean", "ReduceMax", "ReduceSum"):
         return [(node.output[0], _reduce(view, node, tensor, block))]
     if op in ("Pad", "Resize", "Upsample"):
@@ -247,14 +254,19 @@ def _spatial(view: GraphView, tensor: str, where: str) -> int:
     return size
 
 
-def _reshape_block(view: GraphView, node: NodeProto, tensor: str, block: int) -> int:
-    """Reshape to (batch, -1) flattens channels; anything else is frozen."""
-    if not view.is_const(node.input[1]):
+def _reshape_block(view: GraphView, node: NodeProto, tensor: str, block: int,
+                   group: ChannelGroup) -> int:
+    """Reshape to (batch, -1) or (-1, C*H*W) flattens channels; anything else is frozen."""
+    if node.input[0] != tensor or not view.is_const(node.input[1]):
         raise _Frozen(f"Reshape node '{node.name}' has a computed target shape")
     target = [int(v) for v in view.const(node.input[1]).ravel()]
     batch = (view.shape(tensor) or (None,))[0]
+    per_channel = block * _spatial(view, tensor, node.name)
     if len(target) == 2 and target[1] == -1 and (target[0] == 0 or (batch and target[0] == batch)):
-        return block * _spatial(view, tensor, node.name)
+        return per_channel
+    if len(target) == 2 and target[0] == -1 and target[1] == group.size * per_channel:
+        group.shape_edits.append(ShapeEdit(node.name, 1, 1, per_channel))
+        return per_channel
     raise _Frozen(f"Reshape node '{node.name}' to {target} is not a plain flatten")
 
 

@@ -1,0 +1,96 @@
+"""Real models for the tests: small torch architectures exported with torch.onnx.export."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+
+def conv_bn(cin: int, cout: int, act: nn.Module | None = None, bias: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=bias), nn.BatchNorm2d(cout), act or nn.ReLU()]
+
+
+class TinyVGG(nn.Module):
+    """A VGG-style chain with the ops of issue 2: Conv, BN, Relu/Clip, pools, GAP/Flatten, Gemm."""
+
+    def __init__(self, widths=(8, 16, 16), classes: int = 10, head: str = "gap"):
+        super().__init__()
+        a, b, c = widths
+        layers = conv_bn(1, a) + conv_bn(a, a, nn.ReLU6()) + [nn.MaxPool2d(2)]
+        layers += conv_bn(a, b, bias=True) + [nn.AvgPool2d(2)] + conv_bn(b, c)
+        self.features = nn.Sequential(*layers)
+        self.head = head
+        self.pool = nn.AdaptiveAvgPool2d(1 if head == "gap" else 2)
+        self.fc1 = nn.Linear(c * (1 if head == "gap" else 4), 24)
+        self.fc2 = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = self.pool(self.features(x))
+        x = x.view(x.size(0), -1) if self.head == "view" else torch.flatten(x, 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyResidual(nn.Module):
+    """One residual block: the Add couples its input and output channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(1, 8))
+        self.inner = nn.Sequential(*conv_bn(8, 12), nn.Conv2d(12, 8, 3, padding=1))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.inner(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that slicing them wrongly changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def export(model: nn.Module, path: Path, keep_bn: bool = True, opset: int = 17,
+           shape=(1, 1, 16, 16)) -> Path:
+    """torch.onnx.export as a user would; keep_bn keeps BatchNormalization nodes unfused."""
+    kwargs = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(*shape),), str(path), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+    return path
+
+
+def make_data(n_per_class: int = 6, classes: int = 10, shape=(1, 16, 16), seed: int = 0):
+    """Smooth random images (blurred noise), closer to real inputs than white noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_per_class * classes, *shape)).astype(np.float32)
+    x = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 3, 1, 1).numpy() * 3
+    y = np.repeat(np.arange(classes), n_per_class).astype(np.int64)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def vgg_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return export(randomise_bn(TinyVGG()), tmp_path_factory.mktemp("models") / "vgg.onnx")
+
+
+@pytest.fixture(scope="session")
+def npz_path(tmp_path_factory) -> Path:
+    x, y = make_data()
+    path = tmp_path_factory.mktemp("data") / "shots.npz"
+    np.savez(path, x=x, y=y)
+    return path

@@ -1,0 +1,131 @@
+"""Channel groups on real exported graphs, physical slimming, and the verification guard."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters.slim import slim
+from pipeline.analyze import find_groups
+from pipeline.convert import to_torch
+from pipeline.errors import VerificationError
+from pipeline.graph import GraphView
+from pipeline.load import load_model, signature
+from pipeline.prune import PruneConfig, prune
+from pipeline.verify import check_slim
+from tests.conftest import TinyResidual, TinyVGG, export, make_data, randomise_bn
+
+
+def groups_of(path):
+    model = load_model(path)
+    return model, GraphView(model.proto), find_groups(GraphView(model.proto))
+
+
+def test_vgg_chain_groups(vgg_path):
+    _, view, groups = groups_of(vgg_path)
+    prunable = [g for g in groups if g.prunable]
+    # four convs and fc1 produce prunable channels; fc2 writes the graph output
+    assert [g.size for g in prunable] == [8, 8, 16, 16, 24]
+    assert [view.nodes[g.consumers[0].node].op_type for g in prunable] == ["Conv", "Conv", "Conv", "Gemm", "Gemm"]
+    bn_slices = [s for g in prunable for s in g.slices if view.nodes[s.node].op_type == "BatchNormalization"]
+    assert len(bn_slices) == 4 * 4  # scale, bias, mean, var of each BN
+    assert "graph output" in next(g for g in groups if not g.prunable).reason
+
+
+@pytest.mark.parametrize("head,block", [("pool2", 4), ("view", 4)])
+def test_flatten_and_reshape_heads_span_blocks(tmp_path, head, block):
+    path = export(randomise_bn(TinyVGG(head="pool2" if head == "pool2" else "view")), tmp_path / "m.onnx")
+    _, _, groups = groups_of(path)
+    last_conv = [g for g in groups if g.prunable][3]
+    assert last_conv.consumers[0].block == block
+
+
+def test_residual_add_freezes_coupled_channels(tmp_path):
+    path = export(randomise_bn(TinyResidual()), tmp_path / "res.onnx")
+    _, view, groups = groups_of(path)
+    by_size = {g.size: g for g in groups}
+    assert by_size[12].prunable  # the channel inside the block
+    assert "residual" in by_size[8].reason  # block input and output are tied by the shortcut
+
+
+def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
+    proto = onnx.load(str(vgg_path))
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "Mystery", "com.example"
+    proto.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(proto, str(path))
+    model = load_model(path)
+    groups = find_groups(GraphView(model.proto))
+    frozen = [g for g in groups if "Mystery" in g.reason]
+    assert len(frozen) == 1 and any(g.prunable for g in groups)
+
+
+@pytest.fixture(scope="module")
+def pruned(vgg_path):
+    model, view, groups = groups_of(vgg_path)
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
+    return model, groups, result, x
+
+
+def test_slim_is_physically_smaller_and_equal_to_masked(pruned):
+    model, groups, result, x = pruned
+    out = slim(model.proto, groups, result.kept, result.layers)
+    before = {i.name: tuple(i.dims) for i in model.proto.graph.initializer}
+    after = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    assert sum(np.prod(d) for d in after.values()) < 0.5 * sum(np.prod(d) for d in before.values())
+    conv_w = [i for i in out.graph.initializer if len(i.dims) == 4]
+    assert [tuple(w.dims[:2]) for w in conv_w] == [(4, 1), (4, 4), (8, 4), (8, 8)]
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
+def test_signature_and_dynamic_axes_preserved(pruned):
+    model, groups, result, _ = pruned
+    out = slim(model.proto, groups, result.kept, result.layers)
+    assert signature(out) == signature(model.proto)
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert out.opset_import == model.proto.opset_import
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_verification_fails_on_wrong_slicing(pruned):
+    model, groups, result, x = pruned
+    wrong = dict(result.kept)
+    first = next(iter(wrong))
+    size = groups[first].size
+    wrong[first] = np.setdiff1d(np.arange(size), wrong[first])[: len(wrong[first])]  # other channels
+    out = slim(model.proto, groups, wrong, result.layers)
+    with pytest.raises(VerificationError, match="masked student"):
+        check_slim(out, result.student, x, ["logits"])
+
+
+def test_shared_initializer_is_not_sliced_for_its_other_user(vgg_path, tmp_path):
+    """BN 0 (pruned) and BN 1 (left whole) share one variance tensor: only BN 0's copy shrinks."""
+    proto = onnx.load(str(vgg_path))
+    bn0, bn1 = [n for n in proto.graph.node if n.op_type == "BatchNormalization"][:2]
+    bn1.input[4] = bn0.input[4]
+    shared = tmp_path / "shared.onnx"
+    onnx.save(proto, str(shared))
+    model, view, groups = groups_of(shared)
+    for g in groups[1:]:
+        g.reason = "left whole by the test"
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    var_shapes = sorted(tuple(i.dims) for i in out.graph.initializer if i.name.startswith(bn0.input[4]))
+    assert var_shapes == [(4,), (8,)]
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("method,solver", [("cross", "closed"), ("layerwise", "closed"), ("soft", "closed"),
+                                           ("l1", "closed"), ("cross", "pgd")])
+def test_every_method_exports_equivalently(vgg_path, method, solver):
+    model, view, groups = groups_of(vgg_path)
+    x, _ = make_data(3)
+    config = PruneConfig(ratio=0.5, method=method, solver=solver, pgd_iters=60)
+    result = prune(view, to_torch(model.proto), groups, x, config)
+    assert [len(o.kept) for o in result.outcomes] == [4, 4, 8, 8, 12]
+    out = slim(model.proto, groups, result.kept, result.layers)
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-4

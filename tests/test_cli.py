@@ -1,0 +1,129 @@
+"""The command line as a pipeline would use it: outputs, reports, exit codes, bad options."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.load import signature
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def compressed(vgg_path, npz_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    slim, report = out / "slim.onnx", out / "report.json"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 3, "-o", slim, "--report", report,
+              "--runs", 5, "--batch", "1,4", "--quiet")
+    return res, slim, report
+
+
+def test_compress_writes_model_and_report(compressed, vgg_path):
+    res, slim, report = compressed
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["totals"]["flops_after"] < rep["totals"]["flops_before"]
+    assert rep["parity"]["slim_vs_masked_student"] < 1e-4
+    assert rep["quality"]["split"] == "held-out" and rep["quality"]["samples"] == 30
+    assert {t["batch"] for t in rep["latency"]["timings"]} == {1, 4}
+    assert [g["channels_after"] for g in rep["groups"] if g["prunable"]] == [4, 4, 8, 8, 12]
+    assert set(rep["stages_seconds"]) >= {"load", "data", "convert", "prune", "export", "verify", "bench"}
+    assert signature(onnx.load(str(slim))) == signature(onnx.load(str(vgg_path)))
+    assert "FLOPs/sample" in res.output and "wrote" in res.output
+
+
+def test_same_seed_gives_identical_model(compressed, vgg_path, npz_path, tmp_path):
+    _, slim, _ = compressed
+    again = tmp_path / "again.onnx"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 3, "-o", again, "--no-bench", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert again.read_bytes() == slim.read_bytes()
+
+
+def test_json_flag_prints_the_report(vgg_path, npz_path, tmp_path):
+    res = run("compress", vgg_path, "--data", npz_path, "--samples", 20, "-o", tmp_path / "s.onnx",
+              "--no-bench", "--json", "--method", "layerwise")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["config"]["method"] == "layerwise" and rep["data"]["calibration_samples"] == 20
+
+
+def test_bench_reports_missing_provider_instead_of_falling_back(vgg_path):
+    res = run("bench", vgg_path, vgg_path, "--providers", "cpu,cuda", "--batch", "2", "--runs", 3, "--json")
+    assert res.exit_code == 0, res.output
+    lat = json.loads(res.stdout)["latency"]
+    cpu = [t for t in lat["timings"] if t["provider"] == "cpu"]
+    assert len(cpu) == 2 and cpu[0]["speedup"] == 1.0
+    cuda_here = "CUDAExecutionProvider" in ort.get_available_providers() and ort.get_device() == "GPU"
+    if not any(t["provider"] == "cuda" for t in lat["timings"]):
+        assert "cuda" in lat["unavailable"]
+    else:
+        assert cuda_here
+
+
+def test_inspect_lists_groups(vgg_path):
+    res = run("inspect", vgg_path, "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert sum(g["prunable"] for g in data["groups"]) == 5
+    assert all(layer["flops"] > 0 for layer in data["layers"])
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--ratio", "1.5"], 2, "--ratio"),
+    (["--ratio", "0"], 2, "--ratio"),
+    (["--mu", "-0.1"], 2, "--mu"),
+    (["--providers", "tpu"], 2, "unknown provider 'tpu'"),
+    (["--batch", "0"], 2, "batch sizes"),
+    (["--method", "magic"], 2, "--method"),
+    (["--shots", "3", "--samples", "4"], 2, "not both"),
+    (["--shots", "50"], 4, "fewer than --shots 50"),
+    (["--size", "big"], 2, "HxW"),
+])
+def test_bad_options(vgg_path, npz_path, tmp_path, args, code, message):
+    base = ["compress", vgg_path, "--data", npz_path, "-o", tmp_path / "s.onnx", "--no-bench"]
+    if "--shots" not in args and "--samples" not in args:
+        base += ["--shots", "2"]
+    res = run(*base, *args)
+    assert res.exit_code == code, res.output
+    assert message in res.output
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_missing_model_and_bad_data(npz_path, vgg_path, tmp_path):
+    res = run("compress", tmp_path / "none.onnx", "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx")
+    assert res.exit_code == 3 and "none.onnx: no such file" in res.output
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 3, 8, 8), np.float32))
+    res = run("compress", vgg_path, "--data", bad, "--samples", 2, "-o", tmp_path / "s.onnx")
+    assert res.exit_code == 4 and "expects 1x16x16" in res.output
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_never_overwrites_input_or_existing_output(vgg_path, npz_path, tmp_path):
+    before = vgg_path.read_bytes()
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", vgg_path, "--force", "--no-bench")
+    assert res.exit_code == 2 and "refusing to overwrite the input model" in res.output
+    assert vgg_path.read_bytes() == before
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"keep me")
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", existing, "--no-bench")
+    assert res.exit_code == 2 and "--force" in res.output and existing.read_bytes() == b"keep me"
+
+
+def test_console_script_exit_code_and_one_line_error(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x01garbage")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(junk)], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert proc.stderr.count("\n") == 1 and "junk.onnx" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,113 @@
+"""Loading, normalisation and the onnx2torch parity check, on real exported models."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline.convert import check_parity, relative_error, to_torch
+from pipeline.errors import ModelError
+from pipeline.load import load_model
+from tests.conftest import TinyVGG, export, make_data, randomise_bn
+
+
+def test_parity_of_converted_model(vgg_path):
+    model = load_model(vgg_path)
+    x, _ = make_data(2)
+    assert check_parity(model, to_torch(model.proto), x) < 1e-5
+
+
+def test_parity_check_can_fail(vgg_path):
+    model = load_model(vgg_path)
+    twin = to_torch(model.proto)
+    with torch.no_grad():
+        next(m for m in twin.module.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(1.5)
+    with pytest.raises(ModelError, match="differs from onnxruntime"):
+        check_parity(model, twin, make_data(2)[0])
+
+
+def weights_as_constants(src, dst):
+    """Rewrite every initializer as a Constant node, as some exporters do."""
+    proto = onnx.load(str(src))
+    consts = [onnx.helper.make_node("Constant", [], [i.name], name=f"const_{i.name}", value=i)
+              for i in proto.graph.initializer]
+    del proto.graph.initializer[:]
+    nodes = consts + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_constant_weights_become_initializers(vgg_path, tmp_path):
+    path = weights_as_constants(vgg_path, tmp_path / "const.onnx")
+    model = load_model(path)
+    assert not any(n.op_type == "Constant" for n in model.proto.graph.node)
+    assert [i.name for i in model.inputs] == ["image"] and model.inputs[0].shape == ("batch", 1, 16, 16)
+    assert [o.name for o in model.outputs] == ["logits"]
+    assert check_parity(model, to_torch(model.proto), make_data(1)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_opsets_and_fused_export(tmp_path, opset):
+    path = export(randomise_bn(TinyVGG()), tmp_path / "m.onnx", keep_bn=False, opset=opset)
+    model = load_model(path)
+    assert model.opset == opset
+    assert check_parity(model, to_torch(model.proto), make_data(1)[0]) < 1e-5
+
+
+def test_initializers_as_graph_inputs(vgg_path, tmp_path):
+    proto = onnx.load(str(vgg_path))
+    for init in proto.graph.initializer:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    path = tmp_path / "ir3.onnx"
+    onnx.save(proto, str(path))
+    model = load_model(path)
+    assert [i.name for i in model.inputs] == ["image"]
+    assert any("graph inputs" in n for n in model.notes)
+    assert check_parity(model, to_torch(model.proto), make_data(1)[0]) < 1e-5
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_not_onnx(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(ModelError, match="junk.onnx"):
+        load_model(path)
+
+
+def test_truncated_model(vgg_path, tmp_path):
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(vgg_path.read_bytes()[:-700])
+    with pytest.raises(ModelError, match="cut.onnx"):
+        load_model(path)
+
+
+def test_checker_failure_is_one_line(vgg_path, tmp_path):
+    proto = onnx.load(str(vgg_path))
+    proto.graph.node[3].input[0] = "nowhere"
+    path = tmp_path / "broken.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelError, match="onnx.checker") as err:
+        load_model(path)
+    assert "\n" not in str(err.value)
+
+
+def test_unconvertible_operator_is_named(vgg_path):
+    proto = onnx.load(str(vgg_path))
+    proto.graph.node[-1].op_type = "Hardmax"  # valid ONNX, but onnx2torch has no converter
+    proto.graph.node[-1].name = "the_head"
+    del proto.graph.node[-1].attribute[:]
+    with pytest.raises(ModelError, match="'the_head'.*Hardmax"):
+        to_torch(proto)
+
+
+def test_relative_error_is_scale_free():
+    a = np.array([100.0, -200.0])
+    assert relative_error(a, a * (1 + 1e-6)) < 2e-6
+    assert relative_error(a, a[:1]) == float("inf")
