@@ -9,7 +9,6 @@ import functools
 import signal
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import click
@@ -167,7 +166,7 @@ def bench_options(fn):
 def _options(data, shots, samples, seed, ratio, method, mu, solver, damp, pgd_iters, pgd_lr,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench):
-    from pipeline.compress import CompressOptions
+    from pipeline.workflow import CompressOptions
     from pipeline.prune import PruneConfig
 
     if shots is not None and samples is not None:
@@ -213,7 +212,7 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
       crossprune compress model.onnx --data shots/ --shots 5 --ratio 0.5 \\
           -o model.slim.onnx --report report.json
     """
-    from pipeline.compress import compress as run
+    from pipeline.workflow import compress as run
     from pipeline.report import summary
 
     if output.exists() and not force:
@@ -293,13 +292,13 @@ def demo(output, as_json, quiet, shots, ratio, method, seed):
     Prints accuracy before and after on held-out test images, FLOPs and parameters before and
     after, and CPU latency before and after.
     """
-    from pipeline.compress import CompressOptions
-    from pipeline.compress import compress as run
+    from pipeline.workflow import CompressOptions
+    from pipeline.workflow import compress as run
     from pipeline.prune import PruneConfig
     from pipeline.report import summary
 
-    assets = resources.files("pipeline") / "assets"
-    with resources.as_file(assets) as folder, tempfile.TemporaryDirectory() as tmp:
+    folder = Path(__file__).resolve().parent / "assets"
+    with tempfile.TemporaryDirectory() as tmp:
         target = output or Path(tmp) / "demo_vgg.slim.onnx"
         options = CompressOptions(data=folder / "demo_shots", shots=shots, seed=seed,
                                   prune=PruneConfig(ratio=ratio, method=method),

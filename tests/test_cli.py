@@ -89,6 +89,18 @@ def test_inspect_lists_groups(vgg_path):
     (["--shots", "3", "--samples", "4"], 2, "not both"),
     (["--shots", "50"], 4, "fewer than --shots 50"),
     (["--size", "big"], 2, "HxW"),
+    (["--solver", "newton"], 2, "--solver"),
+    (["--damp", "0"], 2, "--damp"),
+    (["--pgd-iters", "0"], 2, "--pgd-iters"),
+    (["--pgd-lr", "-1"], 2, "--pgd-lr"),
+    (["--channels", "cmyk"], 2, "--channels"),
+    (["--layout", "CHWN"], 2, "--layout"),
+    (["--mean", "a,b"], 2, "comma-separated numbers"),
+    (["--runs", "0"], 2, "--runs"),
+    (["--threads", "-1"], 2, "--threads"),
+    (["--eval-data", "/nonexistent.npz"], 4, "/nonexistent.npz: no such file"),
+    (["--preprocess", "/nonexistent.json"], 4, "/nonexistent.json: no such preprocessing file"),
+    (["--samples", "1000"], 4, "asks for more than the 60 available"),
 ])
 def test_bad_options(vgg_path, npz_path, tmp_path, args, code, message):
     base = ["compress", vgg_path, "--data", npz_path, "-o", tmp_path / "s.onnx", "--no-bench"]
@@ -127,3 +139,14 @@ def test_console_script_exit_code_and_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(junk)], capture_output=True, text=True)
     assert proc.returncode == 3
     assert proc.stderr.count("\n") == 1 and "junk.onnx" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_meets_its_quality_bar():
+    """The embedded teacher at 5 shots, ratio 0.5: numbers that depend on the seed, not the machine."""
+    res = run("demo", "--json", "--quiet")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["totals"]["flops_reduction"] > 3.5
+    assert rep["quality"]["samples"] == 5000 and rep["quality"]["teacher_accuracy"] > 0.92
+    assert rep["quality"]["accuracy_drop"] < 0.03
+    assert rep["parity"]["slim_vs_masked_student"] < 1e-4
