@@ -96,6 +96,8 @@ def find_groups(view: GraphView) -> list[ChannelGroup]:
             _trace(view, node, group)
         except _Frozen as why:
             group.reason = str(why)
+        except (IndexError, KeyError, ValueError, TypeError) as exc:  # a malformed node the checker let by
+            group.reason = f"malformed graph near '{node.name}' ({type(exc).__name__}: {exc})"
         groups.append(group)
     return groups
 
@@ -106,20 +108,23 @@ def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSl
     The bias slot (input 2) is always listed, on its last axis: a consumer refit may add a
     bias the exported model did not have, and a broadcast bias of length 1 is left alone.
     """
-    if node.op_type == "Conv" and len(node.input) > 1 and view.is_const(node.input[1]):
+    if len(node.input) < 2 or not view.is_const(node.input[1]) or not node.output:
+        return None
+    rank = len(view.initializers[node.input[1]].dims)
+    if node.op_type == "Conv" and rank >= 3:
         if view.attr(node, "group", 1) != 1:
             return None  # output channels of a grouped conv are tied to its inputs
         w = view.initializers[node.input[1]]
         return int(w.dims[0]), [ParamSlice(node.name, 1, 0), ParamSlice(node.name, 2, -1)]
-    if node.op_type == "Gemm" and view.is_const(node.input[1]) and not view.attr(node, "transA", 0):
+    if node.op_type == "Gemm" and rank == 2 and not view.attr(node, "transA", 0):
         if len(node.input) > 2 and node.input[2] and not view.is_const(node.input[2]):
             return None
         w = view.initializers[node.input[1]]
         axis = 0 if view.attr(node, "transB", 0) else 1
         return int(w.dims[axis]), [ParamSlice(node.name, 1, axis), ParamSlice(node.name, 2, -1)]
-    if node.op_type == "MatMul" and view.is_const(node.input[1]):
+    if node.op_type == "MatMul" and rank == 2:
         w = view.initializers[node.input[1]]
-        if len(w.dims) == 2 and view.shape(node.input[0]) is not None and len(view.shape(node.input[0])) == 2:
+        if view.shape(node.input[0]) is not None and len(view.shape(node.input[0])) == 2:
             return int(w.dims[1]), [ParamSlice(node.name, 1, 1)]
     return None
 

@@ -88,6 +88,22 @@ def _size(ctx, param, value: str | None) -> list[int] | None:
     return [h, w]
 
 
+def _memory(ctx, param, value: str | None) -> int:
+    from pipeline.limits import default_budget, parse_size
+
+    if value is None:
+        return default_budget()
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+memory_option = click.option(
+    "--max-memory", callback=_memory, help="Refuse any tensor or data array declared larger than this "
+    "(e.g. 2G), before reading it. Default: half of physical memory.")
+
+
 def _say(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: click.echo(f"  {msg}", err=True))
 
@@ -101,6 +117,9 @@ def main() -> None:
     the same inputs and outputs, verified against the pruned network it came from, and its
     latency per execution provider.
     """
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)  # its error lines repeat what our one-line errors say
 
 
 def prune_options(fn):
@@ -165,7 +184,7 @@ def bench_options(fn):
 
 def _options(data, shots, samples, seed, ratio, method, mu, solver, damp, pgd_iters, pgd_lr,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
-             runs, threads, no_bench):
+             runs, threads, no_bench, max_memory):
     from pipeline.workflow import CompressOptions
     from pipeline.prune import PruneConfig
 
@@ -177,7 +196,8 @@ def _options(data, shots, samples, seed, ratio, method, mu, solver, damp, pgd_it
         prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp,
                           pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
-        providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads)
+        providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
+        max_memory=max_memory)
 
 
 def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:
@@ -200,11 +220,12 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@memory_option
 @prune_options
 @data_options
 @bench_options
 @guarded
-def compress(model, data, output, report_path, as_json, no_bench, force, quiet, **kw):
+def compress(model, data, output, report_path, as_json, no_bench, force, quiet, max_memory, **kw):
     """Prune MODEL from a few samples and write a slim, verified ONNX model.
 
     \b
@@ -217,7 +238,8 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
 
     if output.exists() and not force:
         raise UsageError(f"-o {output}: file exists; pass --force to replace it")
-    result = run(model, _options(data, no_bench=no_bench, **kw), output, _say(quiet or as_json))
+    options = _options(data, no_bench=no_bench, max_memory=max_memory, **kw)
+    result = run(model, options, output, _say(quiet or as_json))
     _emit(result.report, report_path, as_json, summary(result.report) + f"\n\nwrote {output}")
 
 
@@ -228,9 +250,10 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
               help="Models are timed in turn, this many rounds each, so drift hits all alike.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@memory_option
 @bench_options
 @guarded
-def bench(models, warmup, rounds, report_path, as_json, providers, batches, runs, threads):
+def bench(models, warmup, rounds, report_path, as_json, max_memory, providers, batches, runs, threads):
     """Time MODELS on each execution provider and batch size; speedups are against the first.
 
     \b
@@ -241,7 +264,8 @@ def bench(models, warmup, rounds, report_path, as_json, providers, batches, runs
     from pipeline.load import load_model
     from pipeline.report import latency_table
 
-    loaded = [(str(m), load_model(m, normalise=False).path.read_bytes()) for m in models]
+    loaded = [(str(m), load_model(m, normalise=False, max_tensor_bytes=max_memory).path.read_bytes())
+              for m in models]
     result = run(loaded, providers, batches, runs=runs, warmup=warmup, rounds=rounds, threads=threads,
                  progress=_say(as_json))
     _emit({"latency": result.to_json()}, report_path, as_json, latency_table(result.to_json()))
@@ -250,15 +274,16 @@ def bench(models, warmup, rounds, report_path, as_json, providers, batches, runs
 @main.command(epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@memory_option
 @guarded
-def inspect(model, as_json):
+def inspect(model, as_json, max_memory):
     """List MODEL's channel groups, whether each can be pruned (and why not), and layer FLOPs."""
     from pipeline import analyze, flops
     from pipeline.graph import GraphView
     from pipeline.load import load_model
     from pipeline.report import _table, dumps
 
-    loaded = load_model(model)
+    loaded = load_model(model, max_tensor_bytes=max_memory)
     view = GraphView(loaded.proto)
     groups = analyze.find_groups(view)
     costs = flops.layer_costs(view)

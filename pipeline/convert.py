@@ -16,7 +16,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 
 from pipeline.errors import ModelError
 from pipeline.load import LoadedModel
-from pipeline.runtime import make_session, run_batched
+from pipeline.runtime import first_line, make_session, run_batched
 
 PARITY_RTOL = 1e-4
 
@@ -62,11 +62,13 @@ def to_torch(proto: ModelProto, source: str = "model") -> TorchModel:
 def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int = 64) -> float:
     """Worst relative difference between onnxruntime on the original file and the twin."""
     try:
-        session = make_session(model.path.read_bytes())
+        reference = run_batched(make_session(model.path.read_bytes()), x, batch)
     except Exception as exc:
-        raise ModelError(f"{model.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
-    reference = run_batched(session, x, batch)
-    ours = run_torch(twin, x, batch)
+        raise ModelError(f"{model.path}: onnxruntime cannot run it on the samples ({first_line(exc)})") from exc
+    try:
+        ours = run_torch(twin, x, batch)
+    except Exception as exc:
+        raise ModelError(f"{model.path}: the onnx2torch conversion fails on the samples ({first_line(exc)})") from exc
     worst = 0.0
     for name, ref, got in zip((o.name for o in model.outputs), reference, ours):
         err = relative_error(ref, got)

@@ -116,7 +116,7 @@ def _apply(pre: Preprocess, raw: dict, where: str) -> Preprocess:
     return out
 
 
-def load_samples(path: str | Path, spec: IOSpec, pre: Preprocess) -> Samples:
+def load_samples(path: str | Path, spec: IOSpec, pre: Preprocess, max_bytes: int | None = None) -> Samples:
     """Read a folder of images (class subfolders give labels) or an .npz with x and optional y."""
     path = Path(path)
     if not path.exists():
@@ -124,7 +124,8 @@ def load_samples(path: str | Path, spec: IOSpec, pre: Preprocess) -> Samples:
     if path.is_dir():
         samples = _read_folder(path, pre)
     elif path.suffix == ".npz":
-        samples = _read_npz(path)
+        samples = _read_npz(path, max_bytes)
+        _check_range(samples, pre)
     else:
         raise DataError(f"{path}: expected a folder of images or an .npz file")
     check_fits(samples, spec)
@@ -173,7 +174,7 @@ def _read_image(file: Path, pre: Preprocess) -> np.ndarray:
             if pre.size is not None and img.size != (pre.size[1], pre.size[0]):
                 img = img.resize((pre.size[1], pre.size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"{file}: unreadable image ({exc})") from exc
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     if pre.channels == "bgr":
@@ -186,7 +187,8 @@ def _read_image(file: Path, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1) if pre.layout == "NCHW" else arr)
 
 
-def _read_npz(path: Path) -> Samples:
+def _read_npz(path: Path, max_bytes: int | None) -> Samples:
+    _check_declared_sizes(path, max_bytes)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z.files:
@@ -202,6 +204,44 @@ def _read_npz(path: Path) -> Samples:
             raise DataError(f"{path}: y must be integer labels of shape ({len(x)},), got {y.dtype} {y.shape}")
         y = y.astype(np.int64)
     return Samples(x.astype(np.float32), y, None, str(path))
+
+
+def _check_declared_sizes(path: Path, max_bytes: int | None) -> None:
+    """Read each array's header, not its data, and refuse sizes over the memory budget."""
+    if max_bytes is None:
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if size > max_bytes:
+                    raise DataError(f"{path}: array '{info.filename}' declares {size / 2**20:.0f} MiB, over "
+                                    f"the memory budget of {max_bytes / 2**20:.0f} MiB (--max-memory)")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: unreadable .npz ({exc})") from exc
+
+
+def _check_range(samples: Samples, pre: Preprocess) -> None:
+    """Preprocessed inputs must lie where the model's preprocessing puts pixel values.
+
+    Only checked when a mean/std is known: raw 0-255 pixels fed to a model trained on
+    normalised inputs are the commonest silent mistake, and they sit far outside that range.
+    """
+    if pre.mean == (0.0,) and pre.std == (1.0,):
+        return
+    mean, std = np.asarray(pre.mean), np.asarray(pre.std)
+    ends = np.stack([(0 - mean) / std, (255 / pre.scale - mean) / std])
+    lo, hi = float(ends.min()), float(ends.max())
+    margin = 0.5 * (hi - lo)
+    got_lo, got_hi = float(samples.x.min(initial=0.0)), float(samples.x.max(initial=0.0))
+    if got_lo < lo - margin or got_hi > hi + margin:
+        raise DataError(f"{samples.source}: x ranges over [{got_lo:.3g}, {got_hi:.3g}] but the model's "
+                        f"preprocessing maps pixels to [{lo:.3g}, {hi:.3g}]; is x preprocessed the same way?")
 
 
 def check_fits(samples: Samples, spec: IOSpec) -> None:

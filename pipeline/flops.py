@@ -33,16 +33,16 @@ def layer_costs(view: GraphView) -> list[LayerCost]:
 def _flops(view: GraphView, node) -> int:
     out = view.shape(node.output[0])
     if node.op_type in ("Conv", "ConvTranspose"):
-        w = view.shape(node.input[1])
-        if out is None or w is None or any(d is None for d in list(out[1:]) + list(w)):
+        w = view.shape(node.input[1]) if len(node.input) > 1 else None
+        if out is None or w is None or len(w) < 2 or any(d is None for d in list(out[1:]) + list(w)):
             return 0
         per_output = int(np.prod(w[1:]))  # (C_in / group) x kernel
         if node.op_type == "ConvTranspose":
             x = view.shape(node.input[0])
             return 0 if x is None or None in x[1:] else 2 * int(np.prod(x[1:])) * int(np.prod(w[1:]))
         return 2 * per_output * int(np.prod(out[1:]))
-    a, b = view.shape(node.input[0]), view.shape(node.input[1])
-    if a is None or b is None or None in a[1:] or None in b:
+    a, b = view.shape(node.input[0]), view.shape(node.input[1]) if len(node.input) > 1 else None
+    if a is None or b is None or len(a) < 2 or len(b) < 2 or None in a[1:] or None in b:
         return 0
     inner = a[-2] if node.op_type == "Gemm" and view.attr(node, "transA", 0) else a[-1]
     width = b[0] if node.op_type == "Gemm" and view.attr(node, "transB", 0) else b[-1]

@@ -14,6 +14,7 @@ import onnx
 from onnx import ModelProto, TensorProto, ValueInfoProto
 
 from pipeline.errors import ModelError
+from pipeline.runtime import first_line
 
 Dim = int | str | None
 
@@ -81,22 +82,34 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning or others
-        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from exc
     if not proto.graph.node:
         raise ModelError(f"{path}: the ONNX graph has no nodes (is this an ONNX model?)")
+    _check_names(path, proto)
     _check_tensor_sizes(path, proto, max_tensor_bytes)
     _load_external_data(path, proto)
+    opset, known = onnx_opset(proto), onnx.defs.onnx_opset_version()
+    if opset > known:
+        raise ModelError(f"{path}: opset {opset} is newer than this onnx knows ({known}); export with "
+                         f"opset {known} or lower, or upgrade onnx and onnxruntime")
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"{path}: fails onnx.checker: {first}") from exc
+    except Exception as exc:  # ValidationError, or a message that is not even valid UTF-8
+        raise ModelError(f"{path}: fails onnx.checker: {first_line(exc)}") from exc
     inputs, outputs = signature(proto)
     notes: list[str] = []
     if normalise:
         proto = _normalise(path, proto, notes)
     proto = _infer_shapes(path, proto)
     return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, notes=notes)
+
+
+def _check_names(path: Path, proto: ModelProto) -> None:
+    """protobuf hands back bytes for strings that are not valid UTF-8: refuse those here."""
+    for node in proto.graph.node:
+        for name in [node.name, node.op_type, node.domain, *node.input, *node.output]:
+            if not isinstance(name, str):
+                raise ModelError(f"{path}: a node has a name or tensor name that is not valid UTF-8")
 
 
 def _check_tensor_sizes(path: Path, proto: ModelProto, budget: int | None) -> None:
@@ -107,8 +120,11 @@ def _check_tensor_sizes(path: Path, proto: ModelProto, budget: int | None) -> No
         count = 1
         for d in init.dims:
             count *= max(int(d), 0)
-        size = count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize \
-            if init.data_type != TensorProto.STRING else 0
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise ModelError(f"{path}: initializer '{init.name}' has unknown data type {init.data_type}") from None
+        size = count * itemsize if init.data_type != TensorProto.STRING else 0
         if size > budget:
             raise ModelError(f"{path}: initializer '{init.name}' declares {size / 2**20:.0f} MiB, "
                              f"over the memory budget of {budget / 2**20:.0f} MiB (--max-memory)")
@@ -199,5 +215,4 @@ def _infer_shapes(path: Path, proto: ModelProto) -> ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False,
                                                  data_prop=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: shape inference failed: {first}") from exc
+        raise ModelError(f"{path}: shape inference failed: {first_line(exc)}") from exc

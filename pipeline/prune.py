@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.analyze import ChannelGroup, Consumer
 from pipeline.convert import TorchModel
+from pipeline.errors import ModelError
 from pipeline.graph import GraphView
 from pipeline.solve import METHODS, SOLVERS, Problem, Stats, solve_closed, solve_l1, solve_pgd
 
@@ -169,7 +170,10 @@ def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumer
             sums[k][1] += (as_.T @ as_).double()
             sums[k][2] += (as_.T @ at).double()
             rows[k] += len(at)
-    for p, s, n in zip(problems, sums, rows):
+    for c, p, s, n in zip(consumers, problems, sums, rows):
+        if not all(torch.isfinite(g).all() for g in s):
+            raise ModelError(f"layer '{c.node}' receives NaN or Inf on the samples (teacher or student); "
+                             f"check the model and the data's preprocessing")
         p.stats = Stats(s[0] / n, s[1] / n, s[2] / n, n)
 
 

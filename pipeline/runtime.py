@@ -50,7 +50,7 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
     opts.graph_optimization_level = _OPT[config.opt_level]
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as our one-line errors
     source = model.SerializeToString() if isinstance(model, ModelProto) else model
     providers = [(name, provider_options or {})]
     if name != "CPUExecutionProvider":
@@ -60,7 +60,7 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
     except Exception as exc:
         if config.provider != "cpu":
             raise ProviderUnavailable(f"{config.provider}: session creation failed "
-                                      f"({_first_line(exc)})") from exc
+                                      f"({first_line(exc)})") from exc
         raise
     if session.get_providers()[0] != name:
         raise ProviderUnavailable(f"{config.provider}: onnxruntime fell back to "
@@ -69,7 +69,8 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
     return session
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: runtimes put whole stack dumps in their messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -88,6 +89,8 @@ def run_batched(session: ort.InferenceSession, x: np.ndarray, batch: int = 64) -
         batch = shape0
     name = session.get_inputs()[0].name
     dtype = input_dtype(session)
-    chunks = [session.run(None, {name: x[i:i + batch].astype(dtype, copy=False)})
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failing kernel raises; its log line would only repeat it
+    chunks = [session.run(None, {name: x[i:i + batch].astype(dtype, copy=False)}, quiet)
               for i in range(0, len(x), batch)]
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]

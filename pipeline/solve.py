@@ -79,7 +79,7 @@ def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
     quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
     channels = len(problems[0].columns)
     alive = torch.ones(channels, dtype=torch.bool)
-    hinv = [torch.cholesky_inverse(torch.linalg.cholesky(h)) for h, _ in quads]
+    hinv = [_inverse(h) for h, _ in quads]
     cur = [w.clone() for _, w in quads]
     for _ in range(channels - keep):
         idx = torch.nonzero(alive).squeeze(1)
@@ -99,6 +99,15 @@ def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
     kept = torch.nonzero(alive).squeeze(1)
     weights = [_refit(h, w_star, p.columns, kept) for p, (h, w_star) in zip(problems, quads)]
     return Solution(kept, weights, _relative_loss(quads, weights))
+
+
+def _inverse(h: torch.Tensor) -> torch.Tensor:
+    """Inverse of a damped Gram matrix; more damping if rounding left it indefinite."""
+    for extra in (0.0, 1e-6, 1e-4, 1e-2):
+        chol, info = torch.linalg.cholesky_ex(_damped(h, extra) if extra else h)
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(h, hermitian=True)
 
 
 def _refit(h: torch.Tensor, w_star: torch.Tensor, columns: torch.Tensor,

@@ -59,11 +59,14 @@ def compare(teacher: ModelProto | bytes, student: ModelProto, x: np.ndarray, y: 
     """Fidelity (and accuracy where labels exist) of `student` to `teacher`, both in onnxruntime."""
     t = run_batched(make_session(teacher), x)[0]
     s = run_batched(make_session(student), x)[0]
+    if t.shape != s.shape:
+        raise VerificationError(f"the slim model's first output has shape {s.shape} where the teacher's has "
+                                f"{t.shape} on the {split} samples; nothing was written")
     t2, s2 = t.reshape(len(t), -1), s.reshape(len(s), -1)
     agreement = float(np.mean(t2.argmax(1) == s2.argmax(1)))
     rel = float(np.linalg.norm(s2 - t2) / max(np.linalg.norm(t2), 1e-12))
     quality = Quality(len(x), split, agreement, rel)
-    if y is not None and t2.shape[1] > int(y.max()):
+    if y is not None and len(t2) == len(y) and t2.shape[1] > int(y.max()):
         quality.teacher_accuracy = float(np.mean(t2.argmax(1) == y))
         quality.student_accuracy = float(np.mean(s2.argmax(1) == y))
     return quality

@@ -17,7 +17,7 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import analyze, bench, convert, data, load, prune, report, verify
+from pipeline import analyze, bench, convert, data, limits, load, prune, report, verify
 from pipeline.errors import NothingToPruneError, UsageError
 from pipeline.graph import GraphView
 
@@ -38,6 +38,7 @@ class CompressOptions:
     batches: list[int] = field(default_factory=lambda: [1, 32])
     bench_runs: int = 50
     threads: int = 0
+    max_memory: int = field(default_factory=limits.default_budget)  # bytes any one declared tensor may take
 
 
 @dataclass
@@ -66,7 +67,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         stages[name] = round(time.perf_counter() - start, 3)
 
     with stage("load"):
-        model = load.load_model(model_path)
+        model = load.load_model(model_path, max_tensor_bytes=options.max_memory)
         if len(model.inputs) != 1:
             raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
                              f"can be fed few-shot data")
@@ -110,12 +111,12 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
 def _data(model: load.LoadedModel, options: CompressOptions):
     spec = model.inputs[0]
     pre, notes = data.preprocess_for(model.path, spec, options.preprocess_file, **options.preprocess)
-    samples = data.load_samples(options.data, spec, pre)
+    samples = data.load_samples(options.data, spec, pre, options.max_memory)
     if options.shots is None and options.samples is None and samples.y is not None:
         raise UsageError("--data has labels: give --shots K (samples per class) or --samples N")
     shots = data.draw_shots(samples, shots=options.shots, count=options.samples, seed=options.seed)
     if options.eval_data is not None:
-        evalset = data.load_samples(options.eval_data, spec, pre)
+        evalset = data.load_samples(options.eval_data, spec, pre, options.max_memory)
         evalset.source = "eval"
     elif shots.holdout is not None:
         rng = np.random.default_rng(options.seed)
