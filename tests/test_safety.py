@@ -227,3 +227,17 @@ def test_structurally_mutated_graphs_fail_cleanly(vgg_path, npz_path, tmp_path_f
     assert res.exit_code in CLEAN_EXITS, res.output
     res = run("compress", path, "--data", npz_path, "--shots", 2, "-o", folder / "s.onnx", "--no-bench", "--quiet")
     assert res.exit_code in CLEAN_EXITS, res.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x01garbage")
+    quiet = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(junk)], capture_output=True, text=True)
+    loud = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(junk), "--debug"], capture_output=True, text=True)
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr and "ModelError" in loud.stderr
+    assert quiet.returncode == 3 and loud.returncode != 0
+
+
+def test_folder_given_as_model(tmp_path):
+    res = run("inspect", tmp_path)
+    assert res.exit_code == 3 and "not a regular file" in res.output
