@@ -78,6 +78,18 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
 
 
+def _factor(ctx, param, value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        factor = int(value)
+    except ValueError:
+        factor = 0
+    if factor < 1:
+        raise click.BadParameter(f"expected auto or a whole number from 1, got '{value}'")
+    return factor
+
+
 def _size(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -140,6 +152,14 @@ def prune_options(fn):
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
         click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
+        click.option("--augment", default="flip,shift:2", show_default=True,
+                     help="Transforms that turn each shot into more inputs for the layer statistics: "
+                     "flip, shift[:pixels], scale[:fraction], noise[:fraction of std], mixup[:max share], "
+                     "comma-separated, or none. Each is kept only if the teacher's answers on the shots "
+                     "do not change under it; geometric ones only for NCHW images."),
+        click.option("--augment-factor", default="auto", show_default=True, callback=_factor,
+                     help="Inputs per shot, the shot itself included (1 turns augmentation off); auto aims "
+                     "at about 80 inputs in all, at most 8 per shot."),
         click.option("--shots", type=click.IntRange(1), help="Samples per class (labeled data)."),
         click.option("--samples", type=click.IntRange(1), help="Number of samples (unlabeled data)."),
     ]
@@ -182,7 +202,7 @@ def bench_options(fn):
     return fn
 
 
-def _options(data, shots, samples, seed, ratio, method, mu, solver, damp, pgd_iters, pgd_lr,
+def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, pgd_iters, pgd_lr,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
     from pipeline.workflow import CompressOptions
@@ -197,7 +217,7 @@ def _options(data, shots, samples, seed, ratio, method, mu, solver, damp, pgd_it
                           pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
-        max_memory=max_memory)
+        max_memory=max_memory, augment=augment, augment_factor=augment_factor)
 
 
 def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.analyze import ChannelGroup, Consumer
+from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
 from pipeline.errors import ModelError
 from pipeline.graph import GraphView
@@ -85,7 +86,8 @@ class _Stop(Exception):
 
 
 def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
-          config: PruneConfig, progress: Callable[[str], None] = lambda _: None) -> PruneResult:
+          config: PruneConfig, progress: Callable[[str], None] = lambda _: None,
+          augmenter: Augmenter | None = None) -> PruneResult:
     student = TorchModel(copy.deepcopy(teacher.module), {})
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
@@ -103,7 +105,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
         start = time.perf_counter()
         problems = [_problem(view, c, group.size) for c in group.consumers]
         if config.method != "l1":
-            _collect(view, teacher, student, group.consumers, problems, x, config.chunk)
+            _collect(view, teacher, student, group.consumers, problems, x, config.chunk, augmenter)
         sol = _solve(problems, keep, config)
         for consumer, w in zip(group.consumers, sol.weights):
             layer = _to_onnx_layout(view, consumer, w)
@@ -155,21 +157,23 @@ def _problem(view: GraphView, consumer: Consumer, channels: int) -> Problem:
 
 
 def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumers: list[Consumer],
-             problems: list[Problem], x: np.ndarray, chunk: int) -> None:
-    """Accumulate G_tt, G_ss, G_st of every consumer over the samples, one chunk at a time."""
+             problems: list[Problem], x: np.ndarray, chunk: int, augmenter: Augmenter | None) -> None:
+    """Accumulate G_tt, G_ss, G_st of every consumer over the samples (and their augmented
+    variants), one chunk at a time."""
     dims = [len(p.weight) for p in problems]
     sums = [[torch.zeros(d, d, dtype=torch.float64) for _ in range(3)] for d in dims]
     rows = [0] * len(problems)
-    for i in range(0, len(x), chunk):
-        batch = torch.from_numpy(x[i:i + chunk])
-        xt = _capture(teacher, consumers, batch)
-        xs = _capture(student, consumers, batch)
-        for k, c in enumerate(consumers):
-            at, as_ = _rows(view, c, xt[k]), _rows(view, c, xs[k])
-            sums[k][0] += (at.T @ at).double()
-            sums[k][1] += (as_.T @ as_).double()
-            sums[k][2] += (as_.T @ at).double()
-            rows[k] += len(at)
+    for ci, i in enumerate(range(0, len(x), chunk)):
+        for variant in (augmenter.variants(x[i:i + chunk], ci) if augmenter else [x[i:i + chunk]]):
+            batch = torch.from_numpy(variant)
+            xt = _capture(teacher, consumers, batch)
+            xs = _capture(student, consumers, batch)
+            for k, c in enumerate(consumers):
+                at, as_ = _rows(view, c, xt[k]), _rows(view, c, xs[k])
+                sums[k][0] += (at.T @ at).double()
+                sums[k][1] += (as_.T @ as_).double()
+                sums[k][2] += (as_.T @ at).double()
+                rows[k] += len(at)
     for c, p, s, n in zip(consumers, problems, sums, rows):
         if not all(torch.isfinite(g).all() for g in s):
             raise ModelError(f"layer '{c.node}' receives NaN or Inf on the samples (teacher or student); "

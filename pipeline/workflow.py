@@ -17,7 +17,7 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import analyze, bench, convert, data, limits, load, prune, report, verify
+from pipeline import analyze, augment, bench, convert, data, limits, load, prune, report, verify
 from pipeline.errors import NothingToPruneError, UsageError
 from pipeline.graph import GraphView
 
@@ -39,6 +39,8 @@ class CompressOptions:
     bench_runs: int = 50
     threads: int = 0
     max_memory: int = field(default_factory=limits.default_budget)  # bytes any one declared tensor may take
+    augment: str = augment.DEFAULT_SPEC  # transforms for the layer statistics, or "none"
+    augment_factor: int | None = None  # inputs per shot, the shot itself included; None: automatic
 
 
 @dataclass
@@ -83,8 +85,14 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         if not any(g.prunable for g in groups):
             reasons = "; ".join(f"{g.producer}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
             raise NothingToPruneError(f"{model_path}: no prunable channel group ({reasons})")
+    with stage("augment"):
+        augmenter = augment.build(options.augment, options.augment_factor, options.seed, shots.calib.x,
+                                  lambda x: convert.run_torch(teacher, x)[0])
+        for check in augmenter.checks:
+            progress(f"augment {check.transform.name}: {'kept' if check.kept else 'dropped'} ({check.reason})")
     with stage("prune"):
-        result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress)
+        result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress,
+                             augmenter if options.prune.method != "l1" else None)
         if not result.outcomes:
             raise NothingToPruneError(f"{model_path}: every channel group was left whole "
                                       f"({'; '.join(result.skipped.values())})")
@@ -105,6 +113,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         atomic_write(output, slim_bytes)
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, slim_bytes, verify_err, quality, latency, stages, output)
+    rep["augmentation"] = augmenter.to_json()
     return CompressResult(slim_bytes, rep)
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,22 +20,29 @@ sys.path.insert(0, str(ROOT))
 from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
-VARIANTS = {  # name -> PruneConfig fields
-    "l1": dict(method="l1"),
-    "layerwise": dict(method="layerwise"),
-    "cross mu=0.6": dict(method="cross", mu=0.6),
-    "soft mu=0.5": dict(method="soft", mu=0.5),
-    "cross mu=0.6 pgd": dict(method="cross", mu=0.6, solver="pgd"),
+VARIANTS = {  # name -> (PruneConfig fields, augmentation spec)
+    "l1": (dict(method="l1"), "none"),
+    "layerwise": (dict(method="layerwise"), "none"),
+    "cross mu=0.6": (dict(method="cross", mu=0.6), "none"),
+    "soft mu=0.5": (dict(method="soft", mu=0.5), "none"),
+    "cross mu=0.6 pgd": (dict(method="cross", mu=0.6, solver="pgd"), "none"),
+    "layerwise +aug": (dict(method="layerwise"), "flip,shift:2"),
+    "cross mu=0.6 +aug": (dict(method="cross", mu=0.6), "flip,shift:2"),
+    "soft mu=0.5 +aug": (dict(method="soft", mu=0.5), "flip,shift:2"),
 }
+DEFAULT_VARIANTS = "l1,layerwise,cross mu=0.6,soft mu=0.5,cross mu=0.6 pgd"
 
 
-def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, fields: dict) -> dict:
+def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, variant: tuple) -> dict:
+    fields, augment = variant
     options = CompressOptions(data=data, shots=shots, seed=seed, eval_data=eval_data, providers=[],
-                              prune=PruneConfig(ratio=ratio, **fields))
+                              prune=PruneConfig(ratio=ratio, **fields), augment=augment)
+    start = time.perf_counter()
     report = compress(model, options).report
     q = report["quality"]
     return {"accuracy": q["student_accuracy"], "teacher_accuracy": q["teacher_accuracy"],
             "agreement": q["top1_agreement"], "prune_seconds": report["stages_seconds"]["prune"],
+            "compress_seconds": time.perf_counter() - start,
             "flops_reduction": report["totals"]["flops_reduction"]}
 
 
@@ -46,7 +54,7 @@ def main() -> None:
     p.add_argument("--shots", default="1", help="comma-separated K values")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--pgd-seeds", type=int, default=1, help="run the slow pgd solver on this many seeds")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "methods.json")
     args = p.parse_args()
@@ -60,10 +68,12 @@ def main() -> None:
             row = {"shots": k, "variant": name, "seeds": use, "runs": runs,
                    "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),
                    "teacher_accuracy": runs[0]["teacher_accuracy"] * 100,
-                   "prune_seconds_mean": statistics.mean(r["prune_seconds"] for r in runs)}
+                   "prune_seconds_mean": statistics.mean(r["prune_seconds"] for r in runs),
+                   "compress_seconds_mean": statistics.mean(r["compress_seconds"] for r in runs)}
             rows.append(row)
             print(f"K={k:<2} {name:<18} acc {row['accuracy_mean']:6.2f} ± {row['accuracy_std']:4.2f}  "
-                  f"(teacher {row['teacher_accuracy']:.2f}, seeds {use})  prune {row['prune_seconds_mean']:7.2f} s",
+                  f"(teacher {row['teacher_accuracy']:.2f}, seeds {use})  prune {row['prune_seconds_mean']:7.2f} s  "
+                  f"whole {row['compress_seconds_mean']:6.2f} s",
                   flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "ratio": args.ratio, "rows": rows}, indent=2))

@@ -1,0 +1,161 @@
+"""Stage between data and pruning: more inputs from the same few shots, for the statistics only.
+
+The layer objectives need no labels (the teacher gives every target), so each shot can be
+turned into several nearby inputs. A transform is used only if the teacher is (nearly)
+invariant to it on the shots themselves: a model that tells left from right keeps no flips.
+Variants are generated chunk by chunk from a seed, so memory does not grow with the factor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UsageError
+
+GEOMETRIC = {"flip": 1.0, "shift": 2.0, "scale": 0.1}  # name -> default amount
+PHOTOMETRIC = {"noise": 0.02, "mixup": 0.2}
+DEFAULT_SPEC = "flip,shift:2"
+MIN_AGREEMENT = 0.9  # teacher top-1 agreement on transformed shots needed to keep a transform
+AUTO_INPUTS = 80  # the automatic factor aims at this many inputs in all, at most 8 per shot
+
+
+def auto_factor(shots: int) -> int:
+    """Most variants where shots are fewest: 8 per shot for 10 shots, none from 80 shots on."""
+    return max(1, min(8, -(-AUTO_INPUTS // max(shots, 1))))
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    amount: float
+
+
+@dataclass
+class Check:
+    transform: Transform
+    agreement: float
+    kept: bool
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"transform": self.transform.name, "amount": self.transform.amount,
+                "teacher_agreement": self.agreement, "kept": self.kept, "reason": self.reason}
+
+
+@dataclass
+class Augmenter:
+    """Yields each chunk as it is, then factor - 1 transformed copies of it."""
+
+    transforms: list[Transform]
+    factor: int
+    seed: int
+    checks: list[Check] = field(default_factory=list)
+
+    def variants(self, x: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+        yield x
+        if not self.transforms:
+            return
+        for r in range(1, self.factor):
+            rng = np.random.default_rng([self.seed, chunk, r])
+            yield apply(x, self.transforms, rng)
+
+    def to_json(self) -> dict:
+        return {"factor": self.factor if self.transforms else 1,
+                "used": [f"{t.name}:{t.amount:g}" for t in self.transforms],
+                "checks": [c.to_json() for c in self.checks]}
+
+
+def parse(spec: str) -> list[Transform]:
+    """'flip,shift:2,noise:0.02' -> transforms; 'none' -> []."""
+    if spec.strip().lower() in ("none", ""):
+        return []
+    out = []
+    for part in spec.split(","):
+        name, _, amount = part.strip().partition(":")
+        known = {**GEOMETRIC, **PHOTOMETRIC}
+        if name not in known:
+            raise UsageError(f"--augment: unknown transform '{name}' (choose from {', '.join(known)}, or none)")
+        try:
+            value = float(amount) if amount else known[name]
+        except ValueError:
+            raise UsageError(f"--augment: '{part}' needs a number after the colon") from None
+        if value < 0 or (name == "mixup" and value > 0.5):
+            raise UsageError(f"--augment: amount of '{name}' out of range ({value})")
+        out.append(Transform(name, value))
+    return out
+
+
+def is_image(x: np.ndarray) -> bool:
+    return x.ndim == 4 and x.shape[2] >= 8 and x.shape[3] >= 8
+
+
+def build(spec: str, factor: int | None, seed: int, x: np.ndarray,
+          teacher: Callable[[np.ndarray], np.ndarray]) -> Augmenter:
+    """Keep the transforms of `spec` that suit the input and leave the teacher's answers alone.
+
+    `factor` None picks one from the number of shots (auto_factor).
+    """
+    factor = auto_factor(len(x)) if factor is None else factor
+    if factor < 1:
+        raise UsageError("--augment-factor must be at least 1")
+    aug = Augmenter([], factor, seed)
+    if factor == 1:
+        return aug
+    base = teacher(x).reshape(len(x), -1).argmax(1)
+    for t in parse(spec):
+        if t.name in GEOMETRIC and not is_image(x):
+            aug.checks.append(Check(t, float("nan"), False, "input is not an NCHW image"))
+            continue
+        rng = np.random.default_rng([seed, 1 << 20])
+        agreement = float(np.mean(teacher(apply(x, [t], rng, always=True)).reshape(len(x), -1).argmax(1) == base))
+        kept = agreement >= MIN_AGREEMENT
+        reason = (f"teacher keeps its answer on {100 * agreement:.0f}% of transformed shots" if kept else
+                  f"teacher changes its answer on {100 * (1 - agreement):.0f}% of transformed shots "
+                  f"(needs <= {100 * (1 - MIN_AGREEMENT):.0f}%)")
+        aug.checks.append(Check(t, agreement, kept, reason))
+        if kept:
+            aug.transforms.append(t)
+    return aug
+
+
+def apply(x: np.ndarray, transforms: list[Transform], rng: np.random.Generator,
+          always: bool = False) -> np.ndarray:
+    """One random draw of every transform; `always` applies each at full strength (for checks)."""
+    out = torch.from_numpy(np.ascontiguousarray(x))
+    n = len(out)
+    names = {t.name: t.amount for t in transforms}
+    if "flip" in names:
+        flip = np.ones(n, bool) if always else rng.random(n) < 0.5
+        out = torch.where(torch.from_numpy(flip)[:, None, None, None], out.flip(3), out)
+    if "shift" in names or "scale" in names:
+        out = _affine(out, names.get("shift", 0.0), names.get("scale", 0.0), rng, always)
+    if "mixup" in names and n > 1:
+        lam = np.full(n, names["mixup"]) if always else rng.uniform(0, names["mixup"], n)
+        lam_t = torch.from_numpy(lam.astype(np.float32)).reshape(-1, *([1] * (out.dim() - 1)))
+        out = (1 - lam_t) * out + lam_t * out[torch.from_numpy(rng.permutation(n))]
+    if "noise" in names:
+        std = float(out.std()) * names["noise"]
+        out = out + torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32)) * std
+    return out.numpy().astype(x.dtype, copy=False)
+
+
+def _affine(x: torch.Tensor, shift: float, scale: float, rng: np.random.Generator, always: bool) -> torch.Tensor:
+    """Shift by up to `shift` pixels and zoom by up to `scale`, edges repeated (no new content)."""
+    n, _, h, w = x.shape
+    if always:
+        dx = np.full(n, shift) * rng.choice([-1, 1], n)
+        dy = np.full(n, shift) * rng.choice([-1, 1], n)
+        zoom = 1 + scale * rng.choice([-1, 1], n)
+    else:
+        dx, dy = rng.integers(-int(shift), int(shift) + 1, (2, n)) if shift >= 1 else np.zeros((2, n))
+        zoom = 1 + rng.uniform(-scale, scale, n)
+    theta = np.zeros((n, 2, 3), np.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, 0, 2] = -2 * dx / w
+    theta[:, 1, 2] = -2 * dy / h
+    grid = F.affine_grid(torch.from_numpy(theta), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
