@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import EXIT_CODES, CrossPruneError, UsageError
+from pipeline.errors import EXIT_CODES, CrossPruneError, GateError, UsageError
 
 EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
 
@@ -149,6 +149,8 @@ def prune_options(fn):
                      "Adam with a shrinking top-k proximal step."),
         click.option("--damp", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
                      help="Ridge added to each layer's Gram matrix, relative to its mean diagonal."),
+        click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
+                     help="Round each group's kept channels to a multiple of this (8 suits CPU kernels)."),
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
         click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
@@ -202,7 +204,8 @@ def bench_options(fn):
     return fn
 
 
-def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, pgd_iters, pgd_lr,
+def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, round_to,
+             pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
     from pipeline.workflow import CompressOptions
@@ -213,8 +216,9 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
     overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
     return CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed,
-        prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp,
+        prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp, round_to=round_to,
                           pgd_iters=pgd_iters, pgd_lr=pgd_lr),
+        max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
         max_memory=max_memory, augment=augment, augment_factor=augment_factor)
@@ -240,6 +244,12 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 7) if top-1 accuracy "
+              "drops by more than this many points (needs labels).")
+@click.option("--min-fidelity", type=click.FloatRange(0, 1), help="Gate: fail (exit 7) if top-1 agreement "
+              "with the teacher is below this (no labels needed).")
+@click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: fail (exit 7) if any timed "
+              "provider and batch size is less than this many times faster.")
 @memory_option
 @prune_options
 @data_options
@@ -260,7 +270,12 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
         raise UsageError(f"-o {output}: file exists; pass --force to replace it")
     options = _options(data, no_bench=no_bench, max_memory=max_memory, **kw)
     result = run(model, options, output, _say(quiet or as_json))
-    _emit(result.report, report_path, as_json, summary(result.report) + f"\n\nwrote {output}")
+    verdict = f"wrote {output}" if result.passed else f"gate failed, {output} not written"
+    _emit(result.report, report_path, as_json, summary(result.report) + f"\n\n{verdict}")
+    if not result.passed:
+        more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""
+        raise GateError(f"{result.failures[0]}{more}; {output} was not written"
+                        + (f", report in {report_path}" if report_path else ""))
 
 
 @main.command(epilog=EPILOG)

@@ -41,12 +41,20 @@ class CompressOptions:
     max_memory: int = field(default_factory=limits.default_budget)  # bytes any one declared tensor may take
     augment: str = augment.DEFAULT_SPEC  # transforms for the layer statistics, or "none"
     augment_factor: int | None = None  # inputs per shot, the shot itself included; None: automatic
+    max_accuracy_drop: float | None = None  # gate, in points of top-1 accuracy (needs labels)
+    min_fidelity: float | None = None  # gate, top-1 agreement with the teacher in [0, 1]
+    min_speedup: float | None = None  # gate, on every timed provider and batch size
 
 
 @dataclass
 class CompressResult:
     slim: bytes
     report: dict
+    failures: list[str] = field(default_factory=list)  # gates not met; the model was not written
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
 
 Progress = Callable[[str], None]
@@ -74,8 +82,13 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
                              f"can be fed few-shot data")
         original = model_path.read_bytes()
+    if options.min_speedup is not None and not (options.providers and options.batches):
+        raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
+        if options.max_accuracy_drop is not None and evalset.y is None:
+            raise UsageError("--max-accuracy-drop needs labeled evaluation data (class folders, y in the "
+                             ".npz, or --eval-data); use --min-fidelity for unlabeled data")
     with stage("convert"):
         teacher = convert.to_torch(model.proto, str(model_path))
         parity = convert.check_parity(model, teacher, shots.calib.x)
@@ -109,12 +122,35 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             latency = bench.bench([("teacher", original), ("slim", slim_bytes)], options.providers,
                                   options.batches, runs=options.bench_runs, threads=options.threads,
                                   seed=options.seed, progress=progress)
-    if output is not None:
+    failures = _gates(options, quality, latency)
+    if output is not None and not failures:
         atomic_write(output, slim_bytes)
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, slim_bytes, verify_err, quality, latency, stages, output)
     rep["augmentation"] = augmenter.to_json()
-    return CompressResult(slim_bytes, rep)
+    rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
+                    "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
+    return CompressResult(slim_bytes, rep, failures)
+
+
+def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.BenchResult | None) -> list[str]:
+    """Every quality gate that was asked for and not met, as one readable line each."""
+    failures = []
+    if options.max_accuracy_drop is not None and 100 * quality.accuracy_drop > options.max_accuracy_drop:
+        failures.append(f"accuracy dropped {100 * quality.accuracy_drop:.2f} points, more than "
+                        f"--max-accuracy-drop {options.max_accuracy_drop:g}")
+    if options.min_fidelity is not None and quality.agreement < options.min_fidelity:
+        failures.append(f"top-1 agreement with the teacher is {quality.agreement:.4f}, below "
+                        f"--min-fidelity {options.min_fidelity:g}")
+    if options.min_speedup is not None:
+        timed = [t for t in latency.timings[1:] if t.model == "slim"]
+        if not timed:
+            failures.append("no provider could be timed for --min-speedup")
+        for t in timed:
+            if t.speedup < options.min_speedup:
+                failures.append(f"speedup {t.speedup:.2f}x on {t.provider} at batch {t.batch} is below "
+                                f"--min-speedup {options.min_speedup:g}")
+    return failures
 
 
 def _data(model: load.LoadedModel, options: CompressOptions):

@@ -150,3 +150,42 @@ def test_demo_meets_its_quality_bar():
     assert rep["quality"]["samples"] == 5000 and rep["quality"]["teacher_accuracy"] > 0.92
     assert rep["quality"]["accuracy_drop"] < 0.03
     assert rep["parity"]["slim_vs_masked_student"] < 1e-4
+
+
+def test_failed_gate_exits_7_writes_report_not_model(vgg_path, npz_path, tmp_path):
+    out, report = tmp_path / "s.onnx", tmp_path / "r.json"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 3, "-o", out, "--report", report,
+              "--min-speedup", "1000", "--runs", 3, "--batch", "1,2")
+    assert res.exit_code == 7, res.output
+    assert "below --min-speedup 1000" in res.output and "and 1 more" in res.output and "not written" in res.output
+    rep = json.loads(report.read_text())
+    assert rep["gates"]["passed"] is False and len(rep["gates"]["failures"]) == 2  # batch 1 and batch 2
+    assert not out.exists()
+
+
+def test_passed_gates_write_the_model(vgg_path, npz_path, tmp_path):
+    out = tmp_path / "s.onnx"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 3, "-o", out, "--no-bench",
+              "--max-accuracy-drop", "100", "--min-fidelity", "0")
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--min-speedup", "2", "--no-bench"], "needs the latency measurement"),
+    (["--max-accuracy-drop", "1", "--samples", "20", "--no-bench"], "needs labeled evaluation data"),
+])
+def test_gates_that_cannot_be_judged(vgg_path, tmp_path, args, message):
+    x = np.random.default_rng(0).standard_normal((30, 1, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "u.npz", x=x)
+    data = ["--data", tmp_path / "u.npz"] + ([] if "--samples" in args else ["--samples", 20])
+    res = run("compress", vgg_path, *data, "-o", tmp_path / "s.onnx", *args)
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_round_to_keeps_multiples(vgg_path, npz_path, tmp_path):
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx", "--no-bench",
+              "--ratio", "0.4", "--round-to", "4", "--json")
+    assert res.exit_code == 0, res.output
+    widths = [g["channels_after"] for g in json.loads(res.stdout)["groups"] if g["prunable"]]
+    assert all(w % 4 == 0 for w in widths) and widths == [4, 4, 8, 8, 8]
