@@ -41,8 +41,9 @@ def guarded(fn):
         except Exception as exc:
             if debug:
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"crossprune: internal error: {type(exc).__name__}: {first} "
+            from pipeline.runtime import first_line
+
+            click.echo(f"crossprune: internal error: {type(exc).__name__}: {first_line(exc)} "
                        f"(run again with --debug for the traceback)", err=True)
             sys.exit(1)
 
@@ -316,7 +317,7 @@ def inspect(model, as_json, max_memory):
     from pipeline import analyze, flops
     from pipeline.graph import GraphView
     from pipeline.load import load_model
-    from pipeline.report import _table, dumps
+    from pipeline.report import dumps, table
 
     loaded = load_model(model, max_tensor_bytes=max_memory)
     view = GraphView(loaded.proto)
@@ -326,11 +327,11 @@ def inspect(model, as_json, max_memory):
         click.echo(dumps({"groups": [g.to_json() for g in groups], "layers": [c.to_json() for c in costs],
                           "normalisation": loaded.notes}))
         return
-    click.echo(_table(["group", "producer", "channels", "consumers", "prunable"],
+    click.echo(table(["group", "producer", "channels", "consumers", "prunable"],
                       [[str(g.id), g.producer, str(g.size), ", ".join(c.node for c in g.consumers) or "-",
                         "yes" if g.prunable else f"no: {g.reason}"] for g in groups]))
     click.echo()
-    click.echo(_table(["layer", "op", "MFLOPs", "params"],
+    click.echo(table(["layer", "op", "MFLOPs", "params"],
                       [[c.node, c.op, f"{c.flops / 1e6:.2f}", str(c.params)] for c in costs]))
 
 

@@ -40,7 +40,7 @@ def _jsonable(value):
     return str(value)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -54,7 +54,7 @@ def summary(report: dict) -> str:
     """A few short tables for a person at a terminal."""
     parts = []
     totals = report["totals"]
-    parts.append(_table(["", "before", "after", "ratio"], [
+    parts.append(table(["", "before", "after", "ratio"], [
         ["FLOPs/sample", f"{totals['flops_before'] / 1e6:.2f}M", f"{totals['flops_after'] / 1e6:.2f}M",
          f"{totals['flops_before'] / max(totals['flops_after'], 1):.2f}x"],
         ["parameters", f"{totals['params_before'] / 1e3:.1f}k", f"{totals['params_after'] / 1e3:.1f}k",
@@ -70,10 +70,10 @@ def summary(report: dict) -> str:
             rows += [["accuracy teacher", _pct(q["teacher_accuracy"])],
                      ["accuracy slim", _pct(q["student_accuracy"])],
                      ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
-        parts.append(_table([f"quality on {q['samples']} {q['split']} samples", ""], rows))
+        parts.append(table([f"quality on {q['samples']} {q['split']} samples", ""], rows))
     groups = [g for g in report["groups"] if g["channels_after"] != g["channels_before"]]
     if groups:
-        parts.append(_table(["pruned group (producer)", "channels", "loss", "s"], [
+        parts.append(table(["pruned group (producer)", "channels", "loss", "s"], [
             [g["producer"], f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in groups]))
     frozen = [g for g in report["groups"] if g["reason"]]
@@ -88,7 +88,7 @@ def summary(report: dict) -> str:
 def latency_table(lat: dict) -> str:
     rows = [[t["model"], t["provider"], str(t["batch"]), f"{t['p50_ms']:.3f}", f"{t['p90_ms']:.3f}",
              f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", f"{t['speedup']:.2f}x"] for t in lat["timings"]]
-    text = _table(["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "speedup"], rows)
+    text = table(["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "speedup"], rows)
     for provider, why in lat.get("unavailable", {}).items():
         text += f"\n{provider}: unavailable: {why}"
     return text

@@ -17,7 +17,7 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import analyze, augment, bench, convert, data, limits, load, prune, report, verify
+from pipeline import analyze, augment, bench, convert, data, flops, limits, load, prune, report, verify
 from pipeline.errors import NothingToPruneError, UsageError
 from pipeline.graph import GraphView
 
@@ -176,8 +176,6 @@ def _data(model: load.LoadedModel, options: CompressOptions):
 
 def _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
             original, slim_bytes, verify_err, quality, latency, stages, output) -> dict:
-    from pipeline import flops
-
     before = {c.node: c for c in flops.layer_costs(view)}
     slim_view = GraphView(slim)
     after = {c.node: c for c in flops.layer_costs(slim_view)}
