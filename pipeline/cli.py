@@ -251,12 +251,21 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
               "with the teacher is below this (no labels needed).")
 @click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: fail (exit 7) if any timed "
               "provider and batch size is less than this many times faster.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="Quantize the slim model to INT8 (QDQ, per-channel weights), calibrated on the same shots.")
+@click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--quant-activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="uint8 suits onnxruntime's CPU kernels; int8 (symmetric) is what TensorRT needs.")
+@click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
+              help="Relative output error against the float model allowed before layers stay in float.")
 @memory_option
 @prune_options
 @data_options
 @bench_options
 @guarded
-def compress(model, data, output, report_path, as_json, no_bench, force, quiet, max_memory, **kw):
+def compress(model, data, output, report_path, as_json, no_bench, force, quiet, max_memory, quantize,
+             quant_calibration, quant_activations, max_quant_error, **kw):
     """Prune MODEL from a few samples and write a slim, verified ONNX model.
 
     \b
@@ -269,7 +278,12 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
 
     if output.exists() and not force:
         raise UsageError(f"-o {output}: file exists; pass --force to replace it")
+    from pipeline.quantize import QuantConfig
+
     options = _options(data, no_bench=no_bench, max_memory=max_memory, **kw)
+    options.int8 = quantize == "int8"
+    options.quant = QuantConfig(calibration=quant_calibration, activations=quant_activations,
+                                max_error=max_quant_error)
     result = run(model, options, output, _say(quiet or as_json))
     verdict = f"wrote {output}" if result.passed else f"gate failed, {output} not written"
     _emit(result.report, report_path, as_json, summary(result.report) + f"\n\n{verdict}")

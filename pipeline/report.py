@@ -71,6 +71,13 @@ def summary(report: dict) -> str:
                      ["accuracy slim", _pct(q["student_accuracy"])],
                      ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
         parts.append(table([f"quality on {q['samples']} {q['split']} samples", ""], rows))
+    chain = report.get("chain") or []
+    if len(chain) > 2:
+        parts.append(table(["model", "accuracy", "agreement", "size"], [
+            [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"] for c in chain]))
+        kept = (report.get("quantization") or {}).get("kept_float")
+        if kept:
+            parts.append("kept in float after the INT8 check: " + ", ".join(kept))
     groups = [g for g in report["groups"] if g["channels_after"] != g["channels_before"]]
     if groups:
         parts.append(table(["pruned group (producer)", "channels", "loss", "s"], [

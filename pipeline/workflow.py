@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import analyze, augment, bench, convert, data, flops, limits, load, prune, report, verify
-from pipeline.errors import NothingToPruneError, UsageError
+from pipeline import analyze, augment, bench, convert, data, flops, limits, load, prune, quantize, report, verify
+from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
 
 MAX_EVAL = 5000  # held-out samples used for quality and verification at most
@@ -44,6 +45,8 @@ class CompressOptions:
     max_accuracy_drop: float | None = None  # gate, in points of top-1 accuracy (needs labels)
     min_fidelity: float | None = None  # gate, top-1 agreement with the teacher in [0, 1]
     min_speedup: float | None = None  # gate, on every timed provider and batch size
+    int8: bool = False  # quantize after pruning, calibrated on the same shots
+    quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
 
 
 @dataclass
@@ -116,18 +119,34 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
         quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
     slim_bytes = slim.SerializeToString()
+    final, chain, quant = slim_bytes, [("slim", slim_bytes, quality)], None
+    if options.int8:
+        with stage("quantize"):
+            calib = np.concatenate(list(augmenter.variants(shots.calib.x, 0)))
+            quant = quantize.quantize(slim_bytes, calib, evalset.x[:256], options.quant, progress)
+            if load.signature(onnx.load_from_string(quant.model)) != load.signature(slim):
+                raise VerificationError("the quantized model changed the input/output signature; nothing was written")
+            final = quant.model
+            quality = verify.compare(original, final, evalset.x, evalset.y, evalset.source)
+            chain.append(("slim-int8", final, quality))
     latency = None
     if options.providers and options.batches:
         with stage("bench"):
-            latency = bench.bench([("teacher", original), ("slim", slim_bytes)], options.providers,
+            latency = bench.bench([("teacher", original)] + [(name, m) for name, m, _ in chain], options.providers,
                                   options.batches, runs=options.bench_runs, threads=options.threads,
                                   seed=options.seed, progress=progress)
     failures = _gates(options, quality, latency)
     if output is not None and not failures:
-        atomic_write(output, slim_bytes)
+        atomic_write(output, final)
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
-                  original, slim_bytes, verify_err, quality, latency, stages, output)
+                  original, final, verify_err, quality, latency, stages, output)
     rep["augmentation"] = augmenter.to_json()
+    rep["quantization"] = quant.to_json() if quant else None
+    teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}
+    rep["chain"] = [{"model": "teacher", "bytes": len(original), "accuracy": teacher_quality["teacher_accuracy"],
+                     "top1_agreement": 1.0}] + [
+        {"model": name, "bytes": len(m), "accuracy": q.student_accuracy, "top1_agreement": q.agreement}
+        for name, m, q in chain]
     rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
                     "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
     return CompressResult(slim_bytes, rep, failures)
@@ -143,7 +162,8 @@ def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.Ben
         failures.append(f"top-1 agreement with the teacher is {quality.agreement:.4f}, below "
                         f"--min-fidelity {options.min_fidelity:g}")
     if options.min_speedup is not None:
-        timed = [t for t in latency.timings[1:] if t.model == "slim"]
+        final = latency.timings[-1].model if latency and latency.timings else None
+        timed = [t for t in latency.timings if t.model == final and final != "teacher"] if latency else []
         if not timed:
             failures.append("no provider could be timed for --min-speedup")
         for t in timed:

@@ -1,0 +1,105 @@
+"""Stage after verification: INT8 from the same few samples, with bad layers left in float.
+
+onnxruntime's own tools do the work (pre-processing, QDQ format, per-channel symmetric int8
+weights, calibration on the shots). What this stage adds is the check: the quantized model is
+compared with the float one on held-out inputs, and if it strays too far, the layers that
+cost the most when quantized alone are kept in float until it does not.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from pipeline.convert import relative_error
+from pipeline.errors import ModelError
+from pipeline.runtime import first_line, make_session, run_batched
+
+CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+ACTIVATIONS = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+LINEAR = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    calibration: str = "minmax"
+    activations: str = "uint8"  # onnxruntime's x86 CPU kernels are fastest with u8 activations x s8 weights
+    max_error: float = 0.05  # relative output error against the float model allowed
+
+
+@dataclass
+class QuantResult:
+    model: bytes
+    error: float  # relative output error against the float model on the check inputs
+    agreement: float  # top-1 agreement with the float model
+    kept_float: list[str] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # error with only that layer quantized
+
+    def to_json(self) -> dict:
+        return {"relative_error_vs_float": self.error, "top1_agreement_vs_float": self.agreement,
+                "kept_float": self.kept_float, "sensitivity": self.sensitivity,
+                "bytes": len(self.model)}
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, name: str, x: np.ndarray, batch: int = 16):
+        self.chunks = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.chunks, None)
+
+
+def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantConfig = QuantConfig(),
+             progress: Callable[[str], None] = lambda _: None) -> QuantResult:
+    """INT8 QDQ model calibrated on `calib`, within `config.max_error` of the float model on `check`."""
+    reference = run_batched(make_session(model), check)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = Path(tmp) / "prep.onnx"
+        (Path(tmp) / "float.onnx").write_bytes(model)
+        try:
+            quant_pre_process(str(Path(tmp) / "float.onnx"), str(prep), skip_symbolic_shape=True)
+        except Exception as exc:
+            raise ModelError(f"quantization pre-processing failed ({first_line(exc)})") from exc
+        proto = onnx.load(str(prep))
+        name = proto.graph.input[0].name
+        layers = [n.name for n in proto.graph.node if n.op_type in LINEAR]
+
+        def run(exclude: list[str], only: list[str] | None = None,
+                ops: list[str] | None = None) -> tuple[bytes, float, float]:
+            out = Path(tmp) / "q.onnx"
+            quantize_static(str(prep), str(out), _Reader(name, calib), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=ops, per_channel=True,
+                            activation_type=ACTIVATIONS[config.activations],
+                            weight_type=QuantType.QInt8, calibrate_method=CALIBRATION[config.calibration],
+                            nodes_to_exclude=exclude, nodes_to_quantize=only,
+                            extra_options={"ActivationSymmetric": config.activations == "int8",
+                                           "WeightSymmetric": True})
+            data = out.read_bytes()
+            got = run_batched(make_session(data), check)[0]
+            agree = float(np.mean(got.reshape(len(got), -1).argmax(1) == reference.reshape(len(got), -1).argmax(1)))
+            return data, relative_error(reference, got), agree
+
+        data, error, agreement = run([])
+        progress(f"int8: relative error {error:.4f} against the float model")
+        result = QuantResult(data, error, agreement)
+        # Every op quantized is fastest (int8 flows between layers); if keeping whole layers in float
+        # cannot meet the budget that way, the tensors between them stay float too (linear ops only).
+        for ops in (None, list(LINEAR)):
+            if result.error <= config.max_error:
+                break
+            result.sensitivity = {layer: run([], only=[layer], ops=ops)[1] for layer in layers}
+            result.kept_float = []
+            for layer in sorted(layers, key=result.sensitivity.get, reverse=True):
+                result.kept_float.append(layer)
+                result.model, result.error, result.agreement = run(result.kept_float, ops=ops)
+                progress(f"int8: {layer} kept in float, relative error {result.error:.4f}")
+                if result.error <= config.max_error:
+                    break
+        return result

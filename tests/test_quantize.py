@@ -1,0 +1,62 @@
+"""INT8 after pruning: a drop-in QDQ model, and layers that quantize badly kept in float."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.load import signature
+from pipeline.quantize import QuantConfig, quantize
+from tests.conftest import export, make_data
+
+
+def outlier_model() -> nn.Module:
+    """Conv 2 makes one channel of huge activations that conv 3 reads: conv 3's input range is ruined."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with torch.no_grad():
+        m[2].weight[0].zero_()
+        m[2].bias[0] = 1000.0
+        m[4].weight[:, 0] = 1e-4
+    return m.eval()
+
+
+def test_outlier_layer_stays_float_and_error_holds(tmp_path):
+    path = export(outlier_model(), tmp_path / "outlier.onnx", keep_bn=False)
+    x, _ = make_data(6)
+    result = quantize(path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.05))
+    assert result.sensitivity["/4/Conv"] > 0.5  # quantizing the reader of the outliers alone ruins the output
+    assert "/4/Conv" in result.kept_float and "/0/Conv" not in result.kept_float
+    assert result.error <= 0.05
+    ops = [n.op_type for n in onnx.load_from_string(result.model).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_a_model_that_quantizes_well_keeps_every_layer_int8(vgg_path):
+    x, _ = make_data(6)
+    result = quantize(vgg_path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.5))
+    assert result.kept_float == [] and result.sensitivity == {}
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_compress_with_int8_is_a_drop_in(vgg_path, npz_path, tmp_path, activations):
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out),
+                                    "--report", str(report), "--quantize", "int8", "--quant-activations", activations,
+                                    "--runs", "3", "--batch", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    q = onnx.load(str(out))
+    assert signature(q) == signature(onnx.load(str(vgg_path)))
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    rep = json.loads(report.read_text())
+    assert [c["model"] for c in rep["chain"]] == ["teacher", "slim", "slim-int8"]
+    int8_convs = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int8_convs) == 4  # every conv's weights stored as int8
+    assert {t["model"] for t in rep["latency"]["timings"]} == {"teacher", "slim", "slim-int8"}
+    assert rep["quantization"]["relative_error_vs_float"] <= 0.05
