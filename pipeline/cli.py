@@ -293,6 +293,60 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
                         + (f", report in {report_path}" if report_path else ""))
 
 
+@main.command("quantize", epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Calibration samples: a folder of images or an .npz (as for compress).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="INT8 ONNX model to write.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--shots", type=click.IntRange(1), help="Calibration samples per class (labeled data).")
+@click.option("--samples", type=click.IntRange(1), help="Calibration samples in total (unlabeled data).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--quant-activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
+@click.option("--max-accuracy-drop", type=click.FloatRange(0))
+@click.option("--min-fidelity", type=click.FloatRange(0, 1))
+@memory_option
+@data_options
+@bench_options
+@guarded
+def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, quiet, shots, samples, seed,
+                 quant_calibration, quant_activations, max_quant_error, max_accuracy_drop, min_fidelity, max_memory,
+                 eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches, runs,
+                 threads):
+    """INT8-quantize MODEL (no pruning), calibrated on a few samples, with sensitive layers kept in float.
+
+    \b
+    Example:
+      crossprune quantize model.onnx --data shots/ --shots 10 -o model.int8.onnx
+    """
+    from pipeline.quantize import QuantConfig
+    from pipeline.report import summary_chain
+    from pipeline.workflow import CompressOptions, quantize_only
+
+    if output.exists() and not force:
+        raise UsageError(f"-o {output}: file exists; pass --force to replace it")
+    if shots is not None and samples is not None:
+        raise UsageError("give either --shots (per class) or --samples (in total), not both")
+    options = CompressOptions(
+        data=data, shots=shots, samples=samples, seed=seed, eval_data=eval_data, preprocess_file=preprocess_file,
+        preprocess={"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout},
+        providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
+        max_memory=max_memory, max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity,
+        quant=QuantConfig(calibration=quant_calibration, activations=quant_activations, max_error=max_quant_error))
+    result = quantize_only(model, options, output, _say(quiet or as_json))
+    verdict = f"wrote {output}" if result.passed else f"gate failed, {output} not written"
+    _emit(result.report, report_path, as_json, summary_chain(result.report) + f"\n\n{verdict}")
+    if not result.passed:
+        raise GateError(f"{result.failures[0]}; {output} was not written")
+
+
 @main.command(epilog=EPILOG)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)

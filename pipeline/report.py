@@ -71,13 +71,8 @@ def summary(report: dict) -> str:
                      ["accuracy slim", _pct(q["student_accuracy"])],
                      ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
         parts.append(table([f"quality on {q['samples']} {q['split']} samples", ""], rows))
-    chain = report.get("chain") or []
-    if len(chain) > 2:
-        parts.append(table(["model", "accuracy", "agreement", "size"], [
-            [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"] for c in chain]))
-        kept = (report.get("quantization") or {}).get("kept_float")
-        if kept:
-            parts.append("kept in float after the INT8 check: " + ", ".join(kept))
+    if len(report.get("chain") or []) > 2:
+        parts.append(_chain(report))
     groups = [g for g in report["groups"] if g["channels_after"] != g["channels_before"]]
     if groups:
         parts.append(table(["pruned group (producer)", "channels", "loss", "s"], [
@@ -99,3 +94,21 @@ def latency_table(lat: dict) -> str:
     for provider, why in lat.get("unavailable", {}).items():
         text += f"\n{provider}: unavailable: {why}"
     return text
+
+
+def _chain(report: dict) -> str:
+    chain = report["chain"]
+    text = table(["model", "accuracy", "agreement", "size"], [
+        [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"] for c in chain])
+    kept = (report.get("quantization") or {}).get("kept_float")
+    if kept:
+        text += "\nkept in float after the INT8 check: " + ", ".join(kept)
+    return text
+
+
+def summary_chain(report: dict) -> str:
+    """The `quantize` command's tables: the float -> int8 chain and the latency."""
+    parts = [_chain(report)]
+    if report.get("latency"):
+        parts.append(latency_table(report["latency"]))
+    return "\n\n".join(parts)

@@ -236,3 +236,48 @@ def _report(model, options, shots, evalset, data_notes, pre, parity, view, group
         "stages_seconds": stages,
         "peak_rss_mb": report.peak_rss_mb(),
     }
+
+
+def quantize_only(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
+                  progress: Progress = lambda _: None) -> CompressResult:
+    """INT8 for any model, no pruning: load -> data -> quantize -> compare -> bench."""
+    model_path = Path(model_path)
+    if output is not None and Path(output).resolve() == model_path.resolve():
+        raise UsageError(f"-o {output}: refusing to overwrite the input model; choose another path")
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+    model = load.load_model(model_path, max_tensor_bytes=options.max_memory)
+    if len(model.inputs) != 1:
+        raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models can be calibrated")
+    original = model_path.read_bytes()
+    shots, evalset, notes, pre = _data(model, options)
+    stages["load_and_data"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    quant = quantize.quantize(original, shots.calib.x, evalset.x[:256], options.quant, progress)
+    if load.signature(onnx.load_from_string(quant.model)) != load.signature(model.proto):
+        raise VerificationError("the quantized model changed the input/output signature; nothing was written")
+    quality = verify.compare(original, quant.model, evalset.x, evalset.y, evalset.source)
+    stages["quantize"] = round(time.perf_counter() - start, 3)
+    latency = None
+    if options.providers and options.batches:
+        start = time.perf_counter()
+        latency = bench.bench([("float", original), ("int8", quant.model)], options.providers, options.batches,
+                              runs=options.bench_runs, threads=options.threads, seed=options.seed, progress=progress)
+        stages["bench"] = round(time.perf_counter() - start, 3)
+    failures = _gates(options, quality, latency)
+    if output is not None and not failures:
+        atomic_write(output, quant.model)
+    rep = {"tool": {"name": "crossprune", "versions": report.versions()},
+           "input": {"path": str(model.path), "sha256": report.sha256(original),
+                     "inputs": [s.to_json() for s in model.inputs], "outputs": [s.to_json() for s in model.outputs]},
+           "output": {"path": str(output) if output else None, "sha256": report.sha256(quant.model)},
+           "data": {"source": shots.calib.source, "calibration_samples": len(shots.calib),
+                    "evaluation": evalset.source, "evaluation_samples": len(evalset), "notes": notes},
+           "quantization": quant.to_json(), "quality": quality.to_json(),
+           "chain": [{"model": "float", "bytes": len(original), "accuracy": quality.teacher_accuracy,
+                      "top1_agreement": 1.0},
+                     {"model": "int8", "bytes": len(quant.model), "accuracy": quality.student_accuracy,
+                      "top1_agreement": quality.agreement}],
+           "latency": latency.to_json() if latency else None, "stages_seconds": stages,
+           "gates": {"failures": failures, "passed": not failures}, "peak_rss_mb": report.peak_rss_mb()}
+    return CompressResult(quant.model, rep, failures)

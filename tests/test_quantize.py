@@ -60,3 +60,18 @@ def test_compress_with_int8_is_a_drop_in(vgg_path, npz_path, tmp_path, activatio
     assert len(int8_convs) == 4  # every conv's weights stored as int8
     assert {t["model"] for t in rep["latency"]["timings"]} == {"teacher", "slim", "slim-int8"}
     assert rep["quantization"]["relative_error_vs_float"] <= 0.05
+
+
+def test_quantize_command_without_pruning(vgg_path, npz_path, tmp_path):
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out),
+                                    "--no-bench", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert [c["model"] for c in rep["chain"]] == ["float", "int8"] and rep["quality"]["samples"] == 30
+    q = onnx.load(str(out))
+    assert signature(q) == signature(onnx.load(str(vgg_path)))
+    assert [i.dims for i in q.graph.initializer if len(i.dims) == 4] == \
+        [i.dims for i in onnx.load(str(vgg_path)).graph.initializer if len(i.dims) == 4]  # nothing pruned
+    res = CliRunner().invoke(main, ["quantize", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output
