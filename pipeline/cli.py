@@ -166,9 +166,7 @@ def prune_options(fn):
         click.option("--shots", type=click.IntRange(1), help="Samples per class (labeled data)."),
         click.option("--samples", type=click.IntRange(1), help="Number of samples (unlabeled data)."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _decorate(fn, opts)
 
 
 def data_options(fn):
@@ -184,9 +182,7 @@ def data_options(fn):
         click.option("--std", callback=_floats, help="Per-channel std, e.g. 0.229,0.224,0.225."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Input layout of the model."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return _decorate(fn, opts)
 
 
 def bench_options(fn):
@@ -200,9 +196,68 @@ def bench_options(fn):
         click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
                      help="Intra-op threads (0: onnxruntime's default, all cores)."),
     ]
+    return _decorate(fn, opts)
+
+
+def _decorate(fn, opts):
+    """Apply click options so that they list in the order given."""
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def output_options(fn):
+    """Where results go, for the commands that write a model."""
+    return _decorate(fn, [
+        click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX model to write."),
+        click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here."),
+        click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables."),
+        click.option("--no-bench", is_flag=True, help="Skip the latency measurement."),
+        click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model)."),
+        click.option("--quiet", is_flag=True, help="No progress lines on stderr."),
+    ])
+
+
+def quant_options(fn):
+    return _decorate(fn, [
+        click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]),
+                     default="minmax", show_default=True),
+        click.option("--quant-activations", type=click.Choice(["uint8", "int8"]), default="uint8",
+                     show_default=True,
+                     help="uint8 suits onnxruntime's CPU kernels; int8 (symmetric) is what TensorRT needs."),
+        click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
+                     help="Relative output error against the float model allowed before layers stay in float."),
+    ])
+
+
+def gate_options(fn):
+    return _decorate(fn, [
+        click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 7) if top-1 "
+                     "accuracy drops by more than this many points (needs labels)."),
+        click.option("--min-fidelity", type=click.FloatRange(0, 1), help="Gate: fail (exit 7) if top-1 "
+                     "agreement with the teacher is below this (no labels needed)."),
+    ])
+
+
+def _quant_config(quant_calibration: str, quant_activations: str, max_quant_error: float):
+    from pipeline.quantize import QuantConfig
+
+    return QuantConfig(calibration=quant_calibration, activations=quant_activations, max_error=max_quant_error)
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise UsageError(f"-o {output}: file exists; pass --force to replace it")
+
+
+def _finish(result, output: Path, report_path: Path | None, as_json: bool, text: str) -> None:
+    """Print and save the report; a failed gate then ends the command with exit 7."""
+    verdict = f"wrote {output}" if result.passed else f"gate failed, {output} not written"
+    _emit(result.report, report_path, as_json, f"{text}\n\n{verdict}")
+    if not result.passed:
+        more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""
+        raise GateError(f"{result.failures[0]}{more}; {output} was not written"
+                        + (f", report in {report_path}" if report_path else ""))
 
 
 def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, round_to,
@@ -212,8 +267,6 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
     from pipeline.workflow import CompressOptions
     from pipeline.prune import PruneConfig
 
-    if shots is not None and samples is not None:
-        raise UsageError("give either --shots (per class) or --samples (in total), not both")
     overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
     return CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed,
@@ -239,26 +292,13 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Folder of images in class subfolders (or flat, unlabeled), or an .npz with x (NCHW "
               "float32, preprocessed) and optional y.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Slim ONNX model to write.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
-@click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
-@click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model).")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 7) if top-1 accuracy "
-              "drops by more than this many points (needs labels).")
-@click.option("--min-fidelity", type=click.FloatRange(0, 1), help="Gate: fail (exit 7) if top-1 agreement "
-              "with the teacher is below this (no labels needed).")
+@output_options
+@gate_options
 @click.option("--min-speedup", type=click.FloatRange(0, min_open=True), help="Gate: fail (exit 7) if any timed "
               "provider and batch size is less than this many times faster.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Quantize the slim model to INT8 (QDQ, per-channel weights), calibrated on the same shots.")
-@click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True)
-@click.option("--quant-activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
-              help="uint8 suits onnxruntime's CPU kernels; int8 (symmetric) is what TensorRT needs.")
-@click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
-              help="Relative output error against the float model allowed before layers stay in float.")
+@quant_options
 @memory_option
 @prune_options
 @data_options
@@ -273,45 +313,27 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
       crossprune compress model.onnx --data shots/ --shots 5 --ratio 0.5 \\
           -o model.slim.onnx --report report.json
     """
-    from pipeline.workflow import compress as run
     from pipeline.report import summary
+    from pipeline.workflow import compress as run
 
-    if output.exists() and not force:
-        raise UsageError(f"-o {output}: file exists; pass --force to replace it")
-    from pipeline.quantize import QuantConfig
-
+    _check_output(output, force)
     options = _options(data, no_bench=no_bench, max_memory=max_memory, **kw)
     options.int8 = quantize == "int8"
-    options.quant = QuantConfig(calibration=quant_calibration, activations=quant_activations,
-                                max_error=max_quant_error)
+    options.quant = _quant_config(quant_calibration, quant_activations, max_quant_error)
     result = run(model, options, output, _say(quiet or as_json))
-    verdict = f"wrote {output}" if result.passed else f"gate failed, {output} not written"
-    _emit(result.report, report_path, as_json, summary(result.report) + f"\n\n{verdict}")
-    if not result.passed:
-        more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""
-        raise GateError(f"{result.failures[0]}{more}; {output} was not written"
-                        + (f", report in {report_path}" if report_path else ""))
+    _finish(result, output, report_path, as_json, summary(result.report))
 
 
 @main.command("quantize", epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Calibration samples: a folder of images or an .npz (as for compress).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="INT8 ONNX model to write.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
-@click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
-@click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model).")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@output_options
 @click.option("--shots", type=click.IntRange(1), help="Calibration samples per class (labeled data).")
 @click.option("--samples", type=click.IntRange(1), help="Calibration samples in total (unlabeled data).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True)
-@click.option("--quant-activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
-@click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
-@click.option("--max-accuracy-drop", type=click.FloatRange(0))
-@click.option("--min-fidelity", type=click.FloatRange(0, 1))
+@quant_options
+@gate_options
 @memory_option
 @data_options
 @bench_options
@@ -326,25 +348,18 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
     Example:
       crossprune quantize model.onnx --data shots/ --shots 10 -o model.int8.onnx
     """
-    from pipeline.quantize import QuantConfig
     from pipeline.report import summary_chain
     from pipeline.workflow import CompressOptions, quantize_only
 
-    if output.exists() and not force:
-        raise UsageError(f"-o {output}: file exists; pass --force to replace it")
-    if shots is not None and samples is not None:
-        raise UsageError("give either --shots (per class) or --samples (in total), not both")
+    _check_output(output, force)
     options = CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed, eval_data=eval_data, preprocess_file=preprocess_file,
         preprocess={"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout},
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
         max_memory=max_memory, max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity,
-        quant=QuantConfig(calibration=quant_calibration, activations=quant_activations, max_error=max_quant_error))
+        quant=_quant_config(quant_calibration, quant_activations, max_quant_error))
     result = quantize_only(model, options, output, _say(quiet or as_json))
-    verdict = f"wrote {output}" if result.passed else f"gate failed, {output} not written"
-    _emit(result.report, report_path, as_json, summary_chain(result.report) + f"\n\n{verdict}")
-    if not result.passed:
-        raise GateError(f"{result.failures[0]}; {output} was not written")
+    _finish(result, output, report_path, as_json, summary_chain(result.report))
 
 
 @main.command(epilog=EPILOG)

@@ -67,8 +67,6 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
              progress: Progress = lambda _: None) -> CompressResult:
     """Run every stage; write `output` only after verification passed."""
     model_path = Path(model_path)
-    if output is not None and Path(output).resolve() == model_path.resolve():
-        raise UsageError(f"-o {output}: refusing to overwrite the input model; choose another path")
     torch.manual_seed(options.seed)
     stages: dict[str, float] = {}
 
@@ -80,11 +78,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         stages[name] = round(time.perf_counter() - start, 3)
 
     with stage("load"):
-        model = load.load_model(model_path, max_tensor_bytes=options.max_memory)
-        if len(model.inputs) != 1:
-            raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
-                             f"can be fed few-shot data")
-        original = model_path.read_bytes()
+        model, original = _open(model_path, options, output)
     if options.min_speedup is not None and not (options.providers and options.batches):
         raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
     with stage("data"):
@@ -123,9 +117,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     if options.int8:
         with stage("quantize"):
             calib = np.concatenate(list(augmenter.variants(shots.calib.x, 0)))
-            quant = quantize.quantize(slim_bytes, calib, evalset.x[:256], options.quant, progress)
-            if load.signature(onnx.load_from_string(quant.model)) != load.signature(slim):
-                raise VerificationError("the quantized model changed the input/output signature; nothing was written")
+            quant = _int8(slim_bytes, slim, calib, evalset.x[:256], options, progress)
             final = quant.model
             quality = verify.compare(original, final, evalset.x, evalset.y, evalset.source)
             chain.append(("slim-int8", final, quality))
@@ -173,7 +165,29 @@ def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.Ben
     return failures
 
 
+def _open(model_path: Path, options: CompressOptions, output) -> tuple[load.LoadedModel, bytes]:
+    """The checked model and its file's bytes; never with -o pointing at the input."""
+    if output is not None and Path(output).resolve() == model_path.resolve():
+        raise UsageError(f"-o {output}: refusing to overwrite the input model; choose another path")
+    model = load.load_model(model_path, max_tensor_bytes=options.max_memory)
+    if len(model.inputs) != 1:
+        raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
+                         f"can be fed few-shot data")
+    return model, model_path.read_bytes()
+
+
+def _int8(float_model: bytes, float_proto, calib: np.ndarray, check: np.ndarray, options: CompressOptions,
+          progress: Progress) -> quantize.QuantResult:
+    """The quantize stage, refusing a result that is no longer a drop-in for the float model."""
+    quant = quantize.quantize(float_model, calib, check, options.quant, progress)
+    if load.signature(onnx.load_from_string(quant.model)) != load.signature(float_proto):
+        raise VerificationError("the quantized model changed the input/output signature; nothing was written")
+    return quant
+
+
 def _data(model: load.LoadedModel, options: CompressOptions):
+    if options.shots is not None and options.samples is not None:
+        raise UsageError("give either --shots (per class) or --samples (in total), not both")
     spec = model.inputs[0]
     pre, notes = data.preprocess_for(model.path, spec, options.preprocess_file, **options.preprocess)
     samples = data.load_samples(options.data, spec, pre, options.max_memory)
@@ -241,21 +255,13 @@ def _report(model, options, shots, evalset, data_notes, pre, parity, view, group
 def quantize_only(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
                   progress: Progress = lambda _: None) -> CompressResult:
     """INT8 for any model, no pruning: load -> data -> quantize -> compare -> bench."""
-    model_path = Path(model_path)
-    if output is not None and Path(output).resolve() == model_path.resolve():
-        raise UsageError(f"-o {output}: refusing to overwrite the input model; choose another path")
     stages: dict[str, float] = {}
     start = time.perf_counter()
-    model = load.load_model(model_path, max_tensor_bytes=options.max_memory)
-    if len(model.inputs) != 1:
-        raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models can be calibrated")
-    original = model_path.read_bytes()
+    model, original = _open(Path(model_path), options, output)
     shots, evalset, notes, pre = _data(model, options)
     stages["load_and_data"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    quant = quantize.quantize(original, shots.calib.x, evalset.x[:256], options.quant, progress)
-    if load.signature(onnx.load_from_string(quant.model)) != load.signature(model.proto):
-        raise VerificationError("the quantized model changed the input/output signature; nothing was written")
+    quant = _int8(original, model.proto, shots.calib.x, evalset.x[:256], options, progress)
     quality = verify.compare(original, quant.model, evalset.x, evalset.y, evalset.source)
     stages["quantize"] = round(time.perf_counter() - start, 3)
     latency = None
