@@ -44,6 +44,8 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
             if value is None or value.ndim == 0 or value.shape[s.axis] == 1:
                 continue  # no such input, or one value broadcast over all channels
             editor.set(node, s.index, np.take(value, _expand(idx, s.block), axis=s.axis))
+        for name in group.group_attrs:
+            _set_int_attr(view.nodes[name], "group", len(idx))
         for e in group.shape_edits:
             node = view.nodes[e.node]
             shape = editor.get(node, e.index).copy()
@@ -54,6 +56,14 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
     out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
     onnx.checker.check_model(out, full_check=True)
     return out
+
+
+def _set_int_attr(node, name: str, value: int) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.i = value
+            return
+    raise ValueError(f"node '{node.name}' has no attribute '{name}'")
 
 
 def _expand(idx: np.ndarray, block: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Channel groups traced on the ONNX graph: which channels can go, and where they live.
 
-A group is one set of channels made by a linear layer (its *producer*), carried through
-channel-wise ops, and read by the linear layers that consume it. Removing channel j means
-slicing index j out of every producer-side parameter and every consumer's input weights.
+A group is one set of channels written by linear layers (its *producers*: one in a plain chain,
+several where a residual Add or a gating Mul joins their outputs), carried through channel-wise
+ops (normalisation, activations, pooling, depthwise convolution) and read by the linear layers
+that consume it. Removing channel j means slicing index j out of every producer-side parameter
+and every consumer's input weights.
 Whatever the trace does not understand freezes the group, with the reason kept, so that an
 unknown graph yields fewer pruned channels, never a wrong model.
 """
@@ -60,13 +62,22 @@ class ShapeEdit:
 
 @dataclass
 class ChannelGroup:
+    """Channels shared by every tensor in `tensors`: sliced in each producer, refit in each consumer.
+
+    `coupling` says why the group is not a plain chain (several producers joined by a residual
+    Add or a gating Mul); such groups are pruned only with scope 'all', as the paper left the
+    channels tied by ResNet shortcuts alone.
+    """
+
     id: int
-    producer: str
+    producers: list[str]
     size: int
     tensors: list[str] = field(default_factory=list)
     slices: list[ParamSlice] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     shape_edits: list[ShapeEdit] = field(default_factory=list)
+    group_attrs: list[str] = field(default_factory=list)  # depthwise Convs whose `group` = channels
+    coupling: str = ""
     reason: str = ""  # why it is frozen; empty when prunable
 
     @property
@@ -74,9 +85,9 @@ class ChannelGroup:
         return not self.reason
 
     def to_json(self) -> dict:
-        return {"id": self.id, "producer": self.producer, "channels": self.size,
+        return {"id": self.id, "producers": self.producers, "channels": self.size,
                 "consumers": [c.node for c in self.consumers], "prunable": self.prunable,
-                "reason": self.reason or None, "tensors": len(self.tensors)}
+                "coupling": self.coupling or None, "reason": self.reason or None, "tensors": len(self.tensors)}
 
 
 class _Frozen(Exception):
@@ -84,20 +95,23 @@ class _Frozen(Exception):
 
 
 def find_groups(view: GraphView) -> list[ChannelGroup]:
-    """Every channel group in producer order, prunable or frozen with a reason."""
-    groups = []
+    """Every channel group in order of its first producer, prunable or frozen with a reason."""
+    groups: list[ChannelGroup] = []
+    claimed: set[str] = set()
     for node in view.graph.node:
-        start = _producer_start(view, node)
-        if start is None:
+        if node.name in claimed or _producer_start(view, node) is None:
             continue
-        size, slices = start
-        group = ChannelGroup(id=len(groups), producer=node.name, size=size, slices=slices)
+        group = ChannelGroup(id=len(groups), producers=[], size=_producer_start(view, node)[0])
+        tracer = _Tracer(view, group)
         try:
-            _trace(view, node, group)
+            tracer.run(node)
         except _Frozen as why:
             group.reason = str(why)
         except (IndexError, KeyError, ValueError, TypeError) as exc:  # a malformed node the checker let by
             group.reason = f"malformed graph near '{node.name}' ({type(exc).__name__}: {exc})"
+        if not group.producers:
+            group.producers.append(node.name)
+        claimed.update(group.producers)
         groups.append(group)
     return groups
 
@@ -110,96 +124,182 @@ def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSl
     """
     if len(node.input) < 2 or not view.is_const(node.input[1]) or not node.output:
         return None
-    rank = len(view.initializers[node.input[1]].dims)
+    w = view.initializers[node.input[1]]
+    rank = len(w.dims)
     if node.op_type == "Conv" and rank >= 3:
         if view.attr(node, "group", 1) != 1:
             return None  # output channels of a grouped conv are tied to its inputs
-        w = view.initializers[node.input[1]]
         return int(w.dims[0]), [ParamSlice(node.name, 1, 0), ParamSlice(node.name, 2, -1)]
+    if node.op_type == "ConvTranspose" and rank >= 3 and view.attr(node, "group", 1) == 1:
+        if view.attr(node, "output_shape") is not None:
+            return None
+        return int(w.dims[1]), [ParamSlice(node.name, 1, 1), ParamSlice(node.name, 2, -1)]
     if node.op_type == "Gemm" and rank == 2 and not view.attr(node, "transA", 0):
         if len(node.input) > 2 and node.input[2] and not view.is_const(node.input[2]):
             return None
-        w = view.initializers[node.input[1]]
         axis = 0 if view.attr(node, "transB", 0) else 1
         return int(w.dims[axis]), [ParamSlice(node.name, 1, axis), ParamSlice(node.name, 2, -1)]
     if node.op_type == "MatMul" and rank == 2:
-        w = view.initializers[node.input[1]]
         if view.shape(node.input[0]) is not None and len(view.shape(node.input[0])) == 2:
             return int(w.dims[1]), [ParamSlice(node.name, 1, 1)]
     return None
 
 
-def _trace(view: GraphView, producer: NodeProto, group: ChannelGroup) -> None:
-    """Walk forward from the producer through channel-wise ops to the consuming layers."""
-    start = producer.output[0]
-    rank = len(view.shape(start) or ())
-    layout = {start: 1}  # tensor -> features per channel: 1 on the channel axis of an NC... tensor
-    pending = [start]
-    binary_inputs: list[tuple[NodeProto, str]] = []
-    while pending:
-        tensor = pending.pop()
-        group.tensors.append(tensor)
-        if tensor in view.outputs:
-            raise _Frozen(f"tensor '{tensor}' is a graph output")
-        for node in view.consumers.get(tensor, []):
-            for out, block in _step(view, node, tensor, layout[tensor], group, rank, binary_inputs):
-                if out in layout:
-                    if layout[out] != block:
-                        raise _Frozen(f"node '{node.name}' mixes layouts of the same channels")
-                    continue
-                layout[out] = block
-                pending.append(out)
-    for node, other in binary_inputs:
-        if other not in layout:
-            raise _Frozen(f"{node.op_type} node '{node.name}' joins these channels with tensor "
-                          f"'{other}' from another producer (residual-style coupling)")
-    if not group.consumers:
-        raise _Frozen("no linear layer consumes these channels")
+class _Tracer:
+    """Grows one group from a producer: forward to every reader of its channels, backward to
+    every other layer that writes them (through residual Adds and gating Muls)."""
 
+    def __init__(self, view: GraphView, group: ChannelGroup):
+        self.view, self.group = view, group
+        self.layout: dict[str, int] = {}  # tensor -> features per channel (1 on a channel axis)
+        self.pending: list[str] = []
+        self.seen: set[tuple[str, str]] = set()  # (node, role) already handled
 
-def _step(view: GraphView, node: NodeProto, tensor: str, block: int, group: ChannelGroup,
-          rank: int, binary_inputs: list) -> list[tuple[str, int]]:
-    """Where the channels go through `node`: [(output tensor, block)], or freeze."""
-    op, name = node.op_type, node.name
-    flat = block > 1 or rank == 2
-    if op in UNARY or op in PER_CHANNEL_PARAMS:
-        if node.input[0] != tensor or any(not view.is_const(i) for i in node.input[1:] if i):
-            raise _Frozen(f"{op} node '{name}' takes these channels as a parameter input")
-        for idx in PER_CHANNEL_PARAMS.get(op, ()):
-            group.slices.append(ParamSlice(name, idx, 0))
-        _only_first_output_used(view, node)
-        return [(node.output[0], block)]
-    if op in POOL:
-        if flat:
-            raise _Frozen(f"{op} node '{name}' on flattened channels")
-        _only_first_output_used(view, node)
-        return [(node.output[0], block)]
-    if op in BINARY:
-        for idx, other in enumerate(node.input):
-            if other == tensor or not other:
-                continue
-            if view.is_const(other):
-                _per_channel_const(view, node, idx, tensor, group, block)
+    def run(self, producer: NodeProto) -> None:
+        self._produce(producer)
+        while self.pending:
+            tensor = self.pending.pop()
+            self.group.tensors.append(tensor)
+            if tensor in self.view.outputs:
+                raise _Frozen(f"tensor '{tensor}' is a graph output")
+            source = self.view.producer.get(tensor)
+            if source is None:
+                raise _Frozen(f"tensor '{tensor}' comes straight from a graph input")
+            self._visit(source, tensor, forward=False)
+            for node in self.view.consumers.get(tensor, []):
+                self._visit(node, tensor, forward=True)
+        if len(self.group.producers) > 1:
+            self.group.coupling = f"{len(self.group.producers)} producers ({', '.join(self.group.producers[:4])}" + \
+                ("..." if len(self.group.producers) > 4 else "") + ") joined by residual or gating ops"
+        if not self.group.consumers:
+            raise _Frozen("no linear layer consumes these channels")
+
+    def _add(self, tensor: str, block: int, where: str) -> None:
+        if tensor in self.layout:
+            if self.layout[tensor] != block:
+                raise _Frozen(f"node '{where}' mixes layouts of the same channels")
+            return
+        self.layout[tensor] = block
+        self.pending.append(tensor)
+
+    def _produce(self, node: NodeProto) -> None:
+        start = _producer_start(self.view, node)
+        if start is None:
+            raise _Frozen(f"{node.op_type} node '{node.name}' writes these channels but cannot be sliced")
+        size, slices = start
+        if size != self.group.size:
+            raise _Frozen(f"{node.op_type} node '{node.name}' writes {size} channels, not {self.group.size}")
+        self.seen.add((node.name, "out"))
+        self.group.producers.append(node.name)
+        self.group.slices.extend(slices)
+        self._add(node.output[0], 1, node.name)
+
+    def _visit(self, node: NodeProto, tensor: str, forward: bool) -> None:
+        op, role = node.op_type, "in" if forward else "out"
+        if op in LINEAR and not _is_depthwise(self.view, node):
+            if (node.name, role) in self.seen:
+                return
+            self.seen.add((node.name, role))
+            if forward:
+                self.group.consumers.append(_consumer(self.view, node, tensor, self.layout[tensor]))
             else:
-                binary_inputs.append((node, other))
-        return [(node.output[0], block)]
-    if op in ("Conv", "Gemm", "MatMul"):
-        group.consumers.append(_consumer(view, node, tensor, block))
-        return []
-    if op == "Flatten":
-        if view.attr(node, "axis", 1) != 1:
-            raise _Frozen(f"Flatten node '{name}' with axis != 1")
-        return [(node.output[0], block * _spatial(view, tensor, name))]
-    if op == "Reshape":
-        return [(node.output[0], _reshape_block(view, node, tensor, block, group))]
-    if op in ("ReduceMean", "ReduceMax", "ReduceSum"):
-        return [(node.output[0], _reduce(view, node, tensor, block))]
-    if op in ("Pad", "Resize", "Upsample"):
-        _channel_axis_untouched(view, node, tensor)
-        return [(node.output[0], block)]
-    if op == "Shape":
-        return _shape_batch_only(view, node)
-    raise _Frozen(f"{op} node '{name}' is not understood by the channel analysis")
+                self._produce(node)
+            return
+        if (node.name, "") in self.seen:
+            return
+        self.seen.add((node.name, ""))
+        if _is_depthwise(self.view, node) or op in UNARY or op in PER_CHANNEL_PARAMS or op in POOL \
+                or op in BINARY or op in ("Pad", "Resize", "Upsample"):
+            self._channelwise(node, tensor)
+        elif not forward:
+            raise _Frozen(f"{op} node '{node.name}' writes these channels and is not understood by the analysis")
+        else:
+            self._forward_only(node, tensor)
+
+    def _channelwise(self, node: NodeProto, tensor: str) -> None:
+        """Ops whose data inputs and first output all carry the same channels."""
+        view, group, op, name = self.view, self.group, node.op_type, node.name
+        block = self.layout[tensor]
+        shape = view.shape(tensor)
+        flat = block > 1 or (shape is not None and len(shape) == 2)
+        _only_first_output_used(view, node)
+        data = [node.input[0]]
+        if op in BINARY:
+            data = []
+            for idx, other in enumerate(node.input):
+                if not other:
+                    continue
+                if view.is_const(other):
+                    _per_channel_const(view, node, idx, tensor, group, block)
+                elif other == tensor or other in self.layout or _carries_channels(view, other, tensor, group, block, name):
+                    data.append(other)
+        elif _is_depthwise(view, node):
+            if flat:
+                raise _Frozen(f"depthwise Conv node '{name}' on flattened channels")
+            group.slices += [ParamSlice(name, 1, 0), ParamSlice(name, 2, -1)]
+            group.group_attrs.append(name)
+        elif op in UNARY or op in PER_CHANNEL_PARAMS:
+            if any(not view.is_const(i) for i in node.input[1:] if i):
+                raise _Frozen(f"{op} node '{name}' takes a computed parameter")
+            group.slices += [ParamSlice(name, idx, 0) for idx in PER_CHANNEL_PARAMS.get(op, ())]
+        elif op in POOL:
+            if flat:
+                raise _Frozen(f"{op} node '{name}' on flattened channels")
+        else:
+            _channel_axis_untouched(view, node, tensor)
+        if tensor not in data and tensor != node.output[0]:
+            raise _Frozen(f"{op} node '{name}' takes these channels as a parameter input")
+        for t in data:
+            self._add(t, block, name)
+        self._add(node.output[0], block, name)
+
+    def _forward_only(self, node: NodeProto, tensor: str) -> None:
+        """Ops that change how the channels are laid out (flatten, reduce) or only read the shape."""
+        view, group, op, name = self.view, self.group, node.op_type, node.name
+        block = self.layout[tensor]
+        if node.input[0] != tensor:
+            raise _Frozen(f"{op} node '{name}' takes these channels as a parameter input")
+        if op == "Flatten":
+            if view.attr(node, "axis", 1) != 1:
+                raise _Frozen(f"Flatten node '{name}' with axis != 1")
+            self._add(node.output[0], block * _spatial(view, tensor, name), name)
+        elif op == "Reshape":
+            self._add(node.output[0], _reshape_block(view, node, tensor, block, group), name)
+        elif op in ("ReduceMean", "ReduceMax", "ReduceSum"):
+            self._add(node.output[0], _reduce(view, node, tensor, block), name)
+        elif op == "Shape":
+            _shape_batch_only(view, node)
+        else:
+            raise _Frozen(f"{op} node '{name}' is not understood by the channel analysis")
+
+
+LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def _is_depthwise(view: GraphView, node: NodeProto) -> bool:
+    """A Conv with one filter per input channel: channel-wise, its weights sliced along axis 0."""
+    if node.op_type != "Conv" or len(node.input) < 2 or not view.is_const(node.input[1]):
+        return False
+    w = view.initializers[node.input[1]].dims
+    groups = view.attr(node, "group", 1)
+    return groups > 1 and len(w) >= 3 and w[0] == groups and w[1] == 1
+
+
+def _carries_channels(view: GraphView, other: str, tensor: str, group: ChannelGroup, block: int,
+                      where: str) -> bool:
+    """Whether a computed operand of a binary op holds these channels (True) or is broadcast
+    over them (False: a scalar or a one-channel map, left alone by pruning)."""
+    tshape, oshape = view.shape(tensor), view.shape(other)
+    if tshape is None or oshape is None:
+        raise _Frozen(f"shapes unknown at node '{where}'")
+    if block > 1:
+        raise _Frozen(f"node '{where}' joins flattened channels with another tensor")
+    pos = len(oshape) - (len(tshape) - 1) if len(tshape) > 2 else len(oshape) - 1
+    if pos < 0 or oshape[pos] == 1:
+        return False
+    if oshape[pos] != group.size:
+        raise _Frozen(f"node '{where}' joins these channels with '{other}' of another width")
+    return True
 
 
 def _only_first_output_used(view: GraphView, node: NodeProto) -> None:
@@ -233,6 +333,8 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, block: int) -> Cons
     name = node.name
     if node.input[0] != tensor or len(node.input) < 2 or not view.is_const(node.input[1]):
         raise _Frozen(f"{node.op_type} node '{name}' reads these channels other than as its data input")
+    if node.op_type == "ConvTranspose":
+        raise _Frozen(f"ConvTranspose node '{name}' reads these channels; its refit is not supported")
     if node.op_type == "Conv":
         w = view.initializers[node.input[1]]
         if view.attr(node, "group", 1) != 1:

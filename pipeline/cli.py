@@ -150,6 +150,9 @@ def prune_options(fn):
                      "Adam with a shrinking top-k proximal step."),
         click.option("--damp", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
                      help="Ridge added to each layer's Gram matrix, relative to its mean diagonal."),
+        click.option("--scope", type=click.Choice(["internal", "all"]), default="internal", show_default=True,
+                     help="internal: prune only channels written by one layer (as the paper did for "
+                     "ResNets); all: also channels tied across layers by residual Adds and gating Muls."),
         click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
                      help="Round each group's kept channels to a multiple of this (8 suits CPU kernels)."),
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
@@ -260,7 +263,7 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
                         + (f", report in {report_path}" if report_path else ""))
 
 
-def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, round_to,
+def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, round_to,
              pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
@@ -271,7 +274,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
     return CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed,
         prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp, round_to=round_to,
-                          pgd_iters=pgd_iters, pgd_lr=pgd_lr),
+                          scope=scope, pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
@@ -410,12 +413,26 @@ def inspect(model, as_json, max_memory):
         click.echo(dumps({"groups": [g.to_json() for g in groups], "layers": [c.to_json() for c in costs],
                           "normalisation": loaded.notes}))
         return
-    click.echo(table(["group", "producer", "channels", "consumers", "prunable"],
-                      [[str(g.id), g.producer, str(g.size), ", ".join(c.node for c in g.consumers) or "-",
-                        "yes" if g.prunable else f"no: {g.reason}"] for g in groups]))
+    click.echo(table(["group", "producers", "channels", "consumers", "prunable"],
+                      [[str(g.id), _names(g.producers), str(g.size), _names([c.node for c in g.consumers]),
+                        _prunable(g)] for g in groups]))
+    prunable = sum(g.size for g in groups if g.prunable)
+    internal = sum(g.size for g in groups if g.prunable and not g.coupling)
+    total = sum(g.size for g in groups)
+    click.echo(f"\nchannels prunable: {internal} of {total} with --scope internal, {prunable} with --scope all")
     click.echo()
     click.echo(table(["layer", "op", "MFLOPs", "params"],
                       [[c.node, c.op, f"{c.flops / 1e6:.2f}", str(c.params)] for c in costs]))
+
+
+def _names(names: list[str], show: int = 3) -> str:
+    return ", ".join(names[:show]) + (f" +{len(names) - show}" if len(names) > show else "") if names else "-"
+
+
+def _prunable(group) -> str:
+    if not group.prunable:
+        return f"no: {group.reason}"
+    return "yes" if not group.coupling else "with --scope all (coupled)"
 
 
 @main.command(epilog=EPILOG)

@@ -25,6 +25,9 @@ from pipeline.graph import GraphView
 from pipeline.solve import METHODS, SOLVERS, Problem, Stats, solve_closed, solve_l1, solve_pgd
 
 
+SCOPES = ("internal", "all")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     ratio: float = 0.5  # share of each group's channels kept
@@ -36,14 +39,15 @@ class PruneConfig:
     pgd_lr: float = 1e-3
     chunk: int = 16  # samples per forward pass while accumulating statistics
     round_to: int = 1
+    scope: str = "internal"  # internal: single-producer groups only (the paper's choice); all: coupled too
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
             raise ValueError("ratio must be in (0, 1)")
         if not 0 <= self.mu <= 1:
             raise ValueError("mu must be in [0, 1]")
-        if self.method not in METHODS or self.solver not in SOLVERS:
-            raise ValueError(f"method in {METHODS}, solver in {SOLVERS}")
+        if self.method not in METHODS or self.solver not in SOLVERS or self.scope not in SCOPES:
+            raise ValueError(f"method in {METHODS}, solver in {SOLVERS}, scope in {SCOPES}")
 
     def kept_count(self, size: int) -> int:
         keep = max(1, round(self.ratio * size))
@@ -98,6 +102,8 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
             continue
         keep = config.kept_count(group.size)
         why = _unsupported(teacher, group) or ("" if keep < group.size else "nothing to remove at this ratio")
+        if group.coupling and config.scope == "internal":
+            why = f"coupled: {group.coupling}; --scope all prunes it"
         if why:
             result.skipped[group.id] = why
             progress(f"group {group.id}: skipped ({why})")

@@ -76,15 +76,20 @@ def summary(report: dict) -> str:
     groups = [g for g in report["groups"] if g["channels_after"] != g["channels_before"]]
     if groups:
         parts.append(table(["pruned group (producer)", "channels", "loss", "s"], [
-            [g["producer"], f"{g['channels_before']} -> {g['channels_after']}",
+            [_producers(g), f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in groups]))
     frozen = [g for g in report["groups"] if g["reason"]]
     if frozen:
-        parts.append("left whole: " + "; ".join(f"{g['producer']} ({g['reason']})" for g in frozen))
+        parts.append("left whole: " + "; ".join(f"{_producers(g)} ({g['reason']})" for g in frozen))
     lat = report.get("latency")
     if lat:
         parts.append(latency_table(lat))
     return "\n\n".join(parts)
+
+
+def _producers(group: dict) -> str:
+    names = group["producers"]
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
 
 
 def latency_table(lat: dict) -> str:

@@ -93,7 +93,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         view = GraphView(model.proto)
         groups = analyze.find_groups(view)
         if not any(g.prunable for g in groups):
-            reasons = "; ".join(f"{g.producer}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
+            reasons = "; ".join(f"{g.producers[0]}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
             raise NothingToPruneError(f"{model_path}: no prunable channel group ({reasons})")
     with stage("augment"):
         augmenter = augment.build(options.augment, options.augment_factor, options.seed, shots.calib.x,

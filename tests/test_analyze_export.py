@@ -14,7 +14,7 @@ from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, prune
 from pipeline.verify import check_slim
-from tests.conftest import TinyResidual, TinyVGG, export, make_data, randomise_bn
+from tests.conftest import TinyMobile, TinyResidual, TinyVGG, export, make_data, randomise_bn
 
 
 def groups_of(path):
@@ -41,12 +41,38 @@ def test_flatten_and_reshape_heads_span_blocks(tmp_path, head, block):
     assert last_conv.consumers[0].block == block
 
 
-def test_residual_add_freezes_coupled_channels(tmp_path):
+def test_residual_add_couples_producers_pruned_only_with_scope_all(tmp_path):
     path = export(randomise_bn(TinyResidual()), tmp_path / "res.onnx")
-    _, view, groups = groups_of(path)
+    model, view, groups = groups_of(path)
     by_size = {g.size: g for g in groups}
-    assert by_size[12].prunable  # the channel inside the block
-    assert "residual" in by_size[8].reason  # block input and output are tied by the shortcut
+    inner, stream = by_size[12], by_size[8]
+    assert inner.prunable and not inner.coupling  # the channel inside the block
+    assert stream.prunable and len(stream.producers) == 2 and "residual" in stream.coupling
+    x, _ = make_data(4)
+    internal = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
+    assert [o.group for o in internal.outcomes] == [inner.id]
+    assert "--scope all" in internal.skipped[stream.id]
+    full = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, full.kept, full.layers)
+    conv_w = [tuple(i.dims[:2]) for i in out.graph.initializer if len(i.dims) == 4]
+    assert sorted(conv_w) == sorted([(4, 1), (6, 4), (4, 6)])  # stem, inner, the conv closing the block
+    assert check_slim(out, full.student, x, ["logits"]) < 1e-5
+
+
+def test_depthwise_and_squeeze_excitation(tmp_path):
+    """Depthwise convs carry channels through; an SE gate makes its last conv a second producer."""
+    path = export(randomise_bn(TinyMobile()), tmp_path / "mobile.onnx")
+    model, view, groups = groups_of(path)
+    expand = next(g for g in groups if g.size == 24)
+    assert expand.prunable and len(expand.producers) == 2 and len(expand.group_attrs) == 1
+    assert [view.nodes[c.node].op_type for c in expand.consumers] == ["Conv", "Conv"]  # SE squeeze, project
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    assert len(result.outcomes) == sum(g.prunable for g in groups) == 4
+    out = slim(model.proto, groups, result.kept, result.layers)
+    dw = next(n for n in out.graph.node if any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert next(a.i for a in dw.attribute if a.name == "group") == 12
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):

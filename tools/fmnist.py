@@ -10,6 +10,7 @@ DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
            "ankle-boot")
 MEAN, STD = 0.2860, 0.3530  # of the 60,000 training images, pixels scaled to [0, 1]
+BACKGROUND = -MEAN / STD  # a black pixel after normalisation
 
 
 def load(split: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
@@ -25,9 +26,10 @@ def load(split: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]
     return x, y
 
 
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 NCHW, as the demo teacher expects."""
-    return ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
+def normalise(images: np.ndarray, pad: int = 0) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 NCHW; `pad` black pixels on each side (32x32 for CIFAR-style nets)."""
+    x = ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
+    return np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=BACKGROUND) if pad else x
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Architectures for the zoo test and benchmark: torchvision's definitions plus two written here.
+
+Weights are random (structure is what the channel analysis sees) with BatchNorm statistics
+randomised, so that slicing the wrong channel shows in the outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+
+def _cbs(cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class UNet(nn.Module):
+    """Two-level U-Net: skip concatenations, ConvTranspose upsampling, a per-pixel head."""
+
+    def __init__(self, cin: int = 3, width: int = 16, classes: int = 4):
+        super().__init__()
+        w = width
+        self.enc1 = nn.Sequential(_cbs(cin, w), _cbs(w, w))
+        self.enc2 = nn.Sequential(_cbs(w, 2 * w), _cbs(2 * w, 2 * w))
+        self.mid = nn.Sequential(_cbs(2 * w, 4 * w), _cbs(4 * w, 4 * w))
+        self.up2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, 2)
+        self.dec2 = nn.Sequential(_cbs(4 * w, 2 * w), _cbs(2 * w, 2 * w))
+        self.up1 = nn.ConvTranspose2d(2 * w, w, 2, 2)
+        self.dec1 = nn.Sequential(_cbs(2 * w, w), _cbs(w, w))
+        self.head = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
+        m = self.mid(nn.functional.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return self.head(d1)
+
+
+class C2f(nn.Module):
+    """YOLOv8-style bottleneck stack: Split on channels, residual bottlenecks, Concat."""
+
+    def __init__(self, cin: int, cout: int, n: int = 1):
+        super().__init__()
+        self.c = cout // 2
+        self.cv1 = _cbs(cin, 2 * self.c, 1)
+        self.m = nn.ModuleList(nn.Sequential(_cbs(self.c, self.c), _cbs(self.c, self.c)) for _ in range(n))
+        self.cv2 = _cbs((2 + n) * self.c, cout, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.cv1 = _cbs(c, c // 2, 1)
+        self.cv2 = _cbs(c * 2, c, 1)
+        self.pool = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x):
+        x = self.cv1(x)
+        y1 = self.pool(x)
+        y2 = self.pool(y1)
+        return self.cv2(torch.cat([x, y1, y2, self.pool(y2)], 1))
+
+
+class YoloBlock(nn.Module):
+    """A YOLO-style detector: C2f stages, SPPF, Resize upsampling and a decoded head with Reshape."""
+
+    def __init__(self, classes: int = 4, w: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(_cbs(3, w, 3, 2), _cbs(w, 2 * w, 3, 2), C2f(2 * w, 2 * w))
+        self.down = nn.Sequential(_cbs(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w), SPPF(4 * w))
+        self.fuse = C2f(6 * w, 2 * w)
+        self.head = nn.Conv2d(2 * w, 4 + classes, 1)
+        self.outputs = 4 + classes
+
+    def forward(self, x):
+        p3 = self.stem(x)
+        p4 = self.down(p3)
+        up = nn.functional.interpolate(p4, scale_factor=2.0, mode="nearest")
+        y = self.head(self.fuse(torch.cat([up, p3], 1)))
+        b = y.shape[0]
+        y = y.reshape(b, self.outputs, -1)  # (batch, 4 + classes, anchors)
+        box, cls = y.split([4, self.outputs - 4], 1)
+        return torch.cat([box * 2.0, cls.sigmoid()], 1)
+
+
+ZOO: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": lambda: tvm.resnet18(num_classes=10),
+    "resnet50": lambda: tvm.resnet50(num_classes=10),
+    "mobilenet_v2": lambda: tvm.mobilenet_v2(num_classes=10),
+    "mobilenet_v3_small": lambda: tvm.mobilenet_v3_small(num_classes=10),
+    "efficientnet_b0": lambda: tvm.efficientnet_b0(num_classes=10),
+    "shufflenet_v2": lambda: tvm.shufflenet_v2_x0_5(num_classes=10),
+    "densenet121": lambda: tvm.densenet121(num_classes=10),
+    "regnet_x_400mf": lambda: tvm.regnet_x_400mf(num_classes=10),
+    "googlenet": lambda: tvm.googlenet(num_classes=10, aux_logits=False, init_weights=False),
+    "convnext_tiny": lambda: tvm.convnext_tiny(num_classes=10),
+    "unet": UNet,
+    "yolo_block": YoloBlock,
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """The architecture with seeded random weights and randomised BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = ZOO[name]()
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()

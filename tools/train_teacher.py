@@ -1,0 +1,99 @@
+"""One-time training of the paper-protocol teachers on Fashion-MNIST padded to 32x32 (fixed seed).
+
+    python tools/train_teacher.py --arch vgg16 --epochs 6
+    python tools/train_teacher.py --arch resnet56 --epochs 4
+
+CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifier) and ResNet-56
+(three stages of nine basic blocks, 16/32/64 channels, 1x1 projection shortcuts where the shape
+changes). All 60,000 training images train the teacher; the 10,000 test images are used only to
+report its accuracy. Writes tools/teachers/<arch>.onnx and a line of JSON with the accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fmnist  # noqa: E402
+import training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tools" / "teachers"
+VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def vgg16(width: float = 0.5, classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = []
+    cin = 1
+    for c in VGG16:
+        if c == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        cout = int(c * width)
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        cin = cout
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, classes))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet56(classes: int = 10, blocks: int = 9) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for stage, cout in enumerate([16, 32, 64]):
+        for i in range(blocks):
+            layers.append(BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+ARCHS = {"vgg16": vgg16, "resnet56": resnet56}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), required=True)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    x_img, y = fmnist.load("train")
+    x = torch.from_numpy(fmnist.normalise(x_img, pad=2))
+    model = ARCHS[args.arch]()
+    start = time.time()
+    training.fit(model, x, torch.from_numpy(y), epochs=args.epochs, seed=args.seed, background=fmnist.BACKGROUND)
+    x_test, y_test = fmnist.load("t10k")
+    acc = training.accuracy(model, torch.from_numpy(fmnist.normalise(x_test, pad=2)), torch.from_numpy(y_test))
+    args.out.mkdir(parents=True, exist_ok=True)
+    training.export(model, (1, 32, 32), args.out / f"{args.arch}.onnx")
+    info = {"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "test_accuracy": acc,
+            "train_seconds": round(time.time() - start), "parameters": sum(p.numel() for p in model.parameters())}
+    (args.out / f"{args.arch}.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
