@@ -1,10 +1,10 @@
 """A new ONNX model with pruned channels physically removed (initializers sliced, no masks).
 
 Edits are made per node input slot, never on a shared initializer in place: if the same
-tensor also feeds a node outside the group, that node keeps the original. Consumers are
-written first (refit weights, input channels sliced), then every producer-side slot is
-sliced from its current value, so a layer that both consumes one group and produces
-another ends up sliced on both axes.
+tensor also feeds a node outside the group, that node keeps the original. Consumers get
+their refit weights first; then every (slot, axis) is cut once by a mask that all groups
+touching it have marked, so channels of several groups joined by a Concat are removed
+together and a layer that consumes one group and produces another is cut on both axes.
 """
 from __future__ import annotations
 
@@ -27,30 +27,38 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
     view = GraphView(out)
     editor = _SlotEditor(out)
     pruned = [g for g in groups if g.id in kept]
+    for name in dict.fromkeys(c.node for g in pruned for c in g.consumers):
+        node = view.nodes[name]
+        editor.set(node, 1, layers[name].weight)
+        if len(node.input) < 3:
+            node.input.append("")
+        editor.set(node, 2, layers[name].bias)
+    masks: dict[tuple[str, int, int], np.ndarray] = {}  # (node, input slot, axis) -> entries kept
+
+    def drop(node: str, index: int, axis: int, entries: np.ndarray) -> None:
+        value = editor.get(view.nodes[node], index)
+        if value is None or value.ndim == 0 or value.shape[axis] == 1:
+            return  # no such input, or one value broadcast over all channels
+        axis %= value.ndim
+        masks.setdefault((node, index, axis), np.ones(value.shape[axis], bool))[entries] = False
+
     for group in pruned:
-        idx = kept[group.id]
+        dropped = np.setdiff1d(np.arange(group.size), kept[group.id])
         for c in group.consumers:
-            node = view.nodes[c.node]
-            layer = layers[c.node]
-            editor.set(node, 1, np.take(layer.weight, _expand(idx, c.block), axis=c.in_axis))
-            if len(node.input) < 3:
-                node.input.append("")
-            editor.set(node, 2, layer.bias)
-    for group in pruned:
-        idx = kept[group.id]
+            drop(c.node, 1, c.in_axis, _expand(dropped + c.offset, c.block))
         for s in group.slices:
-            node = view.nodes[s.node]
-            value = editor.get(node, s.index)
-            if value is None or value.ndim == 0 or value.shape[s.axis] == 1:
-                continue  # no such input, or one value broadcast over all channels
-            editor.set(node, s.index, np.take(value, _expand(idx, s.block), axis=s.axis))
-        for name in group.group_attrs:
-            _set_int_attr(view.nodes[name], "group", len(idx))
+            drop(s.node, s.index, s.axis, _expand(dropped + s.offset, s.block))
         for e in group.shape_edits:
             node = view.nodes[e.node]
             shape = editor.get(node, e.index).copy()
-            shape[e.position] = len(idx) * e.block
+            shape[e.position] = len(kept[group.id]) * e.block
             editor.set(node, e.index, shape)
+    for (name, index, axis), mask in masks.items():
+        node = view.nodes[name]
+        editor.set(node, index, np.compress(mask, editor.get(node, index), axis=axis))
+    for name in dict.fromkeys(n for g in pruned for n in g.group_attrs):
+        node = view.nodes[name]
+        _set_int_attr(node, "group", editor.get(node, 1).shape[0])
     editor.drop_unused()
     del out.graph.value_info[:]
     out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)

@@ -10,7 +10,7 @@ unknown graph yields fewer pruned channels, never a wrong model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from onnx import NodeProto
 
@@ -28,12 +28,14 @@ PER_CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """Input `index` of `node` holds one entry (or `block` entries) per channel along `axis`."""
+    """Input `index` of `node` holds one entry (or `block` entries) per channel along `axis`,
+    the group's channels starting at entry `offset` (after a Concat, other channels come first)."""
 
     node: str
     index: int
     axis: int
     block: int = 1
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Consumer:
     kind: str
     in_axis: int
     block: int = 1
+    offset: int = 0  # first input channel of the group (non-zero after a Concat)
 
 
 @dataclass(frozen=True)
@@ -145,15 +148,26 @@ def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSl
     return None
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where the group's channels sit in a tensor: `block` features per channel, starting at
+    channel `offset` of `width` (offset 0 and width = group size unless a Concat widened it)."""
+
+    block: int
+    offset: int
+    width: int
+
+
 class _Tracer:
     """Grows one group from a producer: forward to every reader of its channels, backward to
     every other layer that writes them (through residual Adds and gating Muls)."""
 
     def __init__(self, view: GraphView, group: ChannelGroup):
         self.view, self.group = view, group
-        self.layout: dict[str, int] = {}  # tensor -> features per channel (1 on a channel axis)
+        self.layout: dict[str, _Place] = {}
         self.pending: list[str] = []
         self.seen: set[tuple[str, str]] = set()  # (node, role) already handled
+        self.concats: list[NodeProto] = []
 
     def run(self, producer: NodeProto) -> None:
         self._produce(producer)
@@ -168,18 +182,21 @@ class _Tracer:
             self._visit(source, tensor, forward=False)
             for node in self.view.consumers.get(tensor, []):
                 self._visit(node, tensor, forward=True)
+        for node in self.concats:
+            if sum(i in self.layout for i in node.input) > 1:
+                raise _Frozen(f"Concat node '{node.name}' joins these channels with themselves")
         if len(self.group.producers) > 1:
             self.group.coupling = f"{len(self.group.producers)} producers ({', '.join(self.group.producers[:4])}" + \
                 ("..." if len(self.group.producers) > 4 else "") + ") joined by residual or gating ops"
         if not self.group.consumers:
             raise _Frozen("no linear layer consumes these channels")
 
-    def _add(self, tensor: str, block: int, where: str) -> None:
+    def _add(self, tensor: str, place: _Place, where: str) -> None:
         if tensor in self.layout:
-            if self.layout[tensor] != block:
+            if self.layout[tensor] != place:
                 raise _Frozen(f"node '{where}' mixes layouts of the same channels")
             return
-        self.layout[tensor] = block
+        self.layout[tensor] = place
         self.pending.append(tensor)
 
     def _produce(self, node: NodeProto) -> None:
@@ -192,7 +209,7 @@ class _Tracer:
         self.seen.add((node.name, "out"))
         self.group.producers.append(node.name)
         self.group.slices.extend(slices)
-        self._add(node.output[0], 1, node.name)
+        self._add(node.output[0], _Place(1, 0, size), node.name)
 
     def _visit(self, node: NodeProto, tensor: str, forward: bool) -> None:
         op, role = node.op_type, "in" if forward else "out"
@@ -202,6 +219,8 @@ class _Tracer:
             self.seen.add((node.name, role))
             if forward:
                 self.group.consumers.append(_consumer(self.view, node, tensor, self.layout[tensor]))
+                if self.layout[tensor].offset or self.layout[tensor].width != self.group.size:
+                    self._coupled(f"concatenated with other channels before '{node.name}'")
             else:
                 self._produce(node)
             return
@@ -213,15 +232,17 @@ class _Tracer:
             self._channelwise(node, tensor)
         elif not forward:
             raise _Frozen(f"{op} node '{node.name}' writes these channels and is not understood by the analysis")
+        elif op == "Concat":
+            self._concat(node, tensor)
         else:
             self._forward_only(node, tensor)
 
     def _channelwise(self, node: NodeProto, tensor: str) -> None:
         """Ops whose data inputs and first output all carry the same channels."""
         view, group, op, name = self.view, self.group, node.op_type, node.name
-        block = self.layout[tensor]
+        place = self.layout[tensor]
         shape = view.shape(tensor)
-        flat = block > 1 or (shape is not None and len(shape) == 2)
+        flat = place.block > 1 or (shape is not None and len(shape) == 2)
         _only_first_output_used(view, node)
         data = [node.input[0]]
         if op in BINARY:
@@ -230,18 +251,18 @@ class _Tracer:
                 if not other:
                     continue
                 if view.is_const(other):
-                    _per_channel_const(view, node, idx, tensor, group, block)
-                elif other == tensor or other in self.layout or _carries_channels(view, other, tensor, group, block, name):
+                    _per_channel_const(view, node, idx, tensor, group, place)
+                elif other == tensor or other in self.layout or _carries_channels(view, other, tensor, place, name):
                     data.append(other)
         elif _is_depthwise(view, node):
             if flat:
                 raise _Frozen(f"depthwise Conv node '{name}' on flattened channels")
-            group.slices += [ParamSlice(name, 1, 0), ParamSlice(name, 2, -1)]
+            group.slices += [ParamSlice(name, 1, 0, offset=place.offset), ParamSlice(name, 2, -1, offset=place.offset)]
             group.group_attrs.append(name)
         elif op in UNARY or op in PER_CHANNEL_PARAMS:
             if any(not view.is_const(i) for i in node.input[1:] if i):
                 raise _Frozen(f"{op} node '{name}' takes a computed parameter")
-            group.slices += [ParamSlice(name, idx, 0) for idx in PER_CHANNEL_PARAMS.get(op, ())]
+            group.slices += [ParamSlice(name, idx, 0, offset=place.offset) for idx in PER_CHANNEL_PARAMS.get(op, ())]
         elif op in POOL:
             if flat:
                 raise _Frozen(f"{op} node '{name}' on flattened channels")
@@ -250,23 +271,44 @@ class _Tracer:
         if tensor not in data and tensor != node.output[0]:
             raise _Frozen(f"{op} node '{name}' takes these channels as a parameter input")
         for t in data:
-            self._add(t, block, name)
-        self._add(node.output[0], block, name)
+            self._add(t, place, name)
+        self._add(node.output[0], place, name)
+
+    def _concat(self, node: NodeProto, tensor: str) -> None:
+        """Concat on the channel axis: the same channels, shifted by the widths of earlier inputs."""
+        view, place = self.view, self.layout[tensor]
+        shape = view.shape(node.output[0])
+        axis = view.attr(node, "axis", 1)
+        if place.block != 1 or shape is None or len(shape) < 3 or axis % len(shape) != 1:
+            raise _Frozen(f"Concat node '{node.name}' joins along an axis other than the channels")
+        if list(node.input).count(tensor) > 1:
+            raise _Frozen(f"Concat node '{node.name}' repeats these channels")
+        widths = [(view.shape(i) or (None, None))[1] for i in node.input]
+        if None in widths or shape[1] is None:
+            raise _Frozen(f"channel counts unknown at Concat node '{node.name}'")
+        before = sum(widths[:list(node.input).index(tensor)])
+        self.concats.append(node)
+        self._coupled(f"concatenated with other channels at '{node.name}'")
+        self._add(node.output[0], _Place(1, before + place.offset, int(shape[1])), node.name)
+
+    def _coupled(self, why: str) -> None:
+        if not self.group.coupling:
+            self.group.coupling = why
 
     def _forward_only(self, node: NodeProto, tensor: str) -> None:
         """Ops that change how the channels are laid out (flatten, reduce) or only read the shape."""
         view, group, op, name = self.view, self.group, node.op_type, node.name
-        block = self.layout[tensor]
+        place = self.layout[tensor]
         if node.input[0] != tensor:
             raise _Frozen(f"{op} node '{name}' takes these channels as a parameter input")
         if op == "Flatten":
             if view.attr(node, "axis", 1) != 1:
                 raise _Frozen(f"Flatten node '{name}' with axis != 1")
-            self._add(node.output[0], block * _spatial(view, tensor, name), name)
+            self._add(node.output[0], replace(place, block=place.block * _spatial(view, tensor, name)), name)
         elif op == "Reshape":
-            self._add(node.output[0], _reshape_block(view, node, tensor, block, group), name)
+            self._add(node.output[0], replace(place, block=_reshape_block(view, node, tensor, place, group)), name)
         elif op in ("ReduceMean", "ReduceMax", "ReduceSum"):
-            self._add(node.output[0], _reduce(view, node, tensor, block), name)
+            self._add(node.output[0], replace(place, block=_reduce(view, node, tensor, place.block)), name)
         elif op == "Shape":
             _shape_batch_only(view, node)
         else:
@@ -285,19 +327,18 @@ def _is_depthwise(view: GraphView, node: NodeProto) -> bool:
     return groups > 1 and len(w) >= 3 and w[0] == groups and w[1] == 1
 
 
-def _carries_channels(view: GraphView, other: str, tensor: str, group: ChannelGroup, block: int,
-                      where: str) -> bool:
+def _carries_channels(view: GraphView, other: str, tensor: str, place: _Place, where: str) -> bool:
     """Whether a computed operand of a binary op holds these channels (True) or is broadcast
     over them (False: a scalar or a one-channel map, left alone by pruning)."""
     tshape, oshape = view.shape(tensor), view.shape(other)
     if tshape is None or oshape is None:
         raise _Frozen(f"shapes unknown at node '{where}'")
-    if block > 1:
+    if place.block > 1:
         raise _Frozen(f"node '{where}' joins flattened channels with another tensor")
     pos = len(oshape) - (len(tshape) - 1) if len(tshape) > 2 else len(oshape) - 1
     if pos < 0 or oshape[pos] == 1:
         return False
-    if oshape[pos] != group.size:
+    if oshape[pos] != place.width:
         raise _Frozen(f"node '{where}' joins these channels with '{other}' of another width")
     return True
 
@@ -309,12 +350,13 @@ def _only_first_output_used(view: GraphView, node: NodeProto) -> None:
 
 
 def _per_channel_const(view: GraphView, node: NodeProto, idx: int, tensor: str,
-                       group: ChannelGroup, block: int) -> None:
+                       group: ChannelGroup, place: _Place) -> None:
     """A constant operand broadcast against the channels: scalar-like, or sliced per channel."""
     cshape = view.shape(node.input[idx]) or ()
     tshape = view.shape(tensor)
     if tshape is None:
         raise _Frozen(f"rank of '{tensor}' unknown at {node.op_type} node '{node.name}'")
+    block = place.block
     axis_from_right = len(tshape) - 1 if block == 1 and len(tshape) > 2 else 0
     pos = len(cshape) - 1 - axis_from_right
     if pos < 0 or cshape[pos] == 1:
@@ -323,14 +365,14 @@ def _per_channel_const(view: GraphView, node: NodeProto, idx: int, tensor: str,
         return
     if node.op_type == "PRelu" and len(cshape) == 1 and pos == 0 and len(tshape) > 2:
         raise _Frozen(f"PRelu node '{node.name}' slope broadcasts over the last axis")
-    if cshape[pos] != group.size * block:
+    if cshape[pos] != place.width * block:
         raise _Frozen(f"{node.op_type} node '{node.name}' constant of shape {cshape} does not "
                       f"broadcast per channel")
-    group.slices.append(ParamSlice(node.name, idx, pos, block))
+    group.slices.append(ParamSlice(node.name, idx, pos, block, place.offset))
 
 
-def _consumer(view: GraphView, node: NodeProto, tensor: str, block: int) -> Consumer:
-    name = node.name
+def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> Consumer:
+    name, block, offset = node.name, place.block, place.offset
     if node.input[0] != tensor or len(node.input) < 2 or not view.is_const(node.input[1]):
         raise _Frozen(f"{node.op_type} node '{name}' reads these channels other than as its data input")
     if node.op_type == "ConvTranspose":
@@ -341,14 +383,14 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, block: int) -> Cons
             raise _Frozen(f"grouped Conv node '{name}' couples input and output channels")
         if len(w.dims) != 4 or block != 1:
             raise _Frozen(f"Conv node '{name}' is not a 2-D convolution on channels")
-        return Consumer(name, "conv", in_axis=1)
+        return Consumer(name, "conv", in_axis=1, offset=offset)
     if node.op_type == "Gemm":
         if view.attr(node, "transA", 0):
             raise _Frozen(f"Gemm node '{name}' uses transA")
-        return Consumer(name, "gemm", in_axis=1 if view.attr(node, "transB", 0) else 0, block=block)
+        return Consumer(name, "gemm", in_axis=1 if view.attr(node, "transB", 0) else 0, block=block, offset=offset)
     if len(view.initializers[node.input[1]].dims) != 2 or len(view.shape(tensor) or ()) != 2:
         raise _Frozen(f"MatMul node '{name}' is not a 2-D matrix product")
-    return Consumer(name, "gemm", in_axis=0, block=block)
+    return Consumer(name, "gemm", in_axis=0, block=block, offset=offset)
 
 
 def _spatial(view: GraphView, tensor: str, where: str) -> int:
@@ -361,17 +403,17 @@ def _spatial(view: GraphView, tensor: str, where: str) -> int:
     return size
 
 
-def _reshape_block(view: GraphView, node: NodeProto, tensor: str, block: int,
+def _reshape_block(view: GraphView, node: NodeProto, tensor: str, place: _Place,
                    group: ChannelGroup) -> int:
     """Reshape to (batch, -1) or (-1, C*H*W) flattens channels; anything else is frozen."""
     if node.input[0] != tensor or not view.is_const(node.input[1]):
         raise _Frozen(f"Reshape node '{node.name}' has a computed target shape")
     target = [int(v) for v in view.const(node.input[1]).ravel()]
     batch = (view.shape(tensor) or (None,))[0]
-    per_channel = block * _spatial(view, tensor, node.name)
+    per_channel = place.block * _spatial(view, tensor, node.name)
     if len(target) == 2 and target[1] == -1 and (target[0] == 0 or (batch and target[0] == batch)):
         return per_channel
-    if len(target) == 2 and target[0] == -1 and target[1] == group.size * per_channel:
+    if len(target) == 2 and target[0] == -1 and target[1] == group.size * per_channel and place.width == group.size:
         group.shape_edits.append(ShapeEdit(node.name, 1, 1, per_channel))
         return per_channel
     raise _Frozen(f"Reshape node '{node.name}' to {target} is not a plain flatten")

@@ -153,6 +153,9 @@ def prune_options(fn):
         click.option("--scope", type=click.Choice(["internal", "all"]), default="internal", show_default=True,
                      help="internal: prune only channels written by one layer (as the paper did for "
                      "ResNets); all: also channels tied across layers by residual Adds and gating Muls."),
+        click.option("--exclude", multiple=True, metavar="PATTERN",
+                     help="Leave whole every channel group with a producer or consumer whose node name "
+                     "matches this shell pattern (repeatable; `crossprune inspect` lists the names)."),
         click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
                      help="Round each group's kept channels to a multiple of this (8 suits CPU kernels)."),
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
@@ -263,7 +266,7 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
                         + (f", report in {report_path}" if report_path else ""))
 
 
-def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, round_to,
+def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to,
              pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
@@ -274,7 +277,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
     return CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed,
         prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp, round_to=round_to,
-                          scope=scope, pgd_iters=pgd_iters, pgd_lr=pgd_lr),
+                          scope=scope, exclude=tuple(exclude), pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,

@@ -9,6 +9,7 @@ the number of samples.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
 from pipeline.errors import ModelError
 from pipeline.graph import GraphView
-from pipeline.solve import METHODS, SOLVERS, Problem, Stats, solve_closed, solve_l1, solve_pgd
+from pipeline.solve import METHODS, SOLVERS, Problem, Stats, dropped_rows, solve_closed, solve_l1, solve_pgd
 
 
 SCOPES = ("internal", "all")
@@ -40,6 +41,7 @@ class PruneConfig:
     chunk: int = 16  # samples per forward pass while accumulating statistics
     round_to: int = 1
     scope: str = "internal"  # internal: single-producer groups only (the paper's choice); all: coupled too
+    exclude: tuple[str, ...] = ()  # fnmatch patterns: groups with a producer or consumer matching stay whole
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -48,6 +50,11 @@ class PruneConfig:
             raise ValueError("mu must be in [0, 1]")
         if self.method not in METHODS or self.solver not in SOLVERS or self.scope not in SCOPES:
             raise ValueError(f"method in {METHODS}, solver in {SOLVERS}, scope in {SCOPES}")
+
+    def excludes(self, group: ChannelGroup) -> str:
+        """The first layer of the group that an --exclude pattern names, or ''."""
+        names = group.producers + [c.node for c in group.consumers]
+        return next((n for n in names for pat in self.exclude if fnmatch.fnmatchcase(n, pat)), "")
 
     def kept_count(self, size: int) -> int:
         keep = max(1, round(self.ratio * size))
@@ -97,6 +104,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
     student.modules_by_node = {k: named[teacher_names[m]] for k, m in teacher.modules_by_node.items()}
     result = PruneResult(student, [], {})
+    fixed: dict[str, torch.Tensor] = {}  # consumer -> input rows dropped with earlier groups (Concat)
     for group in groups:
         if not group.prunable:
             continue
@@ -104,16 +112,19 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
         why = _unsupported(teacher, group) or ("" if keep < group.size else "nothing to remove at this ratio")
         if group.coupling and config.scope == "internal":
             why = f"coupled: {group.coupling}; --scope all prunes it"
+        if config.excludes(group):
+            why = f"excluded by --exclude ({config.excludes(group)})"
         if why:
             result.skipped[group.id] = why
             progress(f"group {group.id}: skipped ({why})")
             continue
         start = time.perf_counter()
-        problems = [_problem(view, c, group.size) for c in group.consumers]
+        problems = [_problem(view, c, group.size, fixed.get(c.node)) for c in group.consumers]
         if config.method != "l1":
             _collect(view, teacher, student, group.consumers, problems, x, config.chunk, augmenter)
         sol = _solve(problems, keep, config)
-        for consumer, w in zip(group.consumers, sol.weights):
+        for consumer, problem, w in zip(group.consumers, problems, sol.weights):
+            fixed[consumer.node] = dropped_rows(problem, sol.kept)
             layer = _to_onnx_layout(view, consumer, w)
             result.layers[consumer.node] = layer
             _write(student.layer(consumer.node), layer, view, consumer)
@@ -141,7 +152,7 @@ def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
     return ""
 
 
-def _problem(view: GraphView, consumer: Consumer, channels: int) -> Problem:
+def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Tensor | None) -> Problem:
     """Teacher weights in solver layout (inputs x outputs, bias row last) and channel rows."""
     node = view.nodes[consumer.node]
     w = view.const(node.input[1]).astype(np.float64)
@@ -158,8 +169,8 @@ def _problem(view: GraphView, consumer: Consumer, channels: int) -> Problem:
             bias = np.broadcast_to(bias * view.attr(node, "beta", 1.0), (out,))
     bias_row = np.zeros((1, out)) if bias is None else np.asarray(bias).reshape(1, out)
     weight = torch.from_numpy(np.concatenate([mat, bias_row]))
-    columns = torch.arange(channels * per).reshape(channels, per)
-    return Problem(weight, columns)
+    first = (consumer.offset + torch.arange(channels)) * per
+    return Problem(weight, first[:, None] + torch.arange(per)[None, :], fixed=fixed)
 
 
 def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumers: list[Consumer],

@@ -94,6 +94,32 @@ def export(model: nn.Module, path: Path, keep_bn: bool = True, opset: int = 17,
     return path
 
 
+def weights_as_constants(src: Path, dst: Path) -> Path:
+    """Rewrite every initializer as a Constant node, as some exporters do."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    consts = [onnx.helper.make_node("Constant", [], [i.name], name=f"const_{i.name}", value=i)
+              for i in proto.graph.initializer]
+    del proto.graph.initializer[:]
+    nodes = consts + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def initializers_as_inputs(src: Path, dst: Path) -> Path:
+    """List every initializer as a graph input too, as IR < 4 exporters had to."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    for init in proto.graph.initializer:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    onnx.save(proto, str(dst))
+    return dst
+
+
 def make_data(n_per_class: int = 6, classes: int = 10, shape=(1, 16, 16), seed: int = 0):
     """Smooth random images (blurred noise), closer to real inputs than white noise."""
     rng = np.random.default_rng(seed)

@@ -59,6 +59,15 @@ def test_residual_add_couples_producers_pruned_only_with_scope_all(tmp_path):
     assert check_slim(out, full.student, x, ["logits"]) < 1e-5
 
 
+def test_exclude_leaves_matching_groups_whole(vgg_path):
+    model, view, groups = groups_of(vgg_path)
+    x, _ = make_data(3)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, exclude=("*Gemm*",)))
+    skipped = {g.size for g in groups if "--exclude" in result.skipped.get(g.id, "")}
+    assert skipped == {16, 24}  # the last conv's group (read by fc1) and fc1's own
+    assert [len(o.kept) for o in result.outcomes] == [4, 4, 8]
+
+
 def test_depthwise_and_squeeze_excitation(tmp_path):
     """Depthwise convs carry channels through; an SE gate makes its last conv a second producer."""
     path = export(randomise_bn(TinyMobile()), tmp_path / "mobile.onnx")

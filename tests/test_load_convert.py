@@ -9,7 +9,7 @@ import torch
 from pipeline.convert import check_parity, relative_error, to_torch
 from pipeline.errors import ModelError
 from pipeline.load import load_model
-from tests.conftest import TinyVGG, export, make_data, randomise_bn
+from tests.conftest import TinyVGG, export, initializers_as_inputs, make_data, randomise_bn, weights_as_constants
 
 
 def test_parity_of_converted_model(vgg_path):
@@ -25,19 +25,6 @@ def test_parity_check_can_fail(vgg_path):
         next(m for m in twin.module.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(1.5)
     with pytest.raises(ModelError, match="differs from onnxruntime"):
         check_parity(model, twin, make_data(2)[0])
-
-
-def weights_as_constants(src, dst):
-    """Rewrite every initializer as a Constant node, as some exporters do."""
-    proto = onnx.load(str(src))
-    consts = [onnx.helper.make_node("Constant", [], [i.name], name=f"const_{i.name}", value=i)
-              for i in proto.graph.initializer]
-    del proto.graph.initializer[:]
-    nodes = consts + list(proto.graph.node)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    onnx.save(proto, str(dst))
-    return dst
 
 
 def test_constant_weights_become_initializers(vgg_path, tmp_path):
@@ -58,12 +45,7 @@ def test_opsets_and_fused_export(tmp_path, opset):
 
 
 def test_initializers_as_graph_inputs(vgg_path, tmp_path):
-    proto = onnx.load(str(vgg_path))
-    for init in proto.graph.initializer:
-        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
-    path = tmp_path / "ir3.onnx"
-    onnx.save(proto, str(path))
-    model = load_model(path)
+    model = load_model(initializers_as_inputs(vgg_path, tmp_path / "ir3.onnx"))
     assert [i.name for i in model.inputs] == ["image"]
     assert any("graph inputs" in n for n in model.notes)
     assert check_parity(model, to_torch(model.proto), make_data(1)[0]) < 1e-5

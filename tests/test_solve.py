@@ -51,7 +51,7 @@ def test_greedy_selection_matches_exhaustive_search_on_easy_case():
     losses = {}
     for kept in itertools.combinations(range(5), 3):
         w = solve_closed.__globals__["_refit"](*objective(p.stats, p.weight, "cross", 0.6, 1e-9),
-                                               p.columns, torch.tensor(kept))
+                                               p, torch.tensor(kept))
         losses[kept] = quad_loss(p, w, "cross", 0.6)
     assert tuple(sol.kept.tolist()) == min(losses, key=losses.get) == (0, 2, 4)
 

@@ -109,6 +109,18 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def export_zoo(name: str, path, opset: int = 17, size: int = 64):
+    """torch.onnx.export of the architecture as a user would, with a dynamic batch axis."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(build(name), (torch.randn(1, 3, size, size),), str(path), dynamo=False,
+                          opset_version=opset, input_names=["image"], output_names=["out"],
+                          dynamic_axes={"image": {0: "batch"}, "out": {0: "batch"}})
+    return path
+
+
 def build(name: str, seed: int = 0) -> nn.Module:
     """The architecture with seeded random weights and randomised BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)

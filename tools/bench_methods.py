@@ -33,10 +33,12 @@ VARIANTS = {  # name -> (PruneConfig fields, augmentation spec)
 DEFAULT_VARIANTS = "l1,layerwise,cross mu=0.6,soft mu=0.5,cross mu=0.6 pgd"
 
 
-def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, variant: tuple) -> dict:
+def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, variant: tuple,
+        **prune_fields) -> dict:
+    """One compress without timing; `prune_fields` add to the variant's PruneConfig (scope, exclude)."""
     fields, augment = variant
     options = CompressOptions(data=data, shots=shots, seed=seed, eval_data=eval_data, providers=[],
-                              prune=PruneConfig(ratio=ratio, **fields), augment=augment)
+                              prune=PruneConfig(ratio=ratio, **fields, **prune_fields), augment=augment)
     start = time.perf_counter()
     report = compress(model, options).report
     q = report["quality"]

@@ -1,0 +1,90 @@
+"""Issue 3's zoo: every architecture of tests/zoo.py through `compress --scope all --ratio 0.3`.
+
+    python tools/bench_zoo.py --opsets 13,17 --out docs/zoo.json
+
+Per model and opset: channels prunable (scope internal / all), FLOPs before and after, whether
+the slim model equals its masked student, and CPU latency (batch 1, both models timed in one
+run, medians; latency only for the last opset listed). Random weights: structure, not accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline.analyze import find_groups  # noqa: E402
+from pipeline.errors import CrossPruneError  # noqa: E402
+from pipeline.graph import GraphView  # noqa: E402
+from pipeline.load import load_model  # noqa: E402
+from tests.zoo import ZOO, export_zoo  # noqa: E402
+
+
+def run(name: str, opset: int, folder: Path, data: Path, timed: bool, runs: int) -> dict:
+    path = export_zoo(name, folder / f"{name}_{opset}.onnx", opset)
+    groups = find_groups(GraphView(load_model(path).proto))
+    total = sum(g.size for g in groups)
+    row = {"model": name, "opset": opset, "groups": len(groups), "channels": total,
+           "prunable_internal": sum(g.size for g in groups if g.prunable and not g.coupling) / total,
+           "prunable_all": sum(g.size for g in groups if g.prunable) / total}
+    options = CompressOptions(data=data, samples=8, augment="none", prune=PruneConfig(ratio=0.3, scope="all"),
+                              providers=["cpu"] if timed else [], batches=[1], bench_runs=runs)
+    start = time.perf_counter()
+    try:
+        report = compress(path, options, folder / f"{name}_{opset}.slim.onnx").report
+    except CrossPruneError as exc:
+        return {**row, "error": str(exc)}
+    totals = report["totals"]
+    row.update(seconds=time.perf_counter() - start, flops_before=totals["flops_before"],
+               flops_after=totals["flops_after"], params_before=totals["params_before"],
+               params_after=totals["params_after"], slim_vs_masked=report["parity"]["slim_vs_masked_student"])
+    if report["latency"]:
+        t = {x["model"]: x for x in report["latency"]["timings"]}
+        row.update(latency_before_ms=t["teacher"]["p50_ms"], latency_after_ms=t["slim"]["p50_ms"],
+                   speedup=t["slim"]["speedup"])
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(ZOO))
+    p.add_argument("--opsets", default="13,17")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "zoo.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    opsets = [int(o) for o in args.opsets.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+        np.savez(folder / "x.npz", x=torch.nn.functional.avg_pool2d(torch.from_numpy(x), 3, 1, 1).numpy() * 2)
+        print(f"{'model':<20}{'opset':>6}{'prunable int/all':>18}{'MFLOPs before':>15}{'after':>9}"
+              f"{'slim=masked':>13}{'ms before':>11}{'after':>8}{'speedup':>9}{'s':>7}")
+        for name in args.models.split(","):
+            for opset in opsets:
+                r = run(name, opset, folder, folder / "x.npz", opset == opsets[-1], args.runs)
+                rows.append(r)
+                if "error" in r:
+                    print(f"{name:<20}{opset:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%} {r['error']}")
+                    continue
+                lat = (f"{r['latency_before_ms']:>11.2f}{r['latency_after_ms']:>8.2f}{r['speedup']:>8.2f}x"
+                       if "speedup" in r else f"{'-':>11}{'-':>8}{'-':>9}")
+                print(f"{name:<20}{opset:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%}"
+                      f"{r['flops_before'] / 1e6:>15.1f}{r['flops_after'] / 1e6:>9.1f}{r['slim_vs_masked']:>13.1e}"
+                      f"{lat}{r['seconds']:>7.0f}", flush=True)
+    args.out.write_text(json.dumps({"input": [1, 3, 64, 64], "ratio": 0.3, "scope": "all", "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
