@@ -213,6 +213,8 @@ class _Tracer:
 
     def _visit(self, node: NodeProto, tensor: str, forward: bool) -> None:
         op, role = node.op_type, "in" if forward else "out"
+        if node.domain not in ("", "ai.onnx"):
+            raise _Frozen(f"{node.domain}.{op} node '{node.name}' is not understood by the channel analysis")
         if op in LINEAR and not _is_depthwise(self.view, node):
             if (node.name, role) in self.seen:
                 return

@@ -5,17 +5,17 @@ is trusted until the converted model reproduces onnxruntime on the user's own sa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from onnx import ModelProto
 from onnx2torch import convert as onnx2torch_convert
-from onnx2torch.node_converters.registry import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 
 from pipeline.errors import ModelError
 from pipeline.load import LoadedModel
+from pipeline.ortnode import with_fallbacks
 from pipeline.runtime import first_line, make_session, run_batched
 
 PARITY_RTOL = 1e-4
@@ -27,6 +27,7 @@ class TorchModel:
 
     module: torch.fx.GraphModule
     modules_by_node: dict[str, torch.nn.Module]
+    fallbacks: list[str] = field(default_factory=list)  # nodes onnxruntime evaluates (no torch converter)
 
     def layer(self, node_name: str) -> torch.nn.Module:
         return self.modules_by_node[node_name]
@@ -38,17 +39,8 @@ class TorchModel:
 
 
 def to_torch(proto: ModelProto, source: str = "model") -> TorchModel:
-    """Convert with onnx2torch, naming the first node it cannot handle if it fails."""
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    for node in proto.graph.node:
-        version = opset if node.domain in ("", "ai.onnx") else next(
-            (o.version for o in proto.opset_import if o.domain == node.domain), 1)
-        try:
-            get_converter(node.op_type, version, node.domain or "")
-        except NotImplementedError:
-            raise ModelError(f"{source}: onnx2torch cannot convert node '{node.name}' "
-                             f"(op {node.domain + '.' if node.domain else ''}{node.op_type}, "
-                             f"opset {version})") from None
+    """Convert with onnx2torch; nodes it has no converter for are run by onnxruntime."""
+    proto, fallbacks = with_fallbacks(proto)
     try:
         module = onnx2torch_convert(proto).eval()
     except Exception as exc:
@@ -56,7 +48,7 @@ def to_torch(proto: ModelProto, source: str = "model") -> TorchModel:
     named = dict(module.named_modules())
     by_node = {n.name: named[OnnxGraph.generate_node_name(n)] for n in proto.graph.node
                if OnnxGraph.generate_node_name(n) in named}
-    return TorchModel(module, by_node)
+    return TorchModel(module, by_node, fallbacks)
 
 
 def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int = 64) -> float:

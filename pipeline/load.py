@@ -212,7 +212,16 @@ def _unique_node_names(proto: ModelProto, notes: list[str]) -> None:
 
 def _infer_shapes(path: Path, proto: ModelProto) -> ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False,
-                                                 data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False,
+                                                     data_prop=True)
     except Exception as exc:
         raise ModelError(f"{path}: shape inference failed: {first_line(exc)}") from exc
+    if all(n.domain in ("", "ai.onnx") for n in inferred.graph.node):
+        return inferred
+    # onnx does not know contrib ops (com.microsoft); onnxruntime's own inference does
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
+    except Exception:  # an op neither knows: shapes after it stay unknown, its groups freeze
+        return inferred

@@ -89,6 +89,9 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     with stage("convert"):
         teacher = convert.to_torch(model.proto, str(model_path))
         parity = convert.check_parity(model, teacher, shots.calib.x)
+        if teacher.fallbacks:
+            progress(f"no torch converter for {', '.join(teacher.fallbacks[:3])}"
+                     f"{'...' if len(teacher.fallbacks) > 3 else ''}: onnxruntime evaluates them")
     with stage("analyze"):
         view = GraphView(model.proto)
         groups = analyze.find_groups(view)
@@ -133,6 +136,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, final, verify_err, quality, latency, stages, output)
     rep["augmentation"] = augmenter.to_json()
+    rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
     teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}
     rep["chain"] = [{"model": "teacher", "bytes": len(original), "accuracy": teacher_quality["teacher_accuracy"],

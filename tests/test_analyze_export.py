@@ -164,3 +164,23 @@ def test_every_method_exports_equivalently(vgg_path, method, solver):
     assert [len(o.kept) for o in result.outcomes] == [4, 4, 8, 8, 12]
     out = slim(model.proto, groups, result.kept, result.layers)
     assert check_slim(out, result.student, x, ["logits"]) < 1e-4
+
+
+def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_path, npz_path):
+    """com.microsoft.Gelu: no onnx2torch converter, unknown to the analysis; onnxruntime runs it."""
+    from pipeline import CompressOptions, compress
+
+    proto = onnx.load(str(vgg_path))
+    act = [n for n in proto.graph.node if n.op_type in ("Relu", "Clip")][1]
+    act.op_type, act.domain, act.name = "Gelu", "com.microsoft", "contrib_gelu"
+    del act.input[1:]
+    proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    path = tmp_path / "contrib.onnx"
+    onnx.save(proto, str(path))
+    report = compress(path, CompressOptions(data=npz_path, shots=2, providers=[], augment="none"),
+                      tmp_path / "slim.onnx").report
+    assert report["parity"]["run_by_onnxruntime"] == ["contrib_gelu"]
+    frozen = [g for g in report["groups"] if g["reason"] and "com.microsoft.Gelu" in g["reason"]]
+    assert len(frozen) == 1 and frozen[0]["channels_after"] == frozen[0]["channels_before"]
+    assert any(g["channels_after"] < g["channels_before"] for g in report["groups"])
+    assert report["parity"]["slim_vs_masked_student"] < 1e-4

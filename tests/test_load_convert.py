@@ -80,13 +80,31 @@ def test_checker_failure_is_one_line(vgg_path, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_unconvertible_operator_is_named(vgg_path):
+def test_operator_without_converter_runs_in_onnxruntime(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
-    proto.graph.node[-1].op_type = "Hardmax"  # valid ONNX, but onnx2torch has no converter
-    proto.graph.node[-1].name = "the_head"
-    del proto.graph.node[-1].attribute[:]
-    with pytest.raises(ModelError, match="'the_head'.*Hardmax"):
-        to_torch(proto)
+    head = onnx.helper.make_node("Hardmax", ["logits_raw"], ["logits"], name="the_head", axis=1)
+    proto.graph.node[-1].output[0] = "logits_raw"
+    proto.graph.node.append(head)  # valid ONNX, but onnx2torch has no Hardmax converter
+    path = tmp_path / "hardmax.onnx"
+    onnx.save(proto, str(path))
+    model = load_model(path)
+    twin = to_torch(model.proto)
+    assert twin.fallbacks == ["the_head"]
+    x = make_data(2)[0]
+    assert check_parity(model, twin, x) == 0.0  # one-hot outputs, equal
+
+
+def test_operator_nobody_runs_is_named(vgg_path, tmp_path):
+    proto = onnx.load(str(vgg_path))
+    head = proto.graph.node[-1]
+    head.op_type, head.domain, head.name = "Mystery", "com.example", "odd_one"
+    del head.attribute[:]
+    proto.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    path = tmp_path / "mystery.onnx"
+    onnx.save(proto, str(path))
+    model = load_model(path)
+    with pytest.raises(ModelError, match="onnxruntime cannot run it.*Mystery"):
+        check_parity(model, to_torch(model.proto), make_data(1)[0])
 
 
 def test_relative_error_is_scale_free():

@@ -1,0 +1,111 @@
+"""Nodes onnx2torch cannot convert, run by onnxruntime inside the torch twin.
+
+Pruning needs the torch twin only to produce activations (no gradients), so an operator
+without a torch converter (a com.microsoft contrib op, say) can still be evaluated by the
+runtime that the model is deployed on. The channel analysis freezes the groups such a node
+touches; the rest of the model is pruned as usual.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import NodeProto, defs, helper
+from onnx2torch.node_converters.registry import add_converter, get_converter
+from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
+
+from pipeline.runtime import SessionConfig, make_session
+
+
+class OrtNode(torch.nn.Module, OnnxToTorchModule):
+    """One ONNX node as a torch module: inputs to numpy, one onnxruntime call, outputs back."""
+
+    def __init__(self, node: NodeProto, opsets: list[onnx.OperatorSetIdProto], ir_version: int):
+        super().__init__()
+        self.node_bytes = node.SerializeToString()
+        self.opsets = [(o.domain, o.version) for o in opsets]
+        self.ir_version = ir_version
+        self._session = None
+
+    def __getstate__(self) -> dict:
+        """Copies (the student is a deep copy of the teacher) open their own session."""
+        return {**self.__dict__, "_session": None}
+
+    def _open(self, inputs: list[np.ndarray]):
+        node = NodeProto.FromString(self.node_bytes)
+        graph = helper.make_graph(
+            [node], "single_node",
+            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None)
+             for n, x in zip(node.input, inputs) if n],
+            [onnx.ValueInfoProto(name=o) for o in node.output if o])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets],
+                                  ir_version=self.ir_version)
+        return make_session(model.SerializeToString(), SessionConfig(provider="cpu", threads=0))
+
+    def forward(self, *args: torch.Tensor):
+        inputs = [a.detach().cpu().numpy() for a in args]
+        if self._session is None:
+            self._session = self._open(inputs)
+        names = [i.name for i in self._session.get_inputs()]
+        outs = self._session.run(None, dict(zip(names, inputs)))
+        tensors = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `proto` ready for onnx2torch, every node without a converter given the
+    onnxruntime fallback, and the names of those nodes.
+
+    onnx2torch turns a node's domain into part of a torch module name, where dots are not
+    allowed, so custom domains are renamed in the copy; the fallback keeps the original node.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    versions = {o.domain or "": o.version for o in proto.opset_import}
+    names = []
+    for node in out.graph.node:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        version = _since(node.op_type, domain, versions.get(domain, 1))
+        try:
+            get_converter(node.op_type, version, domain)
+            continue
+        except NotImplementedError:
+            pass
+        original = NodeProto()
+        original.CopyFrom(node)
+        safe = domain.replace(".", "_")
+        if safe != domain:
+            node.domain = safe
+            if safe not in versions:
+                out.opset_import.append(helper.make_opsetid(safe, versions.get(domain, 1)))
+                versions[safe] = versions.get(domain, 1)
+        _register(safe, node.op_type, version)
+        _NODES[(safe, node.op_type, version, node.name)] = (original, list(proto.opset_import), proto.ir_version)
+        names.append(node.name)
+    return out, names
+
+
+_NODES: dict[tuple, tuple] = {}  # (domain, op, version, node name) -> what its OrtNode needs
+
+
+def _register(domain: str, op_type: str, version: int) -> None:
+    if (domain, op_type, version) in _CONVERTERS:
+        return
+    _CONVERTERS.add((domain, op_type, version))
+
+    def convert(node, _graph) -> OperationConverterResult:
+        return OperationConverterResult(torch_module=OrtNode(*_NODES[(domain, op_type, version, node.name)]),
+                                        onnx_mapping=onnx_mapping_from_node(node))
+
+    add_converter(operation_type=op_type, version=version, domain=domain)(convert)
+
+
+_CONVERTERS: set[tuple[str, str, int]] = set()
+
+
+def _since(op_type: str, domain: str, version: int) -> int:
+    """The opset version onnx2torch files the op under (the schema's since_version)."""
+    try:
+        return defs.get_schema(op_type, domain=domain, max_inclusive_version=version).since_version
+    except (RuntimeError, defs.SchemaError):
+        return version
