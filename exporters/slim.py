@@ -30,9 +30,10 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
     for name in dict.fromkeys(c.node for g in pruned for c in g.consumers):
         node = view.nodes[name]
         editor.set(node, 1, layers[name].weight)
-        if len(node.input) < 3:
-            node.input.append("")
-        editor.set(node, 2, layers[name].bias)
+        if layers[name].bias is not None:
+            if len(node.input) < 3:
+                node.input.append("")
+            editor.set(node, 2, layers[name].bias)
     masks: dict[tuple[str, int, int], np.ndarray] = {}  # (node, input slot, axis) -> entries kept
 
     def drop(node: str, index: int, axis: int, entries: np.ndarray) -> None:

@@ -143,7 +143,7 @@ def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSl
         axis = 0 if view.attr(node, "transB", 0) else 1
         return int(w.dims[axis]), [ParamSlice(node.name, 1, axis), ParamSlice(node.name, 2, -1)]
     if node.op_type == "MatMul" and rank == 2:
-        if view.shape(node.input[0]) is not None and len(view.shape(node.input[0])) == 2:
+        if view.shape(node.input[0]) is not None and len(view.shape(node.input[0])) >= 2:
             return int(w.dims[1]), [ParamSlice(node.name, 1, 1)]
     return None
 
@@ -156,6 +156,7 @@ class _Place:
     block: int
     offset: int
     width: int
+    last: bool = False  # channels on the last axis (a MatMul over an N...C tensor), not axis 1
 
 
 class _Tracer:
@@ -209,7 +210,8 @@ class _Tracer:
         self.seen.add((node.name, "out"))
         self.group.producers.append(node.name)
         self.group.slices.extend(slices)
-        self._add(node.output[0], _Place(1, 0, size), node.name)
+        last = node.op_type == "MatMul" and len(self.view.shape(node.input[0]) or ()) > 2
+        self._add(node.output[0], _Place(1, 0, size, last), node.name)
 
     def _visit(self, node: NodeProto, tensor: str, forward: bool) -> None:
         op, role = node.op_type, "in" if forward else "out"
@@ -229,6 +231,8 @@ class _Tracer:
         if (node.name, "") in self.seen:
             return
         self.seen.add((node.name, ""))
+        if self.layout[tensor].last and op not in UNARY and op not in BINARY:
+            raise _Frozen(f"{op} node '{node.name}' on channels-last data is not understood by the analysis")
         if _is_depthwise(self.view, node) or op in UNARY or op in PER_CHANNEL_PARAMS or op in POOL \
                 or op in BINARY or op in ("Pad", "Resize", "Upsample"):
             self._channelwise(node, tensor)
@@ -337,7 +341,7 @@ def _carries_channels(view: GraphView, other: str, tensor: str, place: _Place, w
         raise _Frozen(f"shapes unknown at node '{where}'")
     if place.block > 1:
         raise _Frozen(f"node '{where}' joins flattened channels with another tensor")
-    pos = len(oshape) - (len(tshape) - 1) if len(tshape) > 2 else len(oshape) - 1
+    pos = len(oshape) - (len(tshape) - 1) if len(tshape) > 2 and not place.last else len(oshape) - 1
     if pos < 0 or oshape[pos] == 1:
         return False
     if oshape[pos] != place.width:
@@ -359,7 +363,7 @@ def _per_channel_const(view: GraphView, node: NodeProto, idx: int, tensor: str,
     if tshape is None:
         raise _Frozen(f"rank of '{tensor}' unknown at {node.op_type} node '{node.name}'")
     block = place.block
-    axis_from_right = len(tshape) - 1 if block == 1 and len(tshape) > 2 else 0
+    axis_from_right = len(tshape) - 1 if block == 1 and len(tshape) > 2 and not place.last else 0
     pos = len(cshape) - 1 - axis_from_right
     if pos < 0 or cshape[pos] == 1:
         if block > 1 and cshape and cshape[-1] != 1:
@@ -379,6 +383,8 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> C
         raise _Frozen(f"{node.op_type} node '{name}' reads these channels other than as its data input")
     if node.op_type == "ConvTranspose":
         raise _Frozen(f"ConvTranspose node '{name}' reads these channels; its refit is not supported")
+    if place.last != (node.op_type == "MatMul" and len(view.shape(tensor) or ()) > 2):
+        raise _Frozen(f"{node.op_type} node '{name}' reads these channels on another axis")
     if node.op_type == "Conv":
         w = view.initializers[node.input[1]]
         if view.attr(node, "group", 1) != 1:
@@ -390,8 +396,8 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> C
         if view.attr(node, "transA", 0):
             raise _Frozen(f"Gemm node '{name}' uses transA")
         return Consumer(name, "gemm", in_axis=1 if view.attr(node, "transB", 0) else 0, block=block, offset=offset)
-    if len(view.initializers[node.input[1]].dims) != 2 or len(view.shape(tensor) or ()) != 2:
-        raise _Frozen(f"MatMul node '{name}' is not a 2-D matrix product")
+    if len(view.initializers[node.input[1]].dims) != 2 or len(view.shape(tensor) or ()) < 2:
+        raise _Frozen(f"MatMul node '{name}' does not multiply by a constant matrix")
     return Consumer(name, "gemm", in_axis=0, block=block, offset=offset)
 
 

@@ -32,6 +32,18 @@ class TorchModel:
     def layer(self, node_name: str) -> torch.nn.Module:
         return self.modules_by_node[node_name]
 
+    def constant_input(self, node_name: str, index: int) -> torch.Tensor:
+        """The tensor onnx2torch feeds as input `index` of a node's module (an initializer it
+        keeps as a graph attribute, e.g. the weight of a MatMul), to be updated in place."""
+        module = self.layer(node_name)
+        for fx_node in self.module.graph.nodes:
+            if fx_node.op == "call_module" and self.module.get_submodule(fx_node.target) is module:
+                source = fx_node.args[index]
+                if getattr(source, "op", None) == "get_attr":
+                    owner, _, attr = source.target.rpartition(".")
+                    return getattr(self.module.get_submodule(owner) if owner else self.module, attr)
+        raise KeyError(f"input {index} of node '{node_name}' is not a constant in the torch twin")
+
     @torch.no_grad()
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.module(x)

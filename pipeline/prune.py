@@ -68,7 +68,7 @@ class LayerWeights:
     """New ONNX-layout weights of one consumer (full input width, dropped channels zero)."""
 
     weight: np.ndarray
-    bias: np.ndarray | None
+    bias: np.ndarray | None  # None for MatMul, which has no bias input
 
 
 @dataclass
@@ -127,7 +127,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
             fixed[consumer.node] = dropped_rows(problem, sol.kept)
             layer = _to_onnx_layout(view, consumer, w)
             result.layers[consumer.node] = layer
-            _write(student.layer(consumer.node), layer, view, consumer)
+            _write(student, layer, view, consumer)
         kept = sol.kept.numpy().astype(np.int64)
         result.outcomes.append(GroupOutcome(group.id, group.size, kept, sol.loss,
                                             time.perf_counter() - start))
@@ -147,8 +147,8 @@ def _solve(problems: list[Problem], keep: int, config: PruneConfig):
 def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
     for c in group.consumers:
         module = teacher.modules_by_node.get(c.node)
-        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            return f"consumer '{c.node}' became {type(module).__name__} in torch, not Conv2d/Linear"
+        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and type(module).__name__ != "OnnxMatMul":
+            return f"consumer '{c.node}' became {type(module).__name__} in torch, not Conv2d/Linear/MatMul"
     return ""
 
 
@@ -169,6 +169,9 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
             bias = np.broadcast_to(bias * view.attr(node, "beta", 1.0), (out,))
     bias_row = np.zeros((1, out)) if bias is None else np.asarray(bias).reshape(1, out)
     weight = torch.from_numpy(np.concatenate([mat, bias_row]))
+    if node.op_type == "MatMul":  # no bias input to refit: its row stays zero
+        bias_row_index = torch.tensor([len(mat)])
+        fixed = bias_row_index if fixed is None else torch.unique(torch.cat([fixed, bias_row_index]))
     first = (consumer.offset + torch.arange(channels)) * per
     return Problem(weight, first[:, None] + torch.arange(per)[None, :], fixed=fixed)
 
@@ -233,6 +236,8 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
         inp = F.pad(inp, (left, right, top, bottom))
         cols = F.unfold(inp, kernel, dilation=dil, stride=strides)  # (N, C*kh*kw, L)
         flat = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    elif inp.dim() > 2:  # MatMul over N...C: every position is a row
+        flat = inp.reshape(-1, inp.shape[-1])
     else:
         flat = inp.reshape(inp.shape[0], -1)
     return torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
@@ -262,13 +267,19 @@ def _to_onnx_layout(view: GraphView, consumer: Consumer, w: torch.Tensor) -> Lay
         mat = mat / view.attr(node, "alpha", 1.0)
         weight = mat.T if consumer.in_axis == 1 else mat
         bias = bias / (view.attr(node, "beta", 1.0) or 1.0)
+    if node.op_type == "MatMul":
+        return LayerWeights(weight.astype(orig.dtype), None)
     return LayerWeights(weight.astype(orig.dtype), bias.astype(orig.dtype))
 
 
 @torch.no_grad()
-def _write(module: torch.nn.Module, layer: LayerWeights, view: GraphView, consumer: Consumer) -> None:
+def _write(student: TorchModel, layer: LayerWeights, view: GraphView, consumer: Consumer) -> None:
     """Put the refit weights into the student's torch layer (onnx2torch folds alpha/beta in)."""
-    node = view.nodes[consumer.node]
+    node, module = view.nodes[consumer.node], student.layer(consumer.node)
+    if node.op_type == "MatMul":
+        weight = student.constant_input(consumer.node, 1)
+        weight.copy_(torch.from_numpy(layer.weight).to(weight.dtype))
+        return
     if isinstance(module, torch.nn.Conv2d):
         weight = torch.from_numpy(layer.weight)
         bias = torch.from_numpy(layer.bias)

@@ -41,9 +41,15 @@ def _jsonable(value):
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table: numbers right-aligned, text (node names, reasons) left-aligned."""
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    line = lambda r: "  ".join(str(c).rjust(w) if i and _numeric(str(c)) else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _numeric(cell: str) -> bool:
+    return cell[:1].isdigit() or (cell[:1] in "-+" and cell[1:2].isdigit()) or set(cell) <= {"-"}
 
 
 def _pct(v) -> str:

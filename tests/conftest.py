@@ -70,6 +70,21 @@ class TinyMobile(nn.Module):
         return self.head(x + self.project(h * self.se(h)))
 
 
+class TinyChannelsLast(nn.Module):
+    """A ConvNeXt-style MLP: Linear layers on an NHWC tensor export as MatMul + Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that slicing them wrongly changes the outputs."""
     g = torch.Generator().manual_seed(seed)

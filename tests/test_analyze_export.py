@@ -14,7 +14,7 @@ from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, prune
 from pipeline.verify import check_slim
-from tests.conftest import TinyMobile, TinyResidual, TinyVGG, export, make_data, randomise_bn
+from tests.conftest import TinyChannelsLast, TinyMobile, TinyResidual, TinyVGG, export, make_data, randomise_bn
 
 
 def groups_of(path):
@@ -66,6 +66,22 @@ def test_exclude_leaves_matching_groups_whole(vgg_path):
     skipped = {g.size for g in groups if "--exclude" in result.skipped.get(g.id, "")}
     assert skipped == {16, 24}  # the last conv's group (read by fc1) and fc1's own
     assert [len(o.kept) for o in result.outcomes] == [4, 4, 8]
+
+
+def test_channels_last_matmul_mlp(tmp_path):
+    """Linear layers on NHWC data: the hidden channels sit on the last axis, MatMul refit without bias."""
+    path = export(TinyChannelsLast(), tmp_path / "mlp.onnx")
+    model, view, groups = groups_of(path)
+    hidden = next(g for g in groups if g.size == 32)
+    assert hidden.prunable and [view.nodes[c.node].op_type for c in hidden.consumers] == ["MatMul"]
+    assert "Transpose" in next(g for g in groups if g.size == 8 and not g.prunable).reason
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
+    assert [(o.group, len(o.kept)) for o in result.outcomes] == [(hidden.id, 16)]
+    out = slim(model.proto, groups, result.kept, result.layers)
+    shapes = {tuple(i.dims) for i in out.graph.initializer}
+    assert {(8, 16), (16,), (16, 8)} <= shapes and not {(8, 32), (32, 8)} & shapes
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
 def test_depthwise_and_squeeze_excitation(tmp_path):
