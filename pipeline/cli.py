@@ -319,7 +319,7 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
       crossprune compress model.onnx --data shots/ --shots 5 --ratio 0.5 \\
           -o model.slim.onnx --report report.json
     """
-    from pipeline.report import summary
+    from pipeline.render import summary
     from pipeline.workflow import compress as run
 
     _check_output(output, force)
@@ -354,7 +354,7 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
     Example:
       crossprune quantize model.onnx --data shots/ --shots 10 -o model.int8.onnx
     """
-    from pipeline.report import summary_chain
+    from pipeline.render import summary
     from pipeline.workflow import CompressOptions, quantize_only
 
     _check_output(output, force)
@@ -365,7 +365,7 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
         max_memory=max_memory, max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity,
         quant=_quant_config(quant_calibration, quant_activations, max_quant_error))
     result = quantize_only(model, options, output, _say(quiet or as_json))
-    _finish(result, output, report_path, as_json, summary_chain(result.report))
+    _finish(result, output, report_path, as_json, summary(result.report))
 
 
 @main.command(epilog=EPILOG)
@@ -387,13 +387,39 @@ def bench(models, warmup, rounds, report_path, as_json, max_memory, providers, b
     """
     from pipeline.bench import bench as run
     from pipeline.load import load_model
-    from pipeline.report import latency_table
+    from pipeline.render import latency_table
 
     loaded = [(str(m), load_model(m, normalise=False, max_tensor_bytes=max_memory).path.read_bytes())
               for m in models]
     result = run(loaded, providers, batches, runs=runs, warmup=warmup, rounds=rounds, threads=threads,
                  progress=_say(as_json))
     _emit({"latency": result.to_json()}, report_path, as_json, latency_table(result.to_json()))
+
+
+@main.command("report", epilog=EPILOG)
+@click.argument("report_json", metavar="REPORT", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "md", "html"]), default="md", show_default=True,
+              help="md: Markdown for a CI job summary; html: one self-contained page with charts.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+@guarded
+def report_cmd(report_json, fmt, output):
+    """Render a saved REPORT (from --report) as text, Markdown or HTML."""
+    import json
+
+    from exporters.write import atomic_write
+    from pipeline import render
+
+    try:
+        saved = json.loads(report_json.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{report_json}: not a readable JSON report ({exc})") from exc
+    if not isinstance(saved, dict) or not {"latency", "chain", "groups"} & saved.keys():
+        raise UsageError(f"{report_json}: not a crossprune report (no groups, chain or latency)")
+    text = {"text": render.summary, "md": render.markdown, "html": render.html}[fmt](saved)
+    if output:
+        atomic_write(output, text.encode())
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command(epilog=EPILOG)
@@ -406,7 +432,8 @@ def inspect(model, as_json, max_memory):
     from pipeline import analyze, flops
     from pipeline.graph import GraphView
     from pipeline.load import load_model
-    from pipeline.report import dumps, table
+    from pipeline.render import table
+    from pipeline.report import dumps
 
     loaded = load_model(model, max_tensor_bytes=max_memory)
     view = GraphView(loaded.proto)
@@ -459,7 +486,7 @@ def demo(output, as_json, quiet, shots, ratio, method, seed):
     from pipeline.workflow import CompressOptions
     from pipeline.workflow import compress as run
     from pipeline.prune import PruneConfig
-    from pipeline.report import summary
+    from pipeline.render import summary
 
     folder = Path(__file__).resolve().parent / "assets"
     with tempfile.TemporaryDirectory() as tmp:

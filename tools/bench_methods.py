@@ -20,17 +20,25 @@ sys.path.insert(0, str(ROOT))
 from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
-VARIANTS = {  # name -> (PruneConfig fields, augmentation spec)
-    "l1": (dict(method="l1"), "none"),
-    "layerwise": (dict(method="layerwise"), "none"),
-    "cross mu=0.6": (dict(method="cross", mu=0.6), "none"),
-    "soft mu=0.5": (dict(method="soft", mu=0.5), "none"),
-    "cross mu=0.6 pgd": (dict(method="cross", mu=0.6, solver="pgd"), "none"),
-    "layerwise +aug": (dict(method="layerwise"), "flip,shift:2"),
-    "cross mu=0.6 +aug": (dict(method="cross", mu=0.6), "flip,shift:2"),
-    "soft mu=0.5 +aug": (dict(method="soft", mu=0.5), "flip,shift:2"),
-}
+VARIANT_HELP = "METHOD [mu=X] [pgd] [+aug], e.g. 'l1', 'layerwise +aug', 'cross mu=0.9', 'cross mu=0.6 pgd'"
 DEFAULT_VARIANTS = "l1,layerwise,cross mu=0.6,soft mu=0.5,cross mu=0.6 pgd"
+
+
+def variant(name: str) -> tuple[dict, str]:
+    """(PruneConfig fields, augmentation spec) of a variant name (see VARIANT_HELP)."""
+    method, *words = name.split()
+    fields: dict = {"method": method}
+    augment = "none"
+    for word in words:
+        if word.startswith("mu="):
+            fields["mu"] = float(word[3:])
+        elif word == "pgd":
+            fields["solver"] = "pgd"
+        elif word == "+aug":
+            augment = "flip,shift:2"
+        else:
+            raise SystemExit(f"variant '{name}': unknown word '{word}' ({VARIANT_HELP})")
+    return fields, augment
 
 
 def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, variant: tuple,
@@ -56,7 +64,7 @@ def main() -> None:
     p.add_argument("--shots", default="1", help="comma-separated K values")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated; each {VARIANT_HELP}")
     p.add_argument("--pgd-seeds", type=int, default=1, help="run the slow pgd solver on this many seeds")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "methods.json")
     args = p.parse_args()
@@ -65,7 +73,7 @@ def main() -> None:
     for k in [int(s) for s in args.shots.split(",")]:
         for name in args.variants.split(","):
             use = seeds[:args.pgd_seeds] if "pgd" in name else seeds
-            runs = [run(args.model, args.data, args.eval_data, k, s, args.ratio, VARIANTS[name]) for s in use]
+            runs = [run(args.model, args.data, args.eval_data, k, s, args.ratio, variant(name)) for s in use]
             acc = [r["accuracy"] * 100 for r in runs]
             row = {"shots": k, "variant": name, "seeds": use, "runs": runs,
                    "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),

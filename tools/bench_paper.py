@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--shots", default="1,2,3,5,10")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma-separated, from: {', '.join(bench_methods.VARIANTS)}")
+                   help=f"comma-separated; each {bench_methods.VARIANT_HELP}")
     p.add_argument("--pgd-shots", default="1,5", help="K values that also run the pgd solver (first seed)")
     p.add_argument("--eval-count", type=int, default=2000)
     p.add_argument("--ratio", type=float, default=0.5)
@@ -75,7 +75,7 @@ def main() -> None:
             names = args.variants.split(",") + (["cross mu=0.6 pgd"] if k in pgd_shots else [])
             for name in names:
                 use = seeds[:1] if "pgd" in name else seeds
-                runs = [bench_methods.run(teacher, shots[s], evalset, k, s, args.ratio, bench_methods.VARIANTS[name],
+                runs = [bench_methods.run(teacher, shots[s], evalset, k, s, args.ratio, bench_methods.variant(name),
                                           **NETS[args.net]) for s in use]
                 acc = [r["accuracy"] * 100 for r in runs]
                 row = {"shots": k, "variant": name, "seeds": use, "runs": runs,

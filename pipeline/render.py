@@ -1,0 +1,182 @@
+"""The report for people: terminal tables, Markdown (CI job summaries) and self-contained HTML.
+
+All three render the same sections, so what a terminal shows, a CI summary and an HTML page
+show too. Only keys present in the report are shown: a `quantize` report has no channel groups.
+"""
+from __future__ import annotations
+
+import html as _html
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Section:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def sections(report: dict) -> list[Section]:
+    out = []
+    totals = report.get("totals")
+    if totals:
+        out.append(Section("Size", ["", "before", "after", "ratio"], [
+            ["FLOPs/sample", f"{totals['flops_before'] / 1e6:.2f}M", f"{totals['flops_after'] / 1e6:.2f}M",
+             _ratio(totals["flops_before"], totals["flops_after"])],
+            ["parameters", f"{totals['params_before'] / 1e3:.1f}k", f"{totals['params_after'] / 1e3:.1f}k",
+             _ratio(totals["params_before"], totals["params_after"])],
+            ["file size", f"{totals['bytes_before'] / 1e3:.0f} kB", f"{totals['bytes_after'] / 1e3:.0f} kB",
+             _ratio(totals["bytes_before"], totals["bytes_after"])]]))
+    q = report.get("quality")
+    if q and "groups" in report:
+        rows = [["top-1 agreement with teacher", _pct(q["top1_agreement"])],
+                ["relative output error", f"{q['relative_error']:.4f}"]]
+        if q.get("teacher_accuracy") is not None:
+            rows += [["accuracy teacher", _pct(q["teacher_accuracy"])],
+                     ["accuracy slim", _pct(q["student_accuracy"])],
+                     ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
+        out.append(Section(f"Quality on {q['samples']} {q['split']} samples", ["", ""], rows))
+    chain = report.get("chain") or []
+    if len(chain) > 2 or "groups" not in report:
+        kept = (report.get("quantization") or {}).get("kept_float")
+        out.append(Section("Chain", ["model", "accuracy", "agreement", "size"], [
+            [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"]
+            for c in chain], ["kept in float after the INT8 check: " + ", ".join(kept)] if kept else []))
+    groups = report.get("groups") or []
+    pruned = [g for g in groups if g["channels_after"] != g["channels_before"]]
+    frozen = [g for g in groups if g["reason"]]
+    if pruned or frozen:
+        out.append(Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
+            [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
+             "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
+            ["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)] if frozen else []))
+    lat = report.get("latency")
+    if lat:
+        out.append(Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+                                       "speedup"],
+                           [[t["model"], t["provider"], str(t["batch"]), f"{t['p50_ms']:.3f}", f"{t['p90_ms']:.3f}",
+                             f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", f"{t['speedup']:.2f}x"]
+                            for t in lat["timings"]],
+                           [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]))
+    return out
+
+
+def summary(report: dict) -> str:
+    """Plain-text tables for a terminal."""
+    return "\n\n".join("\n".join([table(s.header, s.rows)] * bool(s.rows) + s.notes) for s in sections(report))
+
+
+def latency_table(lat: dict) -> str:
+    return summary({"latency": lat})
+
+
+def markdown(report: dict) -> str:
+    """GitHub-flavoured Markdown, e.g. for $GITHUB_STEP_SUMMARY."""
+    inp = report.get("input", {})
+    parts = [f"## crossprune: {inp.get('path', 'report')}"]
+    for s in sections(report):
+        parts.append(f"### {s.title}")
+        if s.rows:
+            esc = lambda c: str(c).replace("|", "\\|")
+            parts.append("\n".join([f"| {' | '.join(map(esc, s.header))} |", f"|{'---|' * len(s.header)}"]
+                                   + [f"| {' | '.join(map(esc, r))} |" for r in s.rows]))
+        parts += [f"> {n}" for n in s.notes]
+    return "\n\n".join(parts) + "\n"
+
+
+def html(report: dict) -> str:
+    """One self-contained XHTML page: the same tables plus SVG charts, no scripts, no fetches."""
+    e = _html.escape
+    inp = report.get("input", {})
+    body = [f"<h1>crossprune: {e(str(inp.get('path', 'report')))}</h1>"]
+    for s in sections(report):
+        body.append(f"<h2>{e(s.title)}</h2>")
+        if s.title == "Latency":
+            body.append(latency_svg(report["latency"]))
+        if s.title == "Pruned channel groups":
+            body.append(widths_svg(report["groups"]))
+        if s.rows:
+            head = "".join(f"<th>{e(h)}</th>" for h in s.header)
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in s.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        body += [f"<p class=\"note\">{e(n)}</p>" for n in s.notes]
+    return ("<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\"><head><meta charset=\"utf-8\"/>"
+            "<title>crossprune report</title><style>body{font-family:sans-serif;margin:2em;max-width:70em}"
+            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;"
+            "text-align:right}td:first-child,th:first-child{text-align:left}.note{color:#555}"
+            "svg{display:block;margin:.5em 0}</style></head><body>" + "".join(body) + "</body></html>\n")
+
+
+COLOURS = ("#9aa5b1", "#1f77b4", "#2ca02c", "#d62728")
+
+
+def latency_svg(lat: dict) -> str:
+    """Grouped bars: p50 latency per (provider, batch), one bar per model."""
+    models = list(dict.fromkeys(t["model"] for t in lat["timings"]))
+    cases = list(dict.fromkeys((t["provider"], t["batch"]) for t in lat["timings"]))
+    value = {(t["model"], t["provider"], t["batch"]): t["p50_ms"] for t in lat["timings"]}
+    bars = [[(m, value.get((m, p, b))) for m in models] for p, b in cases]
+    labels = [f"{p} b{b}" for p, b in cases]
+    return _bars("p50 latency (ms)", labels, bars, models, "ms")
+
+
+def widths_svg(groups: list[dict]) -> str:
+    """Per pruned group, channels before and after."""
+    pruned = [g for g in groups if g["channels_after"] != g["channels_before"]]
+    bars = [[("before", g["channels_before"]), ("after", g["channels_after"])] for g in pruned]
+    return _bars("channels per group", [f"g{g['id']}" for g in pruned], bars, ["before", "after"], "")
+
+
+def _bars(title: str, labels: list[str], bars: list[list[tuple[str, float | None]]], series: list[str],
+          unit: str) -> str:
+    e = _html.escape
+    top = max([v for group in bars for _, v in group if v is not None] + [1e-9])
+    n = max(len(series), 1)
+    slot, bar_w, height, left = max(24, 10 * n + 14), 10, 160, 50
+    width = left + slot * len(labels) + 10
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 60}" role="img" '
+             f'aria-label="{e(title)}"><title>{e(title)}</title>',
+             f'<text x="{left}" y="12" font-size="12">{e(title)}</text>',
+             f'<line x1="{left}" y1="{height + 20}" x2="{width - 10}" y2="{height + 20}" stroke="#333"/>',
+             f'<text x="{left - 4}" y="24" font-size="10" text-anchor="end">{top:.3g}</text>']
+    for i, (label, group) in enumerate(zip(labels, bars)):
+        x0 = left + i * slot + 4
+        for j, (name, v) in enumerate(group):
+            if v is None:
+                continue
+            h = height * v / top
+            parts.append(f'<rect class="bar" x="{x0 + j * bar_w}" y="{height + 20 - h:.1f}" width="{bar_w - 1}" '
+                         f'height="{h:.1f}" fill="{COLOURS[series.index(name) % len(COLOURS)]}">'
+                         f'<title>{e(name)} {e(label)}: {v:.4g}{unit}</title></rect>')
+        parts.append(f'<text x="{x0}" y="{height + 34}" font-size="9">{e(label)}</text>')
+    for j, name in enumerate(series):
+        parts.append(f'<rect x="{left + 90 * j}" y="{height + 44}" width="10" height="10" '
+                     f'fill="{COLOURS[j % len(COLOURS)]}"/><text x="{left + 90 * j + 14}" y="{height + 53}" '
+                     f'font-size="10">{e(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table: numbers right-aligned, text (node names, reasons) left-aligned."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i and _numeric(str(c)) else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def producers(group: dict) -> str:
+    names = group["producers"]
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+
+
+def _numeric(cell: str) -> bool:
+    return cell[:1].isdigit() or (cell[:1] in "-+" and cell[1:2].isdigit()) or set(cell) <= {"-"}
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{before / max(after, 1):.2f}x"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"

@@ -1,0 +1,47 @@
+"""Reports people read: Markdown for CI summaries and a self-contained HTML page, from a real run."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+from tests.test_cli import compressed, run  # noqa: F401 (the module fixture runs one real compress)
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_markdown_has_every_table(compressed, tmp_path):  # noqa: F811
+    _, _, report = compressed
+    res = run("report", report, "--format", "md")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    md = res.output
+    for title in ("### Size", "### Quality", "### Pruned channel groups", "### Latency"):
+        assert title in md
+    assert "| model | provider | batch | p50 ms | p90 ms | p99 ms | samples/s | speedup |" in md
+    for t in rep["latency"]["timings"]:
+        assert f"| {t['model']} | cpu | {t['batch']} | {t['p50_ms']:.3f} |" in md
+    pruned = [g for g in rep["groups"] if g["channels_after"] < g["channels_before"]]
+    assert sum(f"{g['channels_before']} -> {g['channels_after']}" in md for g in pruned) == len(pruned)
+
+
+def test_html_is_self_contained_with_its_charts(compressed, tmp_path):  # noqa: F811
+    _, _, report = compressed
+    page = tmp_path / "report.html"
+    res = run("report", report, "--format", "html", "-o", page)
+    assert res.exit_code == 0, res.output
+    text = page.read_text()
+    root = ET.fromstring(text.split("\n", 1)[1])  # well-formed XHTML after the doctype
+    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org/", "")
+    charts = root.findall(f".//{SVG}svg")
+    assert [c.find(f"{SVG}title").text for c in charts] == ["channels per group", "p50 latency (ms)"]
+    rep = json.loads(report.read_text())
+    pruned = [g for g in rep["groups"] if g["channels_after"] < g["channels_before"]]
+    assert len(charts[0].findall(f"{SVG}rect[@class='bar']")) == 2 * len(pruned)
+    assert len(charts[1].findall(f"{SVG}rect[@class='bar']")) == len(rep["latency"]["timings"])
+
+
+def test_report_refuses_what_is_not_a_report(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    res = run("report", bad)
+    assert res.exit_code == 2 and "not a crossprune report" in res.output
