@@ -212,9 +212,52 @@ def _decorate(fn, opts):
     return fn
 
 
+def _config(ctx: click.Context, _param, path: Path | None):
+    """--config FILE: option values from TOML or YAML become the command's defaults, so that
+    anything given on the command line still wins."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            raise click.BadParameter(f"{path}: use a .toml, .yaml or .yml file")
+    except click.BadParameter:
+        raise
+    except Exception as exc:  # unreadable file, syntax error: one line, naming the file
+        from pipeline.runtime import first_line
+
+        raise click.BadParameter(f"{path}: cannot read it ({first_line(exc)})") from exc
+    if not isinstance(values, dict):
+        raise click.BadParameter(f"{path}: expected a table of option = value")
+    params = {p.name: p for p in ctx.command.params}
+    flags = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for opt in p.opts}
+    defaults = {}
+    for key, value in values.items():
+        name = flags.get(str(key).replace("-", "_"))
+        if name is None or name == "config" or not isinstance(params[name], click.Option):
+            raise click.BadParameter(f"{path}: '{key}' is not an option of `crossprune {ctx.command.name}`")
+        if isinstance(value, list) and not params[name].multiple:
+            value = ",".join(map(str, value))
+        defaults[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["config_file"] = str(path)
+    return path
+
+
 def output_options(fn):
     """Where results go, for the commands that write a model."""
     return _decorate(fn, [
+        click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), is_eager=True,
+                     expose_value=False, callback=_config,
+                     help="TOML or YAML file of option values (e.g. ratio = 0.5); options given here win."),
         click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX model to write."),
         click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here."),
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables."),
@@ -327,7 +370,16 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
     options.int8 = quantize == "int8"
     options.quant = _quant_config(quant_calibration, quant_activations, max_quant_error)
     result = run(model, options, output, _say(quiet or as_json))
+    result.report["options"] = _effective_options()
     _finish(result, output, report_path, as_json, summary(result.report))
+
+
+def _effective_options() -> dict:
+    """Every option's value as the command ran (command line over --config over defaults)."""
+    ctx = click.get_current_context()
+    values = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+              for k, v in ctx.params.items()}
+    return {"config_file": ctx.meta.get("config_file"), **values}
 
 
 @main.command("quantize", epilog=EPILOG)
@@ -365,6 +417,7 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
         max_memory=max_memory, max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity,
         quant=_quant_config(quant_calibration, quant_activations, max_quant_error))
     result = quantize_only(model, options, output, _say(quiet or as_json))
+    result.report["options"] = _effective_options()
     _finish(result, output, report_path, as_json, summary(result.report))
 
 

@@ -189,3 +189,30 @@ def test_round_to_keeps_multiples(vgg_path, npz_path, tmp_path):
     assert res.exit_code == 0, res.output
     widths = [g["channels_after"] for g in json.loads(res.stdout)["groups"] if g["prunable"]]
     assert all(w % 4 == 0 for w in widths) and widths == [4, 4, 8, 8, 8]
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".toml", 'ratio = 0.75\nshots = 3\nexclude = ["*Gemm*"]\nno-bench = true\n'),
+    (".yaml", "ratio: 0.75\nshots: 3\nexclude: ['*Gemm*']\nno_bench: true\n"),
+])
+def test_config_file_gives_defaults_and_the_command_line_wins(vgg_path, npz_path, tmp_path, suffix, text):
+    config = tmp_path / f"job{suffix}"
+    config.write_text(text)
+    report = tmp_path / "r.json"
+    res = run("compress", vgg_path, "--data", npz_path, "--config", config, "--shots", 2, "-o",
+              tmp_path / "s.onnx", "--report", report, "--quiet", "--augment", "none")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["options"]["config_file"] == str(config)
+    assert rep["options"]["ratio"] == 0.75 and rep["config"]["ratio"] == 0.75  # from the file
+    assert rep["options"]["shots"] == 2  # the command line wins
+    assert rep["latency"] is None
+    assert all("--exclude" in g["reason"] for g in rep["groups"] if g["consumers"][:1] and "Gemm" in g["consumers"][0])
+
+
+def test_config_file_with_an_unknown_option_is_refused(vgg_path, npz_path, tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text("ratoi = 0.5\n")
+    res = run("compress", vgg_path, "--data", npz_path, "--config", config, "-o", tmp_path / "s.onnx")
+    assert res.exit_code == 2 and "'ratoi' is not an option" in res.output
+    assert not (tmp_path / "s.onnx").exists()
