@@ -98,7 +98,9 @@ class _Stop(Exception):
 
 def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
           config: PruneConfig, progress: Callable[[str], None] = lambda _: None,
-          augmenter: Augmenter | None = None) -> PruneResult:
+          augmenter: Augmenter | None = None, keep: dict[int, int] | None = None) -> PruneResult:
+    """Prune every eligible group to `config.ratio`, or to `keep[group id]` channels when an
+    allocation is given (groups it leaves out stay whole)."""
     student = TorchModel(copy.deepcopy(teacher.module), {})
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
@@ -108,21 +110,15 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
     for group in groups:
         if not group.prunable:
             continue
-        keep = config.kept_count(group.size)
-        why = _unsupported(teacher, group) or ("" if keep < group.size else "nothing to remove at this ratio")
-        if group.coupling and config.scope == "internal":
-            why = f"coupled: {group.coupling}; --scope all prunes it"
-        if config.excludes(group):
-            why = f"excluded by --exclude ({config.excludes(group)})"
+        count = config.kept_count(group.size) if keep is None else keep.get(group.id, group.size)
+        why = skip_reason(teacher, group, config) or ("" if count < group.size else "nothing to remove")
         if why:
             result.skipped[group.id] = why
             progress(f"group {group.id}: skipped ({why})")
             continue
         start = time.perf_counter()
-        problems = [_problem(view, c, group.size, fixed.get(c.node)) for c in group.consumers]
-        if config.method != "l1":
-            _collect(view, teacher, student, group.consumers, problems, x, config.chunk, augmenter)
-        sol = _solve(problems, keep, config)
+        problems = group_problems(view, teacher, student, group, x, config, augmenter, fixed)
+        sol = _solve(problems, count, config)
         for consumer, problem, w in zip(group.consumers, problems, sol.weights):
             fixed[consumer.node] = dropped_rows(problem, sol.kept)
             layer = _to_onnx_layout(view, consumer, w)
@@ -142,6 +138,26 @@ def _solve(problems: list[Problem], keep: int, config: PruneConfig):
         return solve_pgd(problems, keep, config.method, config.mu, config.damp,
                          config.pgd_iters, config.pgd_lr)
     return solve_closed(problems, keep, config.method, config.mu, config.damp)
+
+
+def skip_reason(teacher: TorchModel, group: ChannelGroup, config: PruneConfig) -> str:
+    """Why a prunable group is left whole under this configuration, or ''."""
+    if config.excludes(group):
+        return f"excluded by --exclude ({config.excludes(group)})"
+    if group.coupling and config.scope == "internal":
+        return f"coupled: {group.coupling}; --scope all prunes it"
+    return _unsupported(teacher, group)
+
+
+def group_problems(view: GraphView, teacher: TorchModel, student: TorchModel, group: ChannelGroup,
+                   x: np.ndarray, config: PruneConfig, augmenter: Augmenter | None,
+                   fixed: dict[str, torch.Tensor] | None = None) -> list[Problem]:
+    """One least-squares problem per consumer, with its statistics over the samples (none for l1)."""
+    fixed = fixed or {}
+    problems = [_problem(view, c, group.size, fixed.get(c.node)) for c in group.consumers]
+    if config.method != "l1":
+        _collect(view, teacher, student, group.consumers, problems, x, config.chunk, augmenter)
+    return problems
 
 
 def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:

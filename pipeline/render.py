@@ -36,7 +36,8 @@ def sections(report: dict) -> list[Section]:
             rows += [["accuracy teacher", _pct(q["teacher_accuracy"])],
                      ["accuracy slim", _pct(q["student_accuracy"])],
                      ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
-        out.append(Section(f"Quality on {q['samples']} {q['split']} samples", ["", ""], rows))
+        title = f"Quality on {q['samples']} {q['split']} samples"
+        out.append(Section(title, [title.lower(), ""], rows))
     chain = report.get("chain") or []
     if len(chain) > 2 or "groups" not in report:
         kept = (report.get("quantization") or {}).get("kept_float")

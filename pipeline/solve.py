@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 METHODS = ("cross", "layerwise", "soft", "l1")
@@ -85,6 +86,27 @@ def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
     changes little between neighbouring steps.
     """
     quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
+    alive = torch.ones(len(problems[0].columns), dtype=torch.bool)
+    for drop, _ in _greedy_removal(problems, quads, keep):
+        alive[drop] = False
+    kept = torch.nonzero(alive).squeeze(1)
+    weights = [_refit(h, w_star, p, kept) for p, (h, w_star) in zip(problems, quads)]
+    return Solution(kept, weights, _relative_loss(quads, weights))
+
+
+def removal_curve(problems: list[Problem], min_keep: int, method: str, mu: float, damp: float) -> np.ndarray:
+    """Relative loss after greedily removing 0, 1, 2, ... channels (index = channels removed),
+    down to `min_keep`: what each further channel of this group would cost."""
+    quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
+    den = max(sum(float(torch.sum(ws * (h @ ws))) for h, ws in quads), 1e-30)
+    curve = [0.0]
+    for drop, cost in _greedy_removal(problems, quads, min_keep):
+        curve += [curve[-1] + cost / den * (i + 1) / len(drop) for i in range(len(drop))]
+    return np.array(curve)
+
+
+def _greedy_removal(problems: list[Problem], quads, keep: int):
+    """Yield (channels removed this round, their summed OBS loss increase) until `keep` remain."""
     channels = len(problems[0].columns)
     alive = torch.ones(channels, dtype=torch.bool)
     hinv = [_inverse(h) for h, _ in quads]
@@ -101,13 +123,12 @@ def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
             block = hi[cols[:, :, None], cols[:, None, :]]  # (A, k, k)
             wb = w[cols]  # (A, k, out)
             cost += torch.einsum("akc,akc->a", wb, torch.linalg.solve(block, wb))
-        drop = idx[torch.argsort(cost, stable=True)[:min(step, len(idx) - keep)]]
+        order = torch.argsort(cost, stable=True)[:min(step, len(idx) - keep)]
+        drop = idx[order]
         alive[drop] = False
         for p, hi, w in zip(problems, hinv, cur):
             _remove(hi, w, p.columns[drop].reshape(-1))
-    kept = torch.nonzero(alive).squeeze(1)
-    weights = [_refit(h, w_star, p, kept) for p, (h, w_star) in zip(problems, quads)]
-    return Solution(kept, weights, _relative_loss(quads, weights))
+        yield drop, float(cost[order].sum())
 
 
 def _remove(hinv: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> None:

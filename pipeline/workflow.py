@@ -18,7 +18,7 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import analyze, augment, bench, convert, data, flops, limits, load, prune, quantize, report, verify
+from pipeline import allocate, analyze, augment, bench, convert, data, flops, limits, load, prune, quantize, report, verify
 from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
 
@@ -45,6 +45,7 @@ class CompressOptions:
     max_accuracy_drop: float | None = None  # gate, in points of top-1 accuracy (needs labels)
     min_fidelity: float | None = None  # gate, top-1 agreement with the teacher in [0, 1]
     min_speedup: float | None = None  # gate, on every timed provider and batch size
+    target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
 
@@ -103,9 +104,15 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                                   lambda x: convert.run_torch(teacher, x)[0])
         for check in augmenter.checks:
             progress(f"augment {check.transform.name}: {'kept' if check.kept else 'dropped'} ({check.reason})")
+    layer_augmenter = augmenter if options.prune.method != "l1" else None
+    alloc = None
+    if options.target_flops is not None:
+        with stage("allocate"):
+            alloc = allocate.allocate(view, teacher, groups, shots.calib.x, options.prune, options.target_flops,
+                                      layer_augmenter, progress)
     with stage("prune"):
-        result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress,
-                             augmenter if options.prune.method != "l1" else None)
+        result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter,
+                             keep=alloc.keep if alloc else None)
         if not result.outcomes:
             raise NothingToPruneError(f"{model_path}: every channel group was left whole "
                                       f"({'; '.join(result.skipped.values())})")
@@ -136,6 +143,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, final, verify_err, quality, latency, stages, output)
     rep["augmentation"] = augmenter.to_json()
+    rep["allocation"] = alloc.to_json() if alloc else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
     teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}

@@ -10,6 +10,7 @@ from exporters.slim import slim
 from pipeline.analyze import find_groups
 from pipeline.convert import to_torch
 from pipeline.errors import VerificationError
+from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, prune
@@ -200,3 +201,23 @@ def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_p
     assert len(frozen) == 1 and frozen[0]["channels_after"] == frozen[0]["channels_before"]
     assert any(g["channels_after"] < g["channels_before"] for g in report["groups"])
     assert report["parity"]["slim_vs_masked_student"] < 1e-4
+
+
+def test_flops_target_allocates_non_uniform_widths_and_meets_it(vgg_path):
+    from pipeline.allocate import FlopsModel, allocate
+
+    model, view, groups = groups_of(vgg_path)
+    x, _ = make_data(3)
+    teacher = to_torch(model.proto)
+    config = PruneConfig()
+    alloc = allocate(view, teacher, groups, x, config, target_share=0.3)
+    flops = FlopsModel(view, groups)
+    full = {g.id: g.size for g in groups}
+    assert 0.25 < alloc.share <= 0.3  # one channel past the target at most, on a tiny model
+    assert flops.flops({**full, **alloc.keep}) == pytest.approx(alloc.share * flops.flops(full))
+    assert len({alloc.keep[g] / full[g] for g in alloc.keep}) > 1  # not one ratio for all
+    result = prune(view, teacher, groups, x, config, keep=alloc.keep)
+    out = slim(model.proto, groups, result.kept, result.layers)
+    after = sum(c.flops for c in layer_costs(GraphView(out)))
+    assert after == pytest.approx(alloc.share * flops.flops(full), rel=1e-6)  # the cost model is exact
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-4
