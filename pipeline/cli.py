@@ -79,6 +79,18 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
 
 
+def _mu(ctx, param, value: str) -> float | None:
+    if value == "auto":
+        return None
+    try:
+        mu = float(value)
+    except ValueError:
+        mu = -1.0
+    if not 0 <= mu <= 1:
+        raise click.BadParameter(f"expected auto or a number in [0, 1], got '{value}'")
+    return mu
+
+
 def _factor(ctx, param, value: str) -> int | None:
     if value == "auto":
         return None
@@ -142,12 +154,14 @@ def prune_options(fn):
         click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Instead of one --ratio for every group: keep this share of the model's FLOPs, taking "
                      "channels first where the solver's loss per FLOP saved is lowest (e.g. 0.25 for 4x fewer)."),
-        click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1"]), default="cross",
+        click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="cross",
                      show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
                      "plain regression of the student on the teacher; soft: regression from a mix of "
-                     "teacher and student inputs (mu = teacher share); l1: magnitude, no refit."),
-        click.option("--mu", type=click.FloatRange(0, 1), default=0.6, show_default=True,
-                     help="Weight of the correction loss (cross) or of the teacher input (soft)."),
+                     "teacher and student inputs (mu = teacher share); l1: magnitude, no refit; auto: the "
+                     "one whose student stays closest to the teacher on a quarter of the shots held out."),
+        click.option("--mu", default="0.6", show_default=True, callback=_mu,
+                     help="Weight of the correction loss (cross) or of the teacher input (soft), or auto "
+                     "(chosen like --method auto)."),
         click.option("--solver", type=click.Choice(["closed", "pgd"]), default="closed", show_default=True,
                      help="closed: exact least squares with greedy group-OBS selection; pgd: the paper's "
                      "Adam with a shrinking top-k proximal step."),
@@ -322,7 +336,9 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
     overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
     return CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed,
-        prune=PruneConfig(ratio=ratio, method=method, mu=mu, solver=solver, damp=damp, round_to=round_to,
+        auto_method=method == "auto", auto_mu=mu is None,
+        prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
+                          mu=0.6 if mu is None else mu, solver=solver, damp=damp, round_to=round_to,
                           scope=scope, exclude=tuple(exclude), pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import allocate, analyze, augment, bench, convert, data, flops, limits, load, prune, quantize, report, verify
+from pipeline import allocate, analyze, augment, choose, bench, convert, data, flops, limits, load, prune, quantize, report, verify
 from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
 
@@ -45,6 +45,8 @@ class CompressOptions:
     max_accuracy_drop: float | None = None  # gate, in points of top-1 accuracy (needs labels)
     min_fidelity: float | None = None  # gate, top-1 agreement with the teacher in [0, 1]
     min_speedup: float | None = None  # gate, on every timed provider and batch size
+    auto_method: bool = False  # --method auto: pick cross/soft/layerwise on held-out shots
+    auto_mu: bool = False  # --mu auto: pick mu the same way
     target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
@@ -105,6 +107,14 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         for check in augmenter.checks:
             progress(f"augment {check.transform.name}: {'kept' if check.kept else 'dropped'} ({check.reason})")
     layer_augmenter = augmenter if options.prune.method != "l1" else None
+    choice = None
+    if options.auto_method or options.auto_mu:
+        with stage("choose"):
+            choice = choose.choose(view, teacher, groups, shots.calib.x,
+                                   choose.candidates(options.prune, options.auto_method, options.auto_mu),
+                                   options.seed, layer_augmenter, progress)
+            options = replace(options, prune=choice.config)
+            progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
     alloc = None
     if options.target_flops is not None:
         with stage("allocate"):
@@ -144,6 +154,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                   original, final, verify_err, quality, latency, stages, output)
     rep["augmentation"] = augmenter.to_json()
     rep["allocation"] = alloc.to_json() if alloc else None
+    rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
     teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}

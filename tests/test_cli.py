@@ -216,3 +216,17 @@ def test_config_file_with_an_unknown_option_is_refused(vgg_path, npz_path, tmp_p
     res = run("compress", vgg_path, "--data", npz_path, "--config", config, "-o", tmp_path / "s.onnx")
     assert res.exit_code == 2 and "'ratoi' is not an option" in res.output
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_auto_method_and_mu_pick_the_best_held_out_fidelity(vgg_path, npz_path, tmp_path):
+    report = tmp_path / "r.json"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 3, "--method", "auto", "--mu", "auto",
+              "-o", tmp_path / "s.onnx", "--report", report, "--quiet", "--no-bench", "--augment", "none")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    scores = rep["auto"]["holdout_relative_squared_error"]
+    assert len(scores) == 7  # cross and soft at three mu each, layerwise
+    best = min(scores, key=scores.get)
+    assert best == f"{rep['auto']['method']} mu={rep['auto']['mu']}"
+    assert (rep["config"]["method"], rep["config"]["mu"]) == (rep["auto"]["method"], rep["auto"]["mu"])
+    assert run("compress", vgg_path, "--data", npz_path, "--mu", "1.5", "-o", tmp_path / "x.onnx").exit_code == 2

@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma-separated; each {bench_methods.VARIANT_HELP}")
     p.add_argument("--pgd-shots", default="1,5", help="K values that also run the pgd solver (first seed)")
+    p.add_argument("--pgd-iters", type=int, default=3000, help="the paper's 3000 on CIFAR")
     p.add_argument("--eval-count", type=int, default=2000)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--teacher", type=Path, help="default: tools/teachers/<net>.onnx")
@@ -75,8 +76,9 @@ def main() -> None:
             names = args.variants.split(",") + (["cross mu=0.6 pgd"] if k in pgd_shots else [])
             for name in names:
                 use = seeds[:1] if "pgd" in name else seeds
+                extra = {"pgd_iters": args.pgd_iters} if "pgd" in name else {}
                 runs = [bench_methods.run(teacher, shots[s], evalset, k, s, args.ratio, bench_methods.variant(name),
-                                          **NETS[args.net]) for s in use]
+                                          **NETS[args.net], **extra) for s in use]
                 acc = [r["accuracy"] * 100 for r in runs]
                 row = {"shots": k, "variant": name, "seeds": use, "runs": runs,
                        "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),
@@ -84,12 +86,16 @@ def main() -> None:
                        "prune_seconds_mean": statistics.mean(r["prune_seconds"] for r in runs),
                        "flops_reduction": runs[0]["flops_reduction"]}
                 rows.append(row)
+                _save(out, args, teacher, rows)  # after every row: a long run interrupted keeps its table
                 print(f"{args.net} K={k:<2} {name:<20} acc {row['accuracy_mean']:6.2f} ± {row['accuracy_std']:4.2f} "
                       f"(teacher {row['teacher_accuracy']:.2f})  prune {row['prune_seconds_mean']:6.2f} s  "
                       f"FLOPs {row['flops_reduction']:.2f}x fewer", flush=True)
-    out.write_text(json.dumps({"net": args.net, "teacher": str(teacher),
-                               "ratio": args.ratio, "eval_count": args.eval_count, "rows": rows}, indent=2))
     print(f"wrote {out}")
+
+
+def _save(out: Path, args, teacher: Path, rows: list[dict]) -> None:
+    out.write_text(json.dumps({"net": args.net, "teacher": str(teacher), "ratio": args.ratio,
+                               "eval_count": args.eval_count, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

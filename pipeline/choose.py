@@ -1,0 +1,63 @@
+"""`--method auto` / `--mu auto`: pick the objective without labels and without test data.
+
+Each candidate prunes the model from most of the shots; the one whose masked student stays
+closest to the teacher on the shots it did not see (and their augmented variants) wins, and
+the real run then uses all shots. Fidelity is the relative error of the outputs, which needs
+no labels. Costs one pruning pass per candidate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from pipeline import prune
+from pipeline.analyze import ChannelGroup
+from pipeline.augment import Augmenter
+from pipeline.convert import TorchModel, run_torch
+from pipeline.graph import GraphView
+
+HOLDOUT = 0.25  # share of the shots set aside to score candidates (at least one sample)
+MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (0.25, 0.5, 0.75), "layerwise": (0.6,)}
+AUTO_METHODS = ("cross", "soft", "layerwise")
+
+
+@dataclass
+class Choice:
+    config: prune.PruneConfig
+    scores: dict[str, float]  # candidate -> relative squared output error on the held-out shots
+
+    def to_json(self) -> dict:
+        return {"method": self.config.method, "mu": self.config.mu, "holdout_relative_squared_error": self.scores}
+
+
+def candidates(config: prune.PruneConfig, auto_method: bool, auto_mu: bool) -> list[prune.PruneConfig]:
+    methods = AUTO_METHODS if auto_method else (config.method,)
+    return [replace(config, method=m, mu=mu) for m in methods
+            for mu in (MU_GRID.get(m, (config.mu,)) if auto_mu else (config.mu,))]
+
+
+def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
+           options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None,
+           progress: Callable[[str], None] = lambda _: None) -> Choice:
+    order = np.random.default_rng(seed).permutation(len(x))
+    held = max(1, int(round(HOLDOUT * len(x))))
+    fit, check = x[np.sort(order[held:])], x[np.sort(order[:held])]
+    if augmenter is not None:
+        check = np.concatenate(list(augmenter.variants(check, 0)))
+    reference = run_torch(teacher, check)
+    scores: dict[str, float] = {}
+    for config in options:
+        name = f"{config.method} mu={config.mu}"
+        student = prune.prune(view, teacher, groups, fit, config, augmenter=augmenter).student
+        scores[name] = max(_nmse(r, s) for r, s in zip(reference, run_torch(student, check)))
+        progress(f"auto: {name}: relative squared error {scores[name]:.4f} on {len(check)} held-out inputs")
+    best = min(range(len(options)), key=lambda i: scores[f"{options[i].method} mu={options[i].mu}"])
+    return Choice(options[best], scores)
+
+
+def _nmse(reference: np.ndarray, value: np.ndarray) -> float:
+    """Mean squared error relative to the reference's energy: steadier than a max on a few inputs."""
+    reference = reference.astype(np.float64)
+    return float(np.mean((reference - value) ** 2) / max(np.mean(reference ** 2), 1e-30))
