@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(ZOO))
     p.add_argument("--opsets", default="13,17")
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--no-latency", action="store_true", help="skip timing (e.g. while the machine is busy)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "zoo.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def main() -> None:
               f"{'slim=masked':>13}{'ms before':>11}{'after':>8}{'speedup':>9}{'s':>7}")
         for name in args.models.split(","):
             for opset in opsets:
-                r = run(name, opset, folder, folder / "x.npz", opset == opsets[-1], args.runs)
+                r = run(name, opset, folder, folder / "x.npz", opset == opsets[-1] and not args.no_latency, args.runs)
                 rows.append(r)
                 if "error" in r:
                     print(f"{name:<20}{opset:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%} {r['error']}")
