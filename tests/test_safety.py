@@ -108,6 +108,7 @@ def comparable(report: dict) -> dict:
     drop = {"stages_seconds", "latency", "peak_rss_mb", "output"}
     out = {k: v for k, v in report.items() if k not in drop}
     out["groups"] = [{k: v for k, v in g.items() if k != "seconds"} for g in report["groups"]]
+    out["options"] = {k: v for k, v in report["options"].items() if k != "output"}  # a.onnx vs b.onnx
     return out
 
 
