@@ -1,0 +1,53 @@
+"""Accuracy against K per method, from a tools/bench_paper.py JSON (PNG next to it).
+
+    python tools/plot_paper.py docs/paper_vgg16.json        # writes docs/paper_vgg16.png
+
+Needs matplotlib (`pip install -e ".[bench]"`); nothing else in the project does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path)
+    p.add_argument("--out", type=Path, help="default: the JSON's path with .png")
+    p.add_argument("--floor", type=float, default=80.0, help="lowest accuracy shown (l1 collapses to 10%%)")
+    args = p.parse_args()
+    data = json.loads(args.results.read_text())
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        sel = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["shots"])
+        ks = [r["shots"] for r in sel]
+        mean = [r["accuracy_mean"] for r in sel]
+        std = [r["accuracy_std"] for r in sel]
+        if max(mean) < args.floor:
+            ax.plot([], [], label=f"{variant} (≈{mean[0]:.0f}%, below the axis)")
+            continue
+        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=variant)
+    ax.axhline(rows[0]["teacher_accuracy"], color="black", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["shots"] for r in rows}), labels=[str(k) for k in sorted({r["shots"] for r in rows})])
+    ax.set_ylim(args.floor, rows[0]["teacher_accuracy"] + 0.6)
+    ax.set_xlabel("samples per class (K)")
+    ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
+    ax.set_title(f"{data['net']}: keep ratio {data['ratio']}, {data['eval_count']} test images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = args.out or args.results.with_suffix(".png")
+    fig.savefig(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
