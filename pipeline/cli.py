@@ -79,28 +79,23 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
 
 
-def _mu(ctx, param, value: str) -> float | None:
-    if value == "auto":
-        return None
-    try:
-        mu = float(value)
-    except ValueError:
-        mu = -1.0
-    if not 0 <= mu <= 1:
-        raise click.BadParameter(f"expected auto or a number in [0, 1], got '{value}'")
-    return mu
+def _auto_or(parse, valid, expected: str):
+    """Callback for an option that takes 'auto' (given as None) or a value `valid` accepts."""
+    def callback(ctx, param, value: str):
+        if value == "auto":
+            return None
+        try:
+            parsed = parse(value)
+        except ValueError:
+            parsed = None
+        if parsed is None or not valid(parsed):
+            raise click.BadParameter(f"expected auto or {expected}, got '{value}'")
+        return parsed
+    return callback
 
 
-def _factor(ctx, param, value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        factor = int(value)
-    except ValueError:
-        factor = 0
-    if factor < 1:
-        raise click.BadParameter(f"expected auto or a whole number from 1, got '{value}'")
-    return factor
+_mu = _auto_or(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_factor = _auto_or(int, lambda v: v >= 1, "a whole number from 1")
 
 
 def _size(ctx, param, value: str | None) -> list[int] | None:
