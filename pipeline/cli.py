@@ -164,7 +164,7 @@ def prune_options(fn):
                      help="Ridge added to each layer's Gram matrix, relative to its mean diagonal."),
         click.option("--scope", type=click.Choice(["internal", "all"]), default="internal", show_default=True,
                      help="internal: prune only channels written by one layer (as the paper did for "
-                     "ResNets); all: also channels tied across layers by residual Adds and gating Muls."),
+                     "ResNets); all: also channels tied across layers by residual Adds, gating Muls and Concats."),
         click.option("--exclude", multiple=True, metavar="PATTERN",
                      help="Leave whole every channel group with a producer or consumer whose node name "
                      "matches this shell pattern (repeatable; `crossprune inspect` lists the names)."),
