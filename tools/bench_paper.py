@@ -25,12 +25,12 @@ sys.path.insert(0, str(TOOLS))
 import bench_methods  # noqa: E402
 import fmnist  # noqa: E402
 
-NETS = {  # net -> PruneConfig fields of the protocol
-    "vgg16": dict(exclude=("*Gemm*",)),
-    "resnet56": dict(scope="internal"),
-    "resnet56-all": dict(scope="all"),
+NETS = {  # net -> (PruneConfig fields of the protocol, mu of the authors' scripts)
+    "vgg16": (dict(exclude=("*Gemm*",)), 0.6),
+    "resnet56": (dict(scope="internal"), 0.9),
+    "resnet56-all": (dict(scope="all"), 0.9),
 }
-DEFAULT_VARIANTS = "l1,layerwise,cross mu=0.6,soft mu=0.5,layerwise +aug,cross mu=0.6 +aug,soft mu=0.5 +aug"
+DEFAULT_VARIANTS = "l1,layerwise,cross mu={mu},soft mu=0.5,cross mu={mu} +aug"
 
 
 def write_shots(folder: Path, k: int, seed: int) -> Path:
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--shots", default="1,2,3,5,10")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma-separated; each {bench_methods.VARIANT_HELP}")
+                   help=f"comma-separated; each {bench_methods.VARIANT_HELP}; {{mu}} is the net's mu")
     p.add_argument("--pgd-shots", default="1,5", help="K values that also run the pgd solver (first seed)")
     p.add_argument("--pgd-iters", type=int, default=3000, help="the paper's 3000 on CIFAR")
     p.add_argument("--eval-count", type=int, default=2000)
@@ -67,18 +67,19 @@ def main() -> None:
     out = args.out or TOOLS.parent / "docs" / f"paper_{args.net}.json"
     seeds = [int(s) for s in args.seeds.split(",")]
     pgd_shots = {int(k) for k in args.pgd_shots.split(",") if k}
+    fields, mu = NETS[args.net]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         evalset = write_eval(folder, args.eval_count)
         for k in [int(s) for s in args.shots.split(",")]:
             shots = {s: write_shots(folder, k, s) for s in seeds}
-            names = args.variants.split(",") + (["cross mu=0.6 pgd"] if k in pgd_shots else [])
+            names = args.variants.format(mu=mu).split(",") + ([f"cross mu={mu} pgd"] if k in pgd_shots else [])
             for name in names:
                 use = seeds[:1] if "pgd" in name else seeds
                 extra = {"pgd_iters": args.pgd_iters} if "pgd" in name else {}
                 runs = [bench_methods.run(teacher, shots[s], evalset, k, s, args.ratio, bench_methods.variant(name),
-                                          **NETS[args.net], **extra) for s in use]
+                                          **fields, **extra) for s in use]
                 acc = [r["accuracy"] * 100 for r in runs]
                 row = {"shots": k, "variant": name, "seeds": use, "runs": runs,
                        "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),
