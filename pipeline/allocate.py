@@ -45,16 +45,15 @@ class FlopsModel:
         self.layers: dict[str, dict] = {c.node: {"flops": c.flops, "in": [], "out": None}
                                         for c in layer_costs(view)}
         self.size = {g.id: g.size for g in groups}
+        dims = lambda node: view.initializers[view.nodes[node].input[1]].dims  # the layer's weight shape
         for g in groups:
             for c in g.consumers:
-                width = view.initializers[view.nodes[c.node].input[1]].dims[c.in_axis] // c.block
-                self.layers[c.node]["in"].append((g.id, width))
+                self.layers[c.node]["in"].append((g.id, dims(c.node)[c.in_axis] // c.block))
             for s in g.slices:
                 if s.index == 1 and s.node in self.layers and s.node not in g.group_attrs:
-                    axis = s.axis % len(view.initializers[view.nodes[s.node].input[1]].dims)
-                    self.layers[s.node]["out"] = (g.id, view.initializers[view.nodes[s.node].input[1]].dims[axis])
+                    self.layers[s.node]["out"] = (g.id, dims(s.node)[s.axis % len(dims(s.node))])
             for name in g.group_attrs:  # depthwise: cost follows its channels
-                self.layers[name]["out"] = (g.id, view.initializers[view.nodes[name].input[1]].dims[0])
+                self.layers[name]["out"] = (g.id, dims(name)[0])
 
     def flops(self, keep: dict[int, int]) -> float:
         total = 0.0

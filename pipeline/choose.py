@@ -48,13 +48,12 @@ def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
         check = np.concatenate(list(augmenter.variants(check, 0)))
     reference = run_torch(teacher, check)
     scores: dict[str, float] = {}
-    for config in options:
-        name = f"{config.method} mu={config.mu}"
+    named = {f"{config.method} mu={config.mu}": config for config in options}
+    for name, config in named.items():
         student = prune.prune(view, teacher, groups, fit, config, augmenter=augmenter).student
         scores[name] = max(_nmse(r, s) for r, s in zip(reference, run_torch(student, check)))
         progress(f"auto: {name}: relative squared error {scores[name]:.4f} on {len(check)} held-out inputs")
-    best = min(range(len(options)), key=lambda i: scores[f"{options[i].method} mu={options[i].mu}"])
-    return Choice(options[best], scores)
+    return Choice(named[min(scores, key=scores.get)], scores)
 
 
 def _nmse(reference: np.ndarray, value: np.ndarray) -> float:
