@@ -19,7 +19,7 @@ from pipeline.convert import TorchModel, run_torch
 from pipeline.graph import GraphView
 
 HOLDOUT = 0.25  # share of the shots set aside to score candidates (at least one sample)
-MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (0.25, 0.5, 0.75), "layerwise": (0.6,)}
+MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (0.5,), "layerwise": (0.6,)}
 AUTO_METHODS = ("cross", "soft", "layerwise")
 
 

@@ -361,6 +361,11 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
               "provider and batch size is less than this many times faster.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Quantize the slim model to INT8 (QDQ, per-channel weights), calibrated on the same shots.")
+@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="After verification, Adam steps of end-to-end distillation of the slim model on the shots "
+              "and their augmented variants (no labels; BatchNorm statistics frozen). 0: none.")
+@click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="Learning rate of --finetune-steps.")
 @quant_options
 @memory_option
 @prune_options
@@ -368,7 +373,7 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
 @bench_options
 @guarded
 def compress(model, data, output, report_path, as_json, no_bench, force, quiet, max_memory, quantize,
-             quant_calibration, quant_activations, max_quant_error, **kw):
+             finetune_steps, finetune_lr, quant_calibration, quant_activations, max_quant_error, **kw):
     """Prune MODEL from a few samples and write a slim, verified ONNX model.
 
     \b
@@ -376,12 +381,14 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
       crossprune compress model.onnx --data shots/ --shots 5 --ratio 0.5 \\
           -o model.slim.onnx --report report.json
     """
+    from pipeline.finetune import FinetuneConfig
     from pipeline.render import summary
     from pipeline.workflow import compress as run
 
     _check_output(output, force)
     options = _options(data, no_bench=no_bench, max_memory=max_memory, **kw)
     options.int8 = quantize == "int8"
+    options.finetune = FinetuneConfig(steps=finetune_steps, lr=finetune_lr)
     options.quant = _quant_config(quant_calibration, quant_activations, max_quant_error)
     result = run(model, options, output, _say(quiet or as_json))
     result.report["options"] = _effective_options()

@@ -198,41 +198,40 @@ def solve_pgd(problems: list[Problem], keep: int, method: str, mu: float, damp: 
 
     During the first third of the iterations the kept count falls linearly from all channels
     to `keep` (lowest-norm groups zeroed, their gradients and Adam moments masked); then the
-    mask is fixed and the learning rate drops tenfold. The loss is evaluated through the same
-    Gram matrices as the closed form, so both solvers minimise the same objective.
+    mask is fixed and the learning rate drops tenfold. The loss is the same quadratic form as
+    the closed form's, so its gradient 2 H (W - W*) is written out (float32, one product per
+    step) instead of going through autograd.
     """
     quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
     scale = sum(float(torch.sum(ws * (h @ ws))) for h, ws in quads)
-    params = [p.weight.clone().requires_grad_(True) for p in problems]
+    fast = [(h.float() * (2 / scale), ws.float()) for h, ws in quads]
+    params = [p.weight.float().clone() for p in problems]
     opt = torch.optim.Adam(params, lr=lr)
     channels = len(problems[0].columns)
     alive = torch.ones(channels, dtype=torch.bool)
     prox_end = max(1, iters // 3)
     for it in range(iters):
-        opt.zero_grad()
-        loss = sum(torch.sum((w - ws) * (h @ (w - ws))) for w, (h, ws) in zip(params, quads)) / scale
-        loss.backward()
-        for w, p in zip(params, problems):
-            w.grad[_dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w))] = 0
+        dropped = [_dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w)) for w, p in zip(params, problems)]
+        for w, (h2, ws), rows in zip(params, fast, dropped):
+            w.grad = h2 @ (w - ws)
+            w.grad[rows] = 0
         opt.step()
         if it == prox_end:
             for group in opt.param_groups:
                 group["lr"] = lr / 10
         if it < prox_end:
             target = channels - round((channels - keep) * (it + 1) / prox_end)
-            with torch.no_grad():
-                norms = sum((w[p.columns] ** 2).sum(dim=(1, 2)) for w, p in zip(params, problems))
-                norms[~alive] = -1
-                alive = torch.zeros(channels, dtype=torch.bool)
-                alive[torch.topk(norms, target).indices] = True
-        with torch.no_grad():
-            for w, p in zip(params, problems):
-                rows = _dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w))
-                w[rows] = 0
-                state = opt.state.get(w, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in state:
-                        state[key][rows] = 0
+            norms = sum((w[p.columns] ** 2).sum(dim=(1, 2)) for w, p in zip(params, problems))
+            norms[~alive] = -1
+            alive = torch.zeros(channels, dtype=torch.bool)
+            alive[torch.topk(norms, target).indices] = True
+        for w, p in zip(params, problems):
+            rows = _dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w))
+            w[rows] = 0
+            state = opt.state.get(w, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0
     kept = torch.nonzero(alive).squeeze(1)
-    weights = [w.detach() for w in params]
+    weights = [w.double() for w in params]
     return Solution(kept, weights, _relative_loss(quads, weights))

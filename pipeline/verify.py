@@ -17,8 +17,9 @@ from pipeline.runtime import make_session, run_batched
 VERIFY_RTOL = 1e-4
 
 
-def check_slim(slim: ModelProto, student: TorchModel, x: np.ndarray, output_names: list[str]) -> float:
-    """Worst relative error of onnxruntime(slim) against the torch masked student on `x`."""
+def check_slim(slim: ModelProto, student: TorchModel, x: np.ndarray, output_names: list[str],
+               reference: str = "the masked student") -> float:
+    """Worst relative error of onnxruntime(slim) against the torch model it came from on `x`."""
     got = run_batched(make_session(slim), x)
     ref = run_torch(student, x)
     worst = 0.0
@@ -26,7 +27,7 @@ def check_slim(slim: ModelProto, student: TorchModel, x: np.ndarray, output_name
         err = relative_error(r, g)
         worst = max(worst, err)
         if not err <= VERIFY_RTOL:
-            raise VerificationError(f"slim model differs from the masked student on output '{name}' "
+            raise VerificationError(f"slim model differs from {reference} on output '{name}' "
                                     f"(relative error {err:.2e} > {VERIFY_RTOL:.0e}); nothing was written")
     return worst
 

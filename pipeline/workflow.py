@@ -18,7 +18,8 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import allocate, analyze, augment, choose, bench, convert, data, flops, limits, load, prune, quantize, report, verify
+from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, limits, load, prune,
+                      quantize, report, verify)
 from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
 
@@ -48,6 +49,7 @@ class CompressOptions:
     auto_method: bool = False  # --method auto: pick cross/soft/layerwise on held-out shots
     auto_mu: bool = False  # --mu auto: pick mu the same way
     target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
+    finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
 
@@ -57,6 +59,7 @@ class CompressResult:
     slim: bytes
     report: dict
     failures: list[str] = field(default_factory=list)  # gates not met; the model was not written
+    models: dict[str, bytes] = field(default_factory=dict)  # every link of the chain after the teacher
 
     @property
     def passed(self) -> bool:
@@ -133,7 +136,17 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
         quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
     slim_bytes = slim.SerializeToString()
-    final, chain, quant = slim_bytes, [("slim", slim_bytes, quality)], None
+    chain, quant, tuned = [("slim", slim_bytes, quality)], None, None
+    if options.finetune.steps > 0:
+        with stage("finetune"):
+            tuned = finetune.finetune(slim, teacher, shots.calib.x, options.finetune, options.seed, augmenter,
+                                      progress)
+            verify.check_slim(tuned.model, tuned.twin, check_x, [o.name for o in model.outputs],
+                              "its fine-tuned torch twin")
+            slim, slim_bytes = tuned.model, tuned.model.SerializeToString()
+            quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
+            chain.append(("slim-finetuned", slim_bytes, quality))
+    final = slim_bytes
     if options.int8:
         with stage("quantize"):
             calib = np.concatenate(list(augmenter.variants(shots.calib.x, 0)))
@@ -157,6 +170,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
+    rep["finetune"] = {**asdict(options.finetune), **tuned.to_json()} if tuned else None
     teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}
     rep["chain"] = [{"model": "teacher", "bytes": len(original), "accuracy": teacher_quality["teacher_accuracy"],
                      "top1_agreement": 1.0}] + [
@@ -164,7 +178,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         for name, m, q in chain]
     rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
                     "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
-    return CompressResult(slim_bytes, rep, failures)
+    return CompressResult(slim_bytes, rep, failures, {name: m for name, m, _ in chain})
 
 
 def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.BenchResult | None) -> list[str]:

@@ -12,43 +12,63 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline.finetune import FinetuneConfig  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
-VARIANT_HELP = "METHOD [mu=X] [pgd] [+aug], e.g. 'l1', 'layerwise +aug', 'cross mu=0.9', 'cross mu=0.6 pgd'"
+VARIANT_HELP = ("METHOD [mu=X] [pgd] [+aug] [+ft], e.g. 'l1', 'layerwise +aug', 'cross mu=0.9 +ft', "
+                "'cross mu=0.6 pgd', 'auto +aug' (--method auto --mu auto)")
 DEFAULT_VARIANTS = "l1,layerwise,cross mu=0.6,soft mu=0.5,cross mu=0.6 pgd"
+FINETUNE = FinetuneConfig(steps=50, lr=1e-4)  # "+ft": the short fine-tune of the tables
 
 
-def variant(name: str) -> tuple[dict, str]:
-    """(PruneConfig fields, augmentation spec) of a variant name (see VARIANT_HELP)."""
+@dataclass(frozen=True)
+class Variant:
+    """One row of a methods table, parsed from its name (see VARIANT_HELP)."""
+
+    name: str
+    prune: dict = field(default_factory=dict)  # PruneConfig fields
+    augment: str = "none"
+    auto: bool = False
+    finetune: bool = False
+
+    def options(self, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, **prune_fields) -> CompressOptions:
+        """No timing; `prune_fields` add to the variant's PruneConfig (scope, exclude, pgd_iters)."""
+        return CompressOptions(data=data, shots=shots, seed=seed, eval_data=eval_data, providers=[],
+                               prune=PruneConfig(ratio=ratio, **self.prune, **prune_fields), augment=self.augment,
+                               auto_method=self.auto, auto_mu=self.auto,
+                               finetune=FINETUNE if self.finetune else FinetuneConfig())
+
+
+def variant(name: str) -> Variant:
     method, *words = name.split()
-    fields: dict = {"method": method}
-    augment = "none"
+    fields: dict = {} if method == "auto" else {"method": method}
+    flags = {"augment": "none", "finetune": False}
     for word in words:
         if word.startswith("mu="):
             fields["mu"] = float(word[3:])
         elif word == "pgd":
             fields["solver"] = "pgd"
         elif word == "+aug":
-            augment = "flip,shift:2"
+            flags["augment"] = "flip,shift:2"
+        elif word == "+ft":
+            flags["finetune"] = True
         else:
             raise SystemExit(f"variant '{name}': unknown word '{word}' ({VARIANT_HELP})")
-    return fields, augment
+    return Variant(name, fields, auto=method == "auto", **flags)
 
 
-def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, variant: tuple,
+def run(model: Path, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, variant: Variant,
         **prune_fields) -> dict:
-    """One compress without timing; `prune_fields` add to the variant's PruneConfig (scope, exclude)."""
-    fields, augment = variant
-    options = CompressOptions(data=data, shots=shots, seed=seed, eval_data=eval_data, providers=[],
-                              prune=PruneConfig(ratio=ratio, **fields, **prune_fields), augment=augment)
+    """One compress; quality of the last link (fine-tuned if the variant says so)."""
     start = time.perf_counter()
-    report = compress(model, options).report
+    report = compress(model, variant.options(data, eval_data, shots, seed, ratio, **prune_fields)).report
     q = report["quality"]
     return {"accuracy": q["student_accuracy"], "teacher_accuracy": q["teacher_accuracy"],
             "agreement": q["top1_agreement"], "prune_seconds": report["stages_seconds"]["prune"],
