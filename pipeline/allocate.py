@@ -4,14 +4,15 @@ A uniform ratio removes as much from a layer that everything depends on as from 
 barely matters. Here every eligible group first gets a removal curve (the solver's own
 relative loss after removing 1, 2, ... channels, on teacher statistics), then channels are
 taken, `step` at a time, from the group whose next removal costs the least loss per FLOP
-saved, until the model's linear-layer FLOPs reach the target share. The real, sequential
-pruning then runs with those counts.
+saved, until the model's cost reaches the target share. The cost is the linear layers' FLOPs
+(FlopsModel, exact) or a latency prediction (pipeline/latency.py). The real, sequential pruning
+then runs with those counts.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -27,14 +28,19 @@ from pipeline.solve import removal_curve
 MIN_SHARE = 0.1  # no group is cut below this share of its channels
 
 
+class CostModel(Protocol):
+    def cost(self, keep: dict[int, int]) -> float: ...
+
+
 @dataclass
 class Allocation:
     keep: dict[int, int]
     target_share: float
-    share: float  # FLOPs share the allocation reaches, by the cost model
+    share: float  # share of the cost (FLOPs or predicted latency) the allocation reaches, by the model
+    cost: str = "flops"
 
     def to_json(self) -> dict:
-        return {"target_flops_share": self.target_share, "flops_share": self.share,
+        return {"cost": self.cost, "target_share": self.target_share, "share": self.share,
                 "keep": {str(k): v for k, v in self.keep.items()}}
 
 
@@ -55,54 +61,73 @@ class FlopsModel:
             for name in g.group_attrs:  # depthwise: cost follows its channels
                 self.layers[name]["out"] = (g.id, dims(name)[0])
 
-    def flops(self, keep: dict[int, int]) -> float:
-        total = 0.0
-        for layer in self.layers.values():
-            frac = 1.0
+    def fractions(self, keep: dict[int, int]) -> dict[str, tuple[float, float]]:
+        """Per layer: the share of its input and of its output channels left."""
+        out = {}
+        for name, layer in self.layers.items():
+            fin = fout = 1.0
             if layer["in"]:
                 width = layer["in"][0][1]
-                frac *= (width - sum(self.size[g] - keep.get(g, self.size[g]) for g, _ in layer["in"])) / width
+                fin = (width - sum(self.size[g] - keep.get(g, self.size[g]) for g, _ in layer["in"])) / width
             if layer["out"]:
                 g, width = layer["out"]
-                frac *= (width - (self.size[g] - keep.get(g, self.size[g]))) / width
-            total += layer["flops"] * frac
-        return total
+                fout = (width - (self.size[g] - keep.get(g, self.size[g]))) / width
+            out[name] = (fin, fout)
+        return out
+
+    def cost(self, keep: dict[int, int]) -> float:
+        return sum(self.layers[n]["flops"] * fin * fout for n, (fin, fout) in self.fractions(keep).items())
 
 
-def allocate(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
-             config: prune.PruneConfig, target_share: float, augmenter: Augmenter | None = None,
-             progress: Callable[[str], None] = lambda _: None) -> Allocation:
-    model = FlopsModel(view, groups)
-    full = {g.id: g.size for g in groups}
-    total = model.flops(full)
+@dataclass
+class Curves:
+    """What each eligible group's removals cost, from the solver on teacher statistics."""
+
+    groups: list[ChannelGroup]
+    floor: dict[int, int]  # fewest channels a group may keep
+    loss: dict[int, np.ndarray]  # relative loss after removing 0, 1, 2, ... channels
+    step: dict[int, int]  # channels removed at a time (the group's alignment)
+
+
+def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
+           config: prune.PruneConfig, augmenter: Augmenter | None = None,
+           progress: Callable[[str], None] = lambda _: None) -> Curves:
     eligible = [g for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)]
-    if not eligible or total <= 0:
-        raise NothingToPruneError("no prunable group to allocate a FLOPs target over")
-    step = max(1, config.round_to)
-    curves, floor = {}, {}
+    if not eligible:
+        raise NothingToPruneError("no prunable group to allocate a target over")
+    floor, loss, step = {}, {}, {}
     for g in eligible:
-        floor[g.id] = min(g.size, max(step, math.ceil(MIN_SHARE * g.size)))
+        step[g.id] = config.step(g.size)
+        floor[g.id] = min(g.size, max(step[g.id], math.ceil(MIN_SHARE * g.size)))
         problems = prune.group_problems(view, teacher, teacher, g, x, config, augmenter)
-        curves[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
-                        if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
+        loss[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
+                      if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
         progress(f"allocation: removal curve of group {g.id} ({g.size} channels)")
-    keep = dict(full)
-    current = total
+    return Curves(eligible, floor, loss, step)
+
+
+def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flops") -> Allocation:
+    """Take channels, `step` at a time, where the next removal costs the least loss per unit of
+    cost saved, until the model's cost is `target_share` of the original."""
+    keep = {g.id: g.size for g in c.groups}
+    total = current = model.cost(keep)
+    if total <= 0:
+        raise NothingToPruneError(f"the {cost} model gives the network no cost to reduce")
     while current > target_share * total:
-        best, best_score, best_flops = None, math.inf, current
-        for g in eligible:
-            n = min(step, keep[g.id] - floor[g.id])
+        best, best_score, best_cost = None, math.inf, current
+        for g in c.groups:
+            n = min(c.step[g.id], keep[g.id] - c.floor[g.id])
             if n <= 0:
                 continue
-            trial = model.flops({**keep, g.id: keep[g.id] - n})
+            trial = model.cost({**keep, g.id: keep[g.id] - n})
             saved = current - trial
             removed = g.size - keep[g.id]
-            score = (curves[g.id][removed + n] - curves[g.id][removed]) / saved if saved > 0 else math.inf
+            score = (c.loss[g.id][removed + n] - c.loss[g.id][removed]) / saved if saved > 0 else math.inf
             if score < best_score:
-                best, best_score, best_flops = g, score, trial
+                best, best_score, best_cost = g, score, trial
         if best is None:
-            raise NothingToPruneError(f"--target-flops {target_share}: the prunable groups can bring FLOPs "
-                                      f"down to {current / total:.1%} of the original at most")
-        keep[best.id] -= min(step, keep[best.id] - floor[best.id])
-        current = best_flops
-    return Allocation({g.id: keep[g.id] for g in eligible if keep[g.id] < g.size}, target_share, current / total)
+            raise NothingToPruneError(f"the prunable groups can bring {cost} down to {current / total:.1%} of "
+                                      f"the original at most, not {target_share:.1%}")
+        keep[best.id] -= min(c.step[best.id], keep[best.id] - c.floor[best.id])
+        current = best_cost
+    return Allocation({g.id: keep[g.id] for g in c.groups if keep[g.id] < g.size}, target_share, current / total, cost)

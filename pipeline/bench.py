@@ -6,6 +6,7 @@ to the CPU is reported as unavailable with the reason, never timed as if it were
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
@@ -17,7 +18,7 @@ import onnxruntime as ort
 from onnx import ModelProto
 
 from pipeline.errors import UsageError
-from pipeline.runtime import PROVIDERS, ProviderUnavailable, SessionConfig, input_dtype, make_session
+from pipeline.runtime import PROVIDERS, ProviderUnavailable, SessionConfig, cache_dir, input_dtype, make_session
 
 
 @dataclass
@@ -53,14 +54,15 @@ class BenchResult:
 def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], batches: list[int],
           runs: int = 50, warmup: int = 5, rounds: int = 5, threads: int = 0, seed: int = 0,
           progress: Callable[[str], None] = lambda _: None) -> BenchResult:
-    unknown = [p for p in providers if p not in PROVIDERS]
+    unknown = [p for p in providers if p.partition(":")[0] not in PROVIDERS]
     if unknown:
         raise UsageError(f"--providers: unknown provider '{unknown[0]}' (choose from {', '.join(PROVIDERS)})")
     if not models:
         raise UsageError("nothing to time")
     result = BenchResult(settings=_settings(threads, runs, warmup, rounds))
-    for provider in providers:
-        config = SessionConfig(provider=provider, threads=threads)
+    for provider in providers:  # "cpu", or "cpu:1" for one intra-op thread
+        name, _, count = provider.partition(":")
+        config = SessionConfig(provider=name, threads=int(count) if count else threads)
         try:
             sessions = [(label, _open(model, config)) for label, model in models]
         except ProviderUnavailable as exc:
@@ -94,9 +96,17 @@ def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], ba
 
 
 def _open(model, config: SessionConfig) -> tuple[ort.InferenceSession, float]:
-    """A session and its cold start: creation plus one run at batch 1."""
+    """A session and its cold start: creation plus one run at batch 1. TensorRT engines are
+    cached by the model's hash, so only the first run on a machine pays for the build."""
+    options = None
+    if config.provider == "tensorrt":
+        data = model.SerializeToString() if isinstance(model, ModelProto) else model
+        folder = cache_dir() / "tensorrt" / hashlib.sha256(data).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        options = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(folder),
+                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}
     t0 = time.perf_counter()
-    session = make_session(model, config)
+    session = make_session(model, config, options)
     feed = _feed(session, _fixed_batch(session) or 1, 0)
     if feed is not None:
         feed()

@@ -64,9 +64,11 @@ def _providers(ctx, param, value: str) -> list[str]:
     from pipeline.runtime import PROVIDERS
 
     out = [v.strip().lower() for v in value.split(",") if v.strip()] if value else []
-    bad = [v for v in out if v not in PROVIDERS]
-    if bad:
-        raise click.BadParameter(f"unknown provider '{bad[0]}' (choose from {', '.join(PROVIDERS)})")
+    for v in out:
+        name, _, threads = v.partition(":")
+        if name not in PROVIDERS or (threads and not threads.isdigit()):
+            raise click.BadParameter(f"unknown provider '{v}' (choose from {', '.join(PROVIDERS)}; "
+                                     f"NAME:N for N intra-op threads, e.g. cpu:1)")
     return out
 
 
@@ -149,6 +151,17 @@ def prune_options(fn):
         click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Instead of one --ratio for every group: keep this share of the model's FLOPs, taking "
                      "channels first where the solver's loss per FLOP saved is lowest (e.g. 0.25 for 4x fewer)."),
+        click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
+                     help="Instead of --ratio: be this many times faster than the original, measured on "
+                     "--target-provider at --target-batch. Channels go where the solver's loss per millisecond "
+                     "saved (from a cached per-layer latency table) is lowest; the result is timed and the "
+                     "target tightened if it was missed (3 rounds at most)."),
+        click.option("--target-latency-ms", type=click.FloatRange(0, min_open=True),
+                     help="Like --target-speedup, with a latency in milliseconds as the goal."),
+        click.option("--target-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+                     show_default=True, help="Where a latency target is measured."),
+        click.option("--target-batch", type=click.IntRange(1), default=1, show_default=True,
+                     help="Batch size a latency target is measured at."),
         click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="cross",
                      show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
                      "plain regression of the student on the teacher; soft: regression from a mix of "
@@ -168,8 +181,10 @@ def prune_options(fn):
         click.option("--exclude", multiple=True, metavar="PATTERN",
                      help="Leave whole every channel group with a producer or consumer whose node name "
                      "matches this shell pattern (repeatable; `crossprune inspect` lists the names)."),
-        click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
-                     help="Round each group's kept channels to a multiple of this (8 suits CPU kernels)."),
+        click.option("--round-to", type=click.IntRange(0), default=0, show_default=True,
+                     help="Round each group's kept channels to a multiple of this; 0: 8 for groups of 32 or "
+                     "more channels (onnxruntime's CPU and CUDA kernels run such widths much faster), none "
+                     "for smaller ones. TensorRT in fp16/int8 prefers 16."),
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
         click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
@@ -206,7 +221,8 @@ def data_options(fn):
 def bench_options(fn):
     opts = [
         click.option("--providers", default="cpu", show_default=True, callback=_providers,
-                     help="Execution providers to time: cpu, cuda, tensorrt (comma-separated)."),
+                     help="Execution providers to time: cpu, cuda, tensorrt (comma-separated); NAME:N runs it "
+                     "on N intra-op threads, e.g. cpu,cpu:1 for all cores and one."),
         click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list,
                      help="Batch sizes to time (comma-separated)."),
         click.option("--runs", type=click.IntRange(1), default=50, show_default=True,
@@ -321,12 +337,20 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
                         + (f", report in {report_path}" if report_path else ""))
 
 
-def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to, target_flops,
-             pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
+def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to,
+             target_flops, target_speedup, target_latency_ms, target_provider, target_batch, pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
-    from pipeline.workflow import CompressOptions
     from pipeline.prune import PruneConfig
+    from pipeline.workflow import CompressOptions, LatencyTarget
+
+    given = [f"--{n}" for n, v in (("target-flops", target_flops), ("target-speedup", target_speedup),
+                                   ("target-latency-ms", target_latency_ms)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"give one target, not {' and '.join(given)}")
+    target = None
+    if target_speedup is not None or target_latency_ms is not None:
+        target = LatencyTarget(target_speedup, target_latency_ms, target_provider, target_batch)
 
     overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
     return CompressOptions(
@@ -338,7 +362,8 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
-        max_memory=max_memory, augment=augment, augment_factor=augment_factor, target_flops=target_flops)
+        max_memory=max_memory, augment=augment, augment_factor=augment_factor, target_flops=target_flops,
+        target=target)
 
 
 def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:

@@ -55,11 +55,23 @@ def sections(report: dict) -> list[Section]:
     lat = report.get("latency")
     if lat:
         out.append(Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
-                                       "speedup"],
+                                       "speedup", "cold start ms"],
                            [[t["model"], t["provider"], str(t["batch"]), f"{t['p50_ms']:.3f}", f"{t['p90_ms']:.3f}",
-                             f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", f"{t['speedup']:.2f}x"]
+                             f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", f"{t['speedup']:.2f}x",
+                             f"{t['cold_start_ms']:.1f}"]
                             for t in lat["timings"]],
-                           [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]))
+                           [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]
+                           + ["steady state: medians of interleaved rounds; cold start: session creation and the "
+                              "first run, apart"]))
+    alloc = report.get("allocation")
+    if alloc and alloc.get("attempts"):
+        target = alloc["target"]
+        goal = f"{target['speedup']}x" if target["speedup"] else f"{target['latency_ms']} ms"
+        out.append(Section(f"Latency target ({goal} on {target['provider']} at batch {target['batch']})",
+                           ["attempt", "predicted ms", "measured ms", "goal ms", "teacher ms"],
+                           [[str(i + 1), f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}", f"{a['goal_ms']:.3f}",
+                             f"{a['teacher_ms']:.3f}"] for i, a in enumerate(alloc["attempts"])],
+                           ["met" if alloc["target_met"] else "NOT met: the last attempt was kept"]))
     return out
 
 

@@ -5,7 +5,9 @@ checked, so spinning is always off; the provider actually used is checked, never
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -67,6 +69,12 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
                                   f"{session.get_providers()[0]} (no usable device or missing "
                                   f"CUDA/cuDNN/TensorRT libraries)")
     return session
+
+
+def cache_dir() -> Path:
+    """Where measurements and engines that are costly to redo are kept ($CROSSPRUNE_CACHE)."""
+    root = os.environ.get("CROSSPRUNE_CACHE")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crossprune"
 
 
 def first_line(exc: BaseException) -> str:

@@ -27,11 +27,12 @@ SOLVERS = ("closed", "pgd")
 
 @dataclass
 class Stats:
-    """Sufficient statistics of one consumer, averaged over rows (float64)."""
+    """Sufficient statistics of one consumer, averaged over rows (float64); None where the
+    method does not need one."""
 
-    g_tt: torch.Tensor
-    g_ss: torch.Tensor
-    g_st: torch.Tensor
+    g_tt: torch.Tensor | None
+    g_ss: torch.Tensor | None
+    g_st: torch.Tensor | None
     rows: int = 0
 
 

@@ -18,10 +18,11 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, limits, load, prune,
-                      quantize, report, verify)
+from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, latency, limits, load,
+                      prune, quantize, report, verify)
 from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
+from pipeline.runtime import SessionConfig
 
 MAX_EVAL = 5000  # held-out samples used for quality and verification at most
 
@@ -49,9 +50,24 @@ class CompressOptions:
     auto_method: bool = False  # --method auto: pick cross/soft/layerwise on held-out shots
     auto_mu: bool = False  # --mu auto: pick mu the same way
     target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
+    target: "LatencyTarget | None" = None  # a measured speedup or latency instead (overrides ratio)
     finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """--target-speedup / --target-latency-ms, measured on one provider and batch size."""
+
+    speedup: float | None = None
+    latency_ms: float | None = None
+    provider: str = "cpu"
+    batch: int = 1
+    attempts: int = 3  # prune-and-measure rounds, each correcting the predicted target by the miss
+
+    def goal_ms(self, teacher_ms: float) -> float:
+        return self.latency_ms if self.latency_ms is not None else teacher_ms / self.speedup
 
 
 @dataclass
@@ -81,7 +97,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         progress(f"{name}...")
         start = time.perf_counter()
         yield
-        stages[name] = round(time.perf_counter() - start, 3)
+        stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - start, 3)  # a stage may repeat
 
     with stage("load"):
         model, original = _open(model_path, options, output)
@@ -118,19 +134,42 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                                    options.seed, layer_augmenter, progress)
             options = replace(options, prune=choice.config)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-    alloc = None
-    if options.target_flops is not None:
+    alloc, curves, lat, attempts = None, None, None, []
+    if options.target_flops is not None or options.target is not None:
         with stage("allocate"):
-            alloc = allocate.allocate(view, teacher, groups, shots.calib.x, options.prune, options.target_flops,
-                                      layer_augmenter, progress)
-    with stage("prune"):
-        result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter,
-                             keep=alloc.keep if alloc else None)
-        if not result.outcomes:
-            raise NothingToPruneError(f"{model_path}: every channel group was left whole "
-                                      f"({'; '.join(result.skipped.values())})")
-    with stage("export"):
-        slim = slim_model(model.proto, groups, result.kept, result.layers)
+            curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress)
+            if options.target_flops is not None:
+                alloc = allocate.allocate(curves, allocate.FlopsModel(view, groups), options.target_flops)
+            else:
+                target = options.target
+                session = SessionConfig(target.provider, options.threads)
+                teacher_ms = _p50(original, session, target.batch)
+                goal = target.goal_ms(teacher_ms)
+                lat = latency.build(view, allocate.FlopsModel(view, groups), teacher_ms, session, target.batch,
+                                    progress)
+                share = goal / teacher_ms
+    for attempt in range(options.target.attempts if lat else 1):
+        if lat:
+            alloc = allocate.allocate(curves, lat, share, "latency")
+        with stage("prune"):
+            result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter,
+                                 keep=alloc.keep if alloc else None)
+            if not result.outcomes:
+                raise NothingToPruneError(f"{model_path}: every channel group was left whole "
+                                          f"({'; '.join(result.skipped.values())})")
+        with stage("export"):
+            slim = slim_model(model.proto, groups, result.kept, result.layers)
+        if not lat:
+            break
+        with stage("allocate"):
+            measured = _p50(slim.SerializeToString(), session, target.batch)
+        attempts.append({"predicted_share": share, "predicted_ms": alloc.share * teacher_ms,
+                         "measured_ms": measured, "teacher_ms": teacher_ms, "goal_ms": goal})
+        progress(f"latency target: {measured:.3f} ms measured for {goal:.3f} ms asked "
+                 f"(teacher {teacher_ms:.3f} ms, attempt {attempt + 1})")
+        if measured <= goal:
+            break
+        share *= goal / measured
     with stage("verify"):
         check_x = np.concatenate([shots.calib.x, evalset.x[:256]])
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
@@ -154,19 +193,22 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             final = quant.model
             quality = verify.compare(original, final, evalset.x, evalset.y, evalset.source)
             chain.append(("slim-int8", final, quality))
-    latency = None
+    timed = None
     if options.providers and options.batches:
         with stage("bench"):
-            latency = bench.bench([("teacher", original)] + [(name, m) for name, m, _ in chain], options.providers,
+            timed = bench.bench([("teacher", original)] + [(name, m) for name, m, _ in chain], options.providers,
                                   options.batches, runs=options.bench_runs, threads=options.threads,
                                   seed=options.seed, progress=progress)
-    failures = _gates(options, quality, latency)
+    failures = _gates(options, quality, timed)
     if output is not None and not failures:
         atomic_write(output, final)
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
-                  original, final, verify_err, quality, latency, stages, output)
+                  original, final, verify_err, quality, timed, stages, output)
     rep["augmentation"] = augmenter.to_json()
     rep["allocation"] = alloc.to_json() if alloc else None
+    if lat:
+        rep["allocation"].update(latency_model=lat.to_json(), attempts=attempts, target=asdict(options.target),
+                                 target_met=attempts[-1]["measured_ms"] <= attempts[-1]["goal_ms"])
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
@@ -179,6 +221,16 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
                     "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
     return CompressResult(slim_bytes, rep, failures, {name: m for name, m, _ in chain})
+
+
+def _p50(model: bytes, session: SessionConfig, batch: int) -> float:
+    """Median latency of one model alone: the quick measurement a latency target is steered by."""
+    timing = bench.bench([("model", model)], [session.provider], [batch], runs=30, rounds=3,
+                         threads=session.threads)
+    if not timing.timings:
+        raise UsageError(f"--target-speedup/--target-latency-ms: cannot time on {session.provider} "
+                         f"({'; '.join(timing.unavailable.values())})")
+    return timing.timings[0].p50_ms
 
 
 def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.BenchResult | None) -> list[str]:

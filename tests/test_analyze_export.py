@@ -204,20 +204,20 @@ def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_p
 
 
 def test_flops_target_allocates_non_uniform_widths_and_meets_it(vgg_path):
-    from pipeline.allocate import FlopsModel, allocate
+    from pipeline.allocate import FlopsModel, allocate, curves
 
     model, view, groups = groups_of(vgg_path)
     x, _ = make_data(3)
     teacher = to_torch(model.proto)
     config = PruneConfig()
-    alloc = allocate(view, teacher, groups, x, config, target_share=0.3)
     flops = FlopsModel(view, groups)
+    alloc = allocate(curves(view, teacher, groups, x, config), flops, target_share=0.3)
     full = {g.id: g.size for g in groups}
     assert 0.25 < alloc.share <= 0.3  # one channel past the target at most, on a tiny model
-    assert flops.flops({**full, **alloc.keep}) == pytest.approx(alloc.share * flops.flops(full))
+    assert flops.cost({**full, **alloc.keep}) == pytest.approx(alloc.share * flops.cost(full))
     assert len({alloc.keep[g] / full[g] for g in alloc.keep}) > 1  # not one ratio for all
     result = prune(view, teacher, groups, x, config, keep=alloc.keep)
     out = slim(model.proto, groups, result.kept, result.layers)
     after = sum(c.flops for c in layer_costs(GraphView(out)))
-    assert after == pytest.approx(alloc.share * flops.flops(full), rel=1e-6)  # the cost model is exact
+    assert after == pytest.approx(alloc.share * flops.cost(full), rel=1e-6)  # the cost model is exact
     assert check_slim(out, result.student, x, ["logits"]) < 1e-4

@@ -1,0 +1,78 @@
+"""Latency targets: the per-layer table, its cache, aligned widths and the compress flow."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline import analyze, latency, load
+from pipeline.allocate import FlopsModel
+from pipeline.cli import main
+from pipeline.graph import GraphView
+from pipeline.prune import PruneConfig
+from pipeline.runtime import SessionConfig
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "latency.json"
+
+
+def test_bilinear_interpolates_between_and_clamps_outside():
+    xs, ys = np.array([1.0, 0.5]), np.array([1.0, 0.5, 0.25])
+    grid = np.array([[8.0, 4.0, 2.0], [4.0, 2.0, 1.0]])
+    assert latency._bilinear(xs, ys, grid, 1.0, 1.0) == 8.0
+    assert latency._bilinear(xs, ys, grid, 0.75, 1.0) == pytest.approx(6.0)
+    assert latency._bilinear(xs, ys, grid, 0.5, 0.375) == pytest.approx(1.5)
+    assert latency._bilinear(xs, ys, grid, 0.1, 0.1) == 1.0  # below the grid: its smallest point
+    assert latency._bilinear(np.array([1.0]), ys, grid[:1], 0.3, 0.5) == 4.0  # a fixed axis
+
+
+def test_table_is_calibrated_monotone_and_cached(vgg_path, cache):
+    model = load.load_model(vgg_path)
+    view = GraphView(model.proto)
+    groups = analyze.find_groups(view)
+    widths = FlopsModel(view, groups)
+    table = latency.build(view, widths, 1.0, SessionConfig(threads=1), 4)
+    full = {g.id: g.size for g in groups}
+    assert len(table.tables) == len(widths.layers) and table.measured > 0
+    assert table.cost(full) == pytest.approx(1.0)  # equals the measured whole at full width
+    half = {g.id: max(1, g.size // 2) for g in groups if g.prunable}
+    assert table.cost({**full, **half}) < table.cost(full)
+    again = latency.build(view, widths, 1.0, SessionConfig(threads=1), 4)
+    assert again.measured == 0 and again.cost(full) == pytest.approx(1.0)  # all from the cache
+    assert json.loads(cache.read_text())
+    other = latency.build(view, widths, 1.0, SessionConfig(threads=1), 8)
+    assert other.measured > 0  # another batch size is another setting
+
+
+def test_default_rounding_aligns_large_groups_only():
+    config = PruneConfig(ratio=0.3)
+    assert config.kept_count(64) == 16 and config.kept_count(256) == 80  # multiples of 8
+    assert config.kept_count(16) == 5  # too small to round: it would not be pruned at all
+    assert PruneConfig(ratio=0.3, round_to=1).kept_count(64) == 19
+
+
+def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cache):
+    out, report = tmp_path / "t.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3",
+                                    "-o", str(out), "--report", str(report), "--target-speedup", "1.3",
+                                    "--target-batch", "4", "--batch", "4", "--runs", "5", "--threads", "1",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    alloc = json.loads(report.read_text())["allocation"]
+    assert alloc["cost"] == "latency" and alloc["target"]["speedup"] == 1.3 and alloc["target"]["batch"] == 4
+    assert 1 <= len(alloc["attempts"]) <= 3
+    assert alloc["target_met"] == (alloc["attempts"][-1]["measured_ms"] <= alloc["attempts"][-1]["goal_ms"])
+    for a in alloc["attempts"]:
+        assert a["goal_ms"] == pytest.approx(a["teacher_ms"] / 1.3)
+    assert alloc["latency_model"]["layers"] >= 4 and alloc["keep"]
+
+
+def test_two_targets_are_refused(vgg_path, npz_path, tmp_path):
+    res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3",
+                                    "-o", str(tmp_path / "x.onnx"), "--target-flops", "0.5", "--target-speedup", "2"])
+    assert res.exit_code == 2 and "--target-flops and --target-speedup" in res.output
