@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.allocate import FlopsModel
+from pipeline.allocate import Allocation, Curves, FlopsModel, allocate
 from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig, cache_dir, make_session
 
@@ -54,6 +54,39 @@ class LatencyModel:
     def to_json(self) -> dict:
         return {"layers": len(self.tables), "rest_ms": float(self.rest_ms), "table_scale": float(self.scale),
                 "grid_points_measured": self.measured, "cache": str(cache_path())}
+
+
+@dataclass
+class Steering:
+    """Allocations for a measured goal: predict, prune, measure, and if the goal was missed,
+    ask the prediction for that much less next time."""
+
+    model: LatencyModel
+    curves: Curves
+    teacher_ms: float
+    goal_ms: float
+    session: SessionConfig
+    batch: int
+    target: dict
+    attempts: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.share = self.goal_ms / self.teacher_ms
+
+    def allocation(self) -> Allocation:
+        return allocate(self.curves, self.model, self.share, "latency")
+
+    def met(self, alloc: Allocation, measured_ms: float, progress: Callable[[str], None]) -> bool:
+        self.attempts.append({"predicted_share": self.share, "predicted_ms": alloc.share * self.teacher_ms,
+                              "measured_ms": measured_ms, "teacher_ms": self.teacher_ms, "goal_ms": self.goal_ms})
+        progress(f"latency target: {measured_ms:.3f} ms measured for {self.goal_ms:.3f} ms asked "
+                 f"(teacher {self.teacher_ms:.3f} ms, attempt {len(self.attempts)})")
+        self.share *= min(1.0, self.goal_ms / measured_ms)
+        return measured_ms <= self.goal_ms
+
+    def to_json(self) -> dict:
+        return {"latency_model": self.model.to_json(), "attempts": self.attempts, "target": self.target,
+                "target_met": bool(self.attempts) and self.attempts[-1]["measured_ms"] <= self.goal_ms}
 
 
 def build(view: GraphView, widths: FlopsModel, whole_ms: float, config: SessionConfig, batch: int,

@@ -66,9 +66,6 @@ class LatencyTarget:
     batch: int = 1
     attempts: int = 3  # prune-and-measure rounds, each correcting the predicted target by the miss
 
-    def goal_ms(self, teacher_ms: float) -> float:
-        return self.latency_ms if self.latency_ms is not None else teacher_ms / self.speedup
-
 
 @dataclass
 class CompressResult:
@@ -134,23 +131,16 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                                    options.seed, layer_augmenter, progress)
             options = replace(options, prune=choice.config)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-    alloc, curves, lat, attempts = None, None, None, []
+    alloc, steer = None, None
     if options.target_flops is not None or options.target is not None:
         with stage("allocate"):
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress)
             if options.target_flops is not None:
                 alloc = allocate.allocate(curves, allocate.FlopsModel(view, groups), options.target_flops)
             else:
-                target = options.target
-                session = SessionConfig(target.provider, options.threads)
-                teacher_ms = _p50(original, session, target.batch)
-                goal = target.goal_ms(teacher_ms)
-                lat = latency.build(view, allocate.FlopsModel(view, groups), teacher_ms, session, target.batch,
-                                    progress)
-                share = goal / teacher_ms
-    for attempt in range(options.target.attempts if lat else 1):
-        if lat:
-            alloc = allocate.allocate(curves, lat, share, "latency")
+                steer = _steering(view, groups, curves, original, options, progress)
+    for _ in range(options.target.attempts if steer else 1):
+        alloc = steer.allocation() if steer else alloc
         with stage("prune"):
             result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter,
                                  keep=alloc.keep if alloc else None)
@@ -159,17 +149,11 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                                           f"({'; '.join(result.skipped.values())})")
         with stage("export"):
             slim = slim_model(model.proto, groups, result.kept, result.layers)
-        if not lat:
+        if steer is None:
             break
         with stage("allocate"):
-            measured = _p50(slim.SerializeToString(), session, target.batch)
-        attempts.append({"predicted_share": share, "predicted_ms": alloc.share * teacher_ms,
-                         "measured_ms": measured, "teacher_ms": teacher_ms, "goal_ms": goal})
-        progress(f"latency target: {measured:.3f} ms measured for {goal:.3f} ms asked "
-                 f"(teacher {teacher_ms:.3f} ms, attempt {attempt + 1})")
-        if measured <= goal:
-            break
-        share *= goal / measured
+            if steer.met(alloc, _p50(slim.SerializeToString(), steer.session, steer.batch), progress):
+                break
     with stage("verify"):
         check_x = np.concatenate([shots.calib.x, evalset.x[:256]])
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
@@ -205,10 +189,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, final, verify_err, quality, timed, stages, output)
     rep["augmentation"] = augmenter.to_json()
-    rep["allocation"] = alloc.to_json() if alloc else None
-    if lat:
-        rep["allocation"].update(latency_model=lat.to_json(), attempts=attempts, target=asdict(options.target),
-                                 target_met=attempts[-1]["measured_ms"] <= attempts[-1]["goal_ms"])
+    rep["allocation"] = {**alloc.to_json(), **(steer.to_json() if steer else {})} if alloc else None
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
@@ -221,6 +202,17 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
                     "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
     return CompressResult(slim_bytes, rep, failures, {name: m for name, m, _ in chain})
+
+
+def _steering(view: GraphView, groups, curves: allocate.Curves, original: bytes, options: CompressOptions,
+              progress: Progress) -> latency.Steering:
+    """The latency goal in milliseconds and the per-layer table that predicts it."""
+    target = options.target
+    session = SessionConfig(target.provider, options.threads)
+    teacher_ms = _p50(original, session, target.batch)
+    goal = target.latency_ms if target.latency_ms is not None else teacher_ms / target.speedup
+    table = latency.build(view, allocate.FlopsModel(view, groups), teacher_ms, session, target.batch, progress)
+    return latency.Steering(table, curves, teacher_ms, goal, session, target.batch, asdict(target))
 
 
 def _p50(model: bytes, session: SessionConfig, batch: int) -> float:

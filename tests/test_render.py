@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.render import COLOURS
 
 from tests.test_cli import compressed, run  # noqa: F401 (the module fixture runs one real compress)
 
@@ -17,7 +25,7 @@ def test_markdown_has_every_table(compressed, tmp_path):  # noqa: F811
     md = res.output
     for title in ("### Size", "### Quality", "### Pruned channel groups", "### Latency"):
         assert title in md
-    assert "| model | provider | batch | p50 ms | p90 ms | p99 ms | samples/s | speedup |" in md
+    assert "| model | provider | batch | p50 ms | p90 ms | p99 ms | samples/s | speedup | cold start ms |" in md
     for t in rep["latency"]["timings"]:
         assert f"| {t['model']} | cpu | {t['batch']} | {t['p50_ms']:.3f} |" in md
     pruned = [g for g in rep["groups"] if g["channels_after"] < g["channels_before"]]
@@ -38,6 +46,34 @@ def test_html_is_self_contained_with_its_charts(compressed, tmp_path):  # noqa: 
     pruned = [g for g in rep["groups"] if g["channels_after"] < g["channels_before"]]
     assert len(charts[0].findall(f"{SVG}rect[@class='bar']")) == 2 * len(pruned)
     assert len(charts[1].findall(f"{SVG}rect[@class='bar']")) == len(rep["latency"]["timings"])
+
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+
+
+def test_html_opens_in_a_headless_browser_and_draws_its_charts(compressed, tmp_path):  # noqa: F811
+    """Chromium shows a parse-error banner instead of an XHTML page it cannot read; the screenshot
+    must show the bar colours of both charts."""
+    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None:
+        pytest.skip("no headless Chromium here (apt-get install chromium-headless-shell)")
+    _, _, report = compressed
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    assert run("report", report, "--format", "html", "-o", page).exit_code == 0
+    strict = tmp_path / "report.xhtml"  # the XML parser: any well-formedness error shows as a banner
+    strict.write_text(page.read_text())
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,3000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", strict.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-500:]
+    assert "error on line" not in dom.stdout and "parsererror" not in dom.stdout
+    assert dom.stdout.count("<svg") == 2 and "p50 latency (ms)" in dom.stdout
+    subprocess.run([browser, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120,
+                   check=True)
+    image = torchvision.io.read_image(str(shot))[:3].permute(1, 2, 0).reshape(-1, 3)
+    for colour in COLOURS[:2]:  # "before" and "after" bars, in both charts
+        rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=image.dtype)
+        assert int((image == rgb).all(dim=1).sum()) > 500, f"no {colour} bars drawn"
 
 
 def test_report_refuses_what_is_not_a_report(tmp_path):

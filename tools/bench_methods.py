@@ -25,7 +25,7 @@ ASSETS = ROOT / "pipeline" / "assets"
 VARIANT_HELP = ("METHOD [mu=X] [pgd] [+aug] [+ft], e.g. 'l1', 'layerwise +aug', 'cross mu=0.9 +ft', "
                 "'cross mu=0.6 pgd', 'auto +aug' (--method auto --mu auto)")
 DEFAULT_VARIANTS = "l1,layerwise,cross mu=0.6,soft mu=0.5,cross mu=0.6 pgd"
-FINETUNE = FinetuneConfig(steps=50, lr=1e-4)  # "+ft": the short fine-tune of the tables
+FINETUNE = FinetuneConfig(steps=50, lr=1e-4, batch=16)  # "+ft": the short fine-tune of the tables
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Variant:
     auto: bool = False
     finetune: bool = False
 
-    def options(self, data: Path, eval_data: Path, shots: int, seed: int, ratio: float, **prune_fields) -> CompressOptions:
+    def options(self, data: Path, eval_data: Path | None, shots: int, seed: int, ratio: float,
+                **prune_fields) -> CompressOptions:
         """No timing; `prune_fields` add to the variant's PruneConfig (scope, exclude, pgd_iters)."""
         return CompressOptions(data=data, shots=shots, seed=seed, eval_data=eval_data, providers=[],
                                prune=PruneConfig(ratio=ratio, **self.prune, **prune_fields), augment=self.augment,

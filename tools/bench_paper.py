@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import multiprocessing
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
@@ -51,7 +51,7 @@ class Net:
 NETS = {
     "vgg16": Net("vgg16", dict(exclude=("*Gemm*",)), 0.6),
     "resnet56": Net("resnet56", dict(scope="internal"), 0.9),
-    "resnet56-all": Net("resnet56", dict(scope="all"), 0.9, "layerwise,cross mu={mu},cross mu={mu} +aug"),
+    "resnet56-all": Net("resnet56", dict(scope="all"), 0.9, "layerwise,cross mu={mu},soft mu=0.5,cross mu={mu} +aug"),
 }
 SWEEP = (0.3, 0.6, 0.9)  # cross mu values tried at --sweep-shots; chosen on the validation split
 
@@ -82,18 +82,17 @@ def write_val(folder: Path, count: int, shots: list[int], seeds: list[int]) -> P
     return path
 
 
-def run(teacher: Path, shots: Path, val: Path, test: tuple[np.ndarray, np.ndarray], k: int, seed: int,
-        ratio: float, variant: bench_methods.Variant, **fields) -> dict[str, dict]:
+def run(teacher: Path, shots: Path, k: int, seed: int, ratio: float, variant: bench_methods.Variant,
+        sets: dict[str, tuple[np.ndarray, np.ndarray]], **fields) -> dict[str, dict]:
     """Every link of one compress (slim, slim-finetuned) scored on validation and test."""
     start = time.perf_counter()
-    result = compress(teacher, variant.options(shots, val, k, seed, ratio, **fields))
+    result = compress(teacher, variant.options(shots, None, k, seed, ratio, **fields))
     rep = result.report
-    chain = {c["model"]: c for c in rep["chain"]}
     out = {}
     for name, model in result.models.items():
-        logits = run_batched(make_session(model), test[0])[0]
-        out[name] = {"accuracy": float(np.mean(logits.argmax(1) == test[1])), "val_accuracy": chain[name]["accuracy"],
-                     "val_agreement": chain[name]["top1_agreement"], "prune_seconds": rep["stages_seconds"]["prune"],
+        session = make_session(model)
+        acc = {split: float(np.mean(run_batched(session, x)[0].argmax(1) == y)) for split, (x, y) in sets.items()}
+        out[name] = {"accuracy": acc["test"], "val_accuracy": acc["val"], "prune_seconds": rep["stages_seconds"]["prune"],
                      "finetune_seconds": rep["stages_seconds"].get("finetune", 0.0),
                      "choose_seconds": rep["stages_seconds"].get("choose", 0.0),
                      "compress_seconds": time.perf_counter() - start,
@@ -112,35 +111,36 @@ def row(k: int, name: str, seeds: list[int], runs: list[dict], teacher_acc: floa
             "flops_reduction": runs[0]["flops_reduction"]}
 
 
-def bench_net(net_name: str, args, folder: Path, val: Path, test: tuple[np.ndarray, np.ndarray]) -> dict:
+def unit(job: tuple[str, int, dict, Path]) -> tuple[str, int, list[dict], float]:
+    """All variants of one net at one K, over every seed: the piece of work a process takes."""
+    net_name, k, opts, folder = job
+    torch.set_num_threads(1)
     net = NETS[net_name]
     teacher = TOOLS / "teachers" / f"{net.teacher}.onnx"
-    logits = run_batched(make_session(str(teacher)), test[0])[0]
-    teacher_acc = 100 * float(np.mean(logits.argmax(1) == test[1]))
-    main_mu = f"cross mu={net.mu}"
-    rows: list[dict] = []
+    sets = {split: tuple(np.load(folder / f"{split}.npz")[key] for key in ("x", "y")) for split in ("val", "test")}
+    teacher_acc = 100 * float(np.mean(run_batched(make_session(str(teacher)), sets["test"][0])[0].argmax(1)
+                                      == sets["test"][1]))
     start = time.perf_counter()
-    for k in args.shots:
-        shots = {s: write_shots(folder, k, s) for s in args.seeds}
-        names = net.variants.format(mu=net.mu).split(",")
-        if k in args.sweep_shots and net_name != "resnet56-all":
-            names += [f"cross mu={mu}" for mu in SWEEP if mu != net.mu]
-        if k in args.pgd_shots:
-            names.append(f"{main_mu} pgd")
-        for name in names:
-            variant = bench_methods.variant(name)
-            use = args.seeds[:1] if "pgd" in name else args.seeds
-            extra = {"pgd_iters": args.pgd_iters} if "pgd" in name else {}
-            runs = [run(teacher, shots[s], val, test, k, s, args.ratio, variant, **net.fields, **extra) for s in use]
-            for link in runs[0]:
-                label = name.replace(" +ft", "") + (" +ft" if link == "slim-finetuned" else "")
-                rows.append(row(k, label, use, [r[link] for r in runs], teacher_acc))
-                r = rows[-1]
-                print(f"{net_name} K={k:<2} {label:<20} test {r['accuracy_mean']:6.2f} ± {r['accuracy_std']:4.2f}  "
-                      f"val {r['val_accuracy_mean']:6.2f}  (teacher {teacher_acc:.2f})  prune "
-                      f"{r['prune_seconds_mean']:6.2f} s  FLOPs {r['flops_reduction']:.2f}x fewer", flush=True)
-            _save(args.out_dir / f"paper_{net_name}.json", net_name, args, teacher, rows, time.perf_counter() - start)
-    return _save(args.out_dir / f"paper_{net_name}.json", net_name, args, teacher, rows, time.perf_counter() - start)
+    names = opts["variants"][net_name].format(mu=net.mu).split(",")
+    if k in opts["sweep_shots"] and net_name != "resnet56-all":
+        names += [f"cross mu={mu}" for mu in SWEEP if mu != net.mu]
+    if k in opts["pgd_shots"]:
+        names.append(f"cross mu={net.mu} pgd")
+    rows = []
+    for name in names:
+        variant = bench_methods.variant(name)
+        use = opts["seeds"][:1] if "pgd" in name else opts["seeds"]
+        extra = {"pgd_iters": opts["pgd_iters"]} if "pgd" in name else {}
+        runs = [run(teacher, folder / f"shots_k{k}_s{s}.npz", k, s, opts["ratio"], variant, sets, **net.fields, **extra)
+                for s in use]
+        for link in runs[0]:
+            label = name.replace(" +ft", "") + (" +ft" if link == "slim-finetuned" else "")
+            rows.append(row(k, label, use, [r[link] for r in runs], teacher_acc))
+            r = rows[-1]
+            print(f"{net_name} K={k:<2} {label:<20} test {r['accuracy_mean']:6.2f} ± {r['accuracy_std']:4.2f}  "
+                  f"val {r['val_accuracy_mean']:6.2f}  (teacher {teacher_acc:.2f})  prune "
+                  f"{r['prune_seconds_mean']:6.2f} s  FLOPs {r['flops_reduction']:.2f}x fewer", flush=True)
+    return net_name, k, rows, time.perf_counter() - start
 
 
 def summary(rows: list[dict], mu: float) -> dict:
@@ -175,27 +175,13 @@ def summary(rows: list[dict], mu: float) -> dict:
     return out
 
 
-def _save(out: Path, net_name: str, args, teacher: Path, rows: list[dict], seconds: float) -> dict:
-    data = {"net": net_name, "teacher": str(teacher.relative_to(TOOLS.parent)), "ratio": args.ratio,
+def _save(out: Path, net_name: str, args, rows: list[dict], seconds: float) -> None:
+    rows = sorted(rows, key=lambda r: r["shots"])  # units finish in any order
+    data = {"net": net_name, "teacher": f"tools/teachers/{NETS[net_name].teacher}.onnx", "ratio": args.ratio,
             "eval_count": args.eval_count, "val_count": args.val_count, "seeds": args.seeds,
-            "seconds": round(seconds, 1), "summary": summary(rows, NETS[net_name].mu), "rows": rows}
-    out.write_text(json.dumps(data, indent=2))  # after every row: a long run interrupted keeps its table
-    return data
-
-
-def _spread(nets: list[str], jobs: int) -> None:
-    """Run this script once per share of the nets, in parallel, each on one thread."""
-    start = time.perf_counter()
-    shares = [nets[i::jobs] for i in range(min(jobs, len(nets)))]
-    argv = [a for i, a in enumerate(sys.argv[1:]) if not (a.startswith("--jobs") or sys.argv[i] == "--jobs")
-            and not a.startswith("--net") and not sys.argv[i] == "--net"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--net", ",".join(share), *argv], env=env)
-             for share in shares]
-    codes = [proc.wait() for proc in procs]
-    print(f"all nets: {(time.perf_counter() - start) / 60:.1f} min with {len(procs)} jobs")
-    if any(codes):
-        raise SystemExit(f"a job failed (exit codes {codes})")
+            "pgd_iters": args.pgd_iters, "finetune": bench_methods.FINETUNE.__dict__,
+            "unit_seconds": round(seconds, 1), "summary": summary(rows, NETS[net_name].mu), "rows": rows}
+    out.write_text(json.dumps(data, indent=2))
 
 
 def _ints(text: str) -> list[int]:
@@ -217,27 +203,38 @@ def main() -> None:
     p.add_argument("--val-count", type=int, default=1000, help="validation images from the training split")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--out-dir", type=Path, default=TOOLS.parent / "docs")
-    p.add_argument("--jobs", type=int, default=1, help="processes, one thread each, nets shared out among them "
-                   "(ResNet-56's small convs use a second thread poorly: 2 jobs on 2 cores is the faster way)")
+    p.add_argument("--jobs", type=int, default=2, help="processes, one thread each, taking (net, K) units from "
+                   "one queue, largest first (ResNet-56's small convs use a second thread poorly)")
     args = p.parse_args()
     nets = args.net.split(",")
     if unknown := [n for n in nets if n not in NETS]:
         raise SystemExit(f"--net: unknown {', '.join(unknown)} (choose from {', '.join(NETS)})")
-    if args.jobs > 1:
-        return _spread(nets, args.jobs)
-    if args.variants:
-        for n in nets:
-            NETS[n] = Net(NETS[n].teacher, NETS[n].fields, NETS[n].mu, args.variants)
+    opts = {"variants": {n: args.variants or NETS[n].variants for n in nets}, "seeds": args.seeds, "ratio": args.ratio, "sweep_shots": args.sweep_shots, "pgd_shots": args.pgd_shots,
+            "pgd_iters": args.pgd_iters}
     start = time.perf_counter()
+    rows: dict[str, list[dict]] = {n: [] for n in nets}
+    seconds: dict[str, float] = {n: 0.0 for n in nets}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        with np.load(write_eval(folder, args.eval_count)) as f:
-            test = (f["x"], f["y"])
-        val = write_val(folder, args.val_count, args.shots, args.seeds)
-        for n in nets:
-            data = bench_net(n, args, folder, val, test)
-            print(f"{n}: {data['seconds'] / 60:.1f} min; summary {json.dumps(data['summary'])}", flush=True)
-    print(f"all nets: {(time.perf_counter() - start) / 60:.1f} min")
+        write_eval(folder, args.eval_count)
+        write_val(folder, args.val_count, args.shots, args.seeds)
+        for k in args.shots:
+            for s in args.seeds:
+                write_shots(folder, k, s)
+        # largest first, so that no process is left with a long unit at the end
+        cost = lambda n, k: (n != "resnet56-all", k in args.pgd_shots, k)
+        jobs = sorted(((n, k, opts, folder) for n in nets for k in args.shots), key=lambda j: cost(j[0], j[1]),
+                      reverse=True)
+        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            for net_name, k, unit_rows, unit_seconds in pool.imap_unordered(unit, jobs):
+                rows[net_name] += unit_rows
+                seconds[net_name] += unit_seconds
+                _save(args.out_dir / f"paper_{net_name}.json", net_name, args, rows[net_name], seconds[net_name])
+                print(f"{net_name} K={k} done in {unit_seconds / 60:.1f} min; {(time.perf_counter() - start) / 60:.1f} "
+                      f"min since the start", flush=True)
+    for n in nets:
+        print(f"{n}: {json.dumps(summary(rows[n], NETS[n].mu))}")
+    print(f"whole table: {(time.perf_counter() - start) / 60:.1f} min with {args.jobs} processes")
 
 
 if __name__ == "__main__":
