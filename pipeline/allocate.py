@@ -106,9 +106,11 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     return Curves(eligible, floor, loss, step)
 
 
-def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flops") -> Allocation:
+def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flops",
+             strict: bool = True) -> Allocation:
     """Take channels, `step` at a time, where the next removal costs the least loss per unit of
-    cost saved, until the model's cost is `target_share` of the original."""
+    cost saved, until the model's cost is `target_share` of the original (or, not `strict`,
+    until every group is at its floor)."""
     keep = {g.id: g.size for g in c.groups}
     total = current = model.cost(keep)
     if total <= 0:
@@ -125,6 +127,8 @@ def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flop
             score = (c.loss[g.id][removed + n] - c.loss[g.id][removed]) / saved if saved > 0 else math.inf
             if score < best_score:
                 best, best_score, best_cost = g, score, trial
+        if best is None and not strict:
+            break
         if best is None:
             raise NothingToPruneError(f"the prunable groups can bring {cost} down to {current / total:.1%} of "
                                       f"the original at most, not {target_share:.1%}")

@@ -74,7 +74,9 @@ class Steering:
         self.share = self.goal_ms / self.teacher_ms
 
     def allocation(self) -> Allocation:
-        return allocate(self.curves, self.model, self.share, "latency")
+        """The first must reach the predicted goal; a correction stops at the groups' floors
+        (and the target is then reported as missed)."""
+        return allocate(self.curves, self.model, self.share, "latency", strict=not self.attempts)
 
     def met(self, alloc: Allocation, measured_ms: float, progress: Callable[[str], None]) -> bool:
         self.attempts.append({"predicted_share": self.share, "predicted_ms": alloc.share * self.teacher_ms,

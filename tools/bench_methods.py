@@ -18,8 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
-from pipeline.finetune import FinetuneConfig  # noqa: E402
+from pipeline import CompressOptions, FinetuneConfig, PruneConfig, compress  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
 VARIANT_HELP = ("METHOD [mu=X] [pgd] [+aug] [+ft], e.g. 'l1', 'layerwise +aug', 'cross mu=0.9 +ft', "

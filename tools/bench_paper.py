@@ -159,11 +159,16 @@ def summary(rows: list[dict], mu: float) -> dict:
             chosen = max(sweep, key=lambda v: sweep[v]["val_accuracy_mean"])
             line["mu_chosen_on_validation"] = chosen
             line["its_test_accuracy"] = sweep[chosen]["accuracy_mean"]
-        fixed = {v: a for v, a in acc.items() if "auto" not in v and "pgd" not in v}
+        tuned = {v[:-4]: acc[v] - acc[v[:-4]] for v in acc if v.endswith(" +ft") and v[:-4] in acc}
+        if tuned:
+            line["finetune_gain"] = tuned
+        # auto chooses among objectives without fine-tuning: compare it with those, picked on test
+        fixed = {v: a for v, a in acc.items() if not any(w in v for w in ("auto", "pgd", "+ft"))}
         if "auto +aug" in acc and fixed:
             best = max(fixed, key=fixed.get)
             line["auto_minus_best_fixed"] = acc["auto +aug"] - fixed[best]
             line["best_fixed"] = best
+            line["auto_minus_default"] = acc["auto +aug"] - acc.get(f"cross mu={mu} +aug", np.nan)
             line["auto_chose"] = [r["auto"] for r in by[(k, "auto +aug")]["runs"]]
         pgd = by.get((k, f"cross mu={mu} pgd"))
         if pgd:
@@ -172,7 +177,24 @@ def summary(rows: list[dict], mu: float) -> dict:
                            "closed_accuracy_same_seed": closed["accuracy"] * 100,
                            "closed_prune_seconds_same_seed": closed["prune_seconds"]}
         out[str(k)] = line
+    for key in ("auto_minus_best_fixed", "auto_minus_default", "cross_minus_layerwise", "soft_minus_layerwise"):
+        values = [line[key] for line in out.values() if key in line]
+        if values:
+            out.setdefault("mean_over_K", {})[key] = statistics.mean(values)
     return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per variant, one column per K, mean ± std over seeds (test accuracy)."""
+    ks = sorted({r["shots"] for r in rows})
+    cells = {(r["variant"], r["shots"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"K={k}" for k in ks) + " |", "| --- |" + " --- |" * len(ks)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        values = [cells.get((variant, k)) for k in ks]
+        lines.append(f"| {variant} | " + " | ".join(
+            "" if r is None else f"{r['accuracy_mean']:.2f}" + (f" ± {r['accuracy_std']:.2f}" if len(r["seeds"]) > 1 else "")
+            for r in values) + " |")
+    return "\n".join(lines)
 
 
 def _save(out: Path, net_name: str, args, rows: list[dict], seconds: float) -> None:
@@ -205,7 +227,13 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=TOOLS.parent / "docs")
     p.add_argument("--jobs", type=int, default=2, help="processes, one thread each, taking (net, K) units from "
                    "one queue, largest first (ResNet-56's small convs use a second thread poorly)")
+    p.add_argument("--show", type=Path, nargs="+", help="print the tables of saved JSON files and stop")
     args = p.parse_args()
+    if args.show:
+        for path in args.show:
+            data = json.loads(path.read_text())
+            print(f"{data['net']} ({path})\n{table(data['rows'])}\n{json.dumps(data['summary'], indent=1)}")
+        return
     nets = args.net.split(",")
     if unknown := [n for n in nets if n not in NETS]:
         raise SystemExit(f"--net: unknown {', '.join(unknown)} (choose from {', '.join(NETS)})")
@@ -233,7 +261,7 @@ def main() -> None:
                 print(f"{net_name} K={k} done in {unit_seconds / 60:.1f} min; {(time.perf_counter() - start) / 60:.1f} "
                       f"min since the start", flush=True)
     for n in nets:
-        print(f"{n}: {json.dumps(summary(rows[n], NETS[n].mu))}")
+        print(f"\n{n}\n{table(rows[n])}\n{json.dumps(summary(rows[n], NETS[n].mu))}")
     print(f"whole table: {(time.perf_counter() - start) / 60:.1f} min with {args.jobs} processes")
 
 

@@ -24,9 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline import CompressOptions, LatencyTarget, PruneConfig, compress  # noqa: E402
 from pipeline.bench import bench  # noqa: E402
-from pipeline.workflow import LatencyTarget  # noqa: E402
 from tests.zoo import export_zoo  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
