@@ -124,11 +124,11 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             progress(f"augment {check.transform.name}: {'kept' if check.kept else 'dropped'} ({check.reason})")
     layer_augmenter = augmenter if options.prune.method != "l1" else None
     choice = None
-    if options.auto_method or options.auto_mu:
+    candidates = choose.candidates(options.prune, options.auto_method, options.auto_mu)
+    if len(candidates) > 1:
         with stage("choose"):
-            choice = choose.choose(view, teacher, groups, shots.calib.x,
-                                   choose.candidates(options.prune, options.auto_method, options.auto_mu),
-                                   options.seed, layer_augmenter, progress)
+            choice = choose.choose(view, teacher, groups, shots.calib.x, candidates, options.seed, layer_augmenter,
+                                   progress)
             options = replace(options, prune=choice.config)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
     alloc, steer = None, None

@@ -19,7 +19,8 @@ from tests.conftest import make_data
 
 def _compress(vgg_path, npz_path, out, report, *extra):
     return CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3",
-                                     "-o", str(out), "--report", str(report), "--no-bench", "--quiet", *extra])
+                                     "-o", str(out), "--report", str(report), "--no-bench", "--quiet", "--method", "cross",
+                                     *extra])
 
 
 def test_finetune_lowers_the_training_error_and_keeps_a_drop_in(vgg_path, npz_path, tmp_path):

@@ -130,7 +130,8 @@ def test_killed_mid_run_leaves_nothing(vgg_path, npz_path, tmp_path, sig):
     before = model.read_bytes()
     out = tmp_path / "out.onnx"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compress", str(model), "--data", str(npz_path),
-                             "--shots", "3", "-o", str(out), "--solver", "pgd", "--pgd-iters", "1000000"],
+                             "--shots", "3", "-o", str(out), "--method", "cross", "--solver", "pgd",
+                             "--pgd-iters", "1000000"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     for line in proc.stderr:  # wait until the long stage has started
