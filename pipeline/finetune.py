@@ -1,9 +1,11 @@
 """Optional stage after verification: a short end-to-end distillation of the slim model.
 
 Layer-wise refitting leaves each layer as close to the teacher as its inputs allow, but the
-errors of all layers still add up at the output. A few hundred steps of Adam on the slim
-model itself (channels already removed, so no masks to keep), matching the teacher's outputs
-on the few shots and their augmented variants, removes part of that. No labels are used.
+errors of all layers still add up at the output. A few dozen steps of Adam on the slim model
+itself (channels already removed, so no masks to keep), matching the teacher's outputs on the
+few shots and their augmented variants, aim at that; no labels are used. On the paper-protocol
+tables it moved refit students by -1.0 to +0.3 points (it fits the shots, not the task), so it
+is off unless asked for.
 
 The torch twin of the slim model is trained (BatchNorm statistics frozen: a handful of
 samples cannot estimate them) and its Conv, Gemm and BatchNormalization parameters are
@@ -20,7 +22,7 @@ import torch
 from onnx import ModelProto, numpy_helper
 
 from pipeline.augment import Augmenter
-from pipeline.convert import TorchModel, to_torch
+from pipeline.convert import TorchModel, run_torch, to_torch
 from pipeline.graph import GraphView
 
 POOL_BYTES = 256 << 20  # augmented inputs (and teacher outputs) kept for the whole fine-tune
@@ -54,15 +56,14 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
              augmenter: Augmenter | None, progress=lambda _: None) -> FinetuneResult:
     start = time.perf_counter()
     pool = _pool(x, augmenter)
-    with torch.no_grad():
-        targets = [torch.from_numpy(t) for t in _outputs(teacher.module, pool)]
+    targets = [torch.from_numpy(t) for t in run_torch(teacher, pool)]
     scales = [float(t.pow(2).mean().clamp_min(1e-30)) for t in targets]
     twin = to_torch(slim, "slim model")
     params, tuned = _trainable(slim, twin)
     if not params:
         progress("fine-tune: no Conv, Gemm or BatchNormalization layer with its own weights; skipped")
     twin.module.eval()  # BatchNorm uses its running statistics; Dropout is off
-    opt = torch.optim.Adam(params, lr=config.lr)
+    opt = torch.optim.Adam(params, lr=config.lr) if params else None
     gen = torch.Generator().manual_seed(seed)
     pool_t = torch.from_numpy(pool)
 
@@ -102,15 +103,6 @@ def _pool(x: np.ndarray, augmenter: Augmenter | None) -> np.ndarray:
             count += len(variant)
         round_ += 1
     return np.concatenate(parts)[:limit]
-
-
-@torch.no_grad()
-def _outputs(module: torch.nn.Module, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    chunks = []
-    for i in range(0, len(x), batch):
-        out = module(torch.from_numpy(x[i:i + batch]))
-        chunks.append(list(out) if isinstance(out, (tuple, list)) else [out])
-    return [torch.cat([c[k] for c in chunks]).numpy() for k in range(len(chunks[0]))]
 
 
 _SLOTS = {"Conv": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2)}  # ONNX inputs that are trained

@@ -104,10 +104,9 @@ def build(view: GraphView, widths: FlopsModel, whole_ms: float, config: SessionC
         spec = _LayerSpec.of(view, node, batch)
         if spec is None:
             continue
-        fins = GRID if layer["in"] else (1.0,)
-        fouts = GRID if layer["out"] and not spec.depthwise else (1.0,)
-        if spec.depthwise:  # in and out move together: one axis, stored on the output side
-            fins, fouts = (1.0,), GRID if layer["out"] else (1.0,)
+        fouts = GRID if layer["out"] else (1.0,)
+        # a depthwise conv's input and output move together: one axis, stored on the output side
+        fins = GRID if layer["in"] and not spec.depthwise else (1.0,)
         grid = np.zeros((len(fins), len(fouts)))
         for i, fin in enumerate(fins):
             for j, fout in enumerate(fouts):

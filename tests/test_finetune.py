@@ -89,3 +89,15 @@ def test_an_initializer_shared_by_two_nodes_is_not_trained():
     proto.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [3]))
     _, tuned = finetune._trainable(proto, to_torch(proto))
     assert "gemm" not in tuned and "conv" in tuned
+
+
+def test_a_model_without_trainable_layers_is_left_as_it_is():
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    result = finetune.finetune(proto, to_torch(proto), x, finetune.FinetuneConfig(steps=5), 0, None)
+    assert result.tuned == [] and result.loss_after == result.loss_before == 0.0
+    assert result.model.SerializeToString() == proto.SerializeToString()
