@@ -1,9 +1,12 @@
 """Stage after verification: INT8 from the same few samples, with bad layers left in float.
 
 onnxruntime's own tools do the work (pre-processing, QDQ format, per-channel symmetric int8
-weights, calibration on the shots). What this stage adds is the check: the quantized model is
-compared with the float one on held-out inputs, and if it strays too far, the layers that
-cost the most when quantized alone are kept in float until it does not.
+weights, calibration on the shots). What this stage adds is two checks. Fidelity: the quantized
+model is compared with the float one on held-out inputs, and if it strays too far, the layers
+that cost the most when quantized alone are kept in float until it does not. Speed: a layer with
+a shallow reduction (a stem conv over 1-3 channels, a depthwise conv) can run several times
+slower in int8 than in float, so those are tried in float and kept so when the whole model
+measures faster.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from pipeline import bench
 from pipeline.convert import relative_error
 from pipeline.errors import ModelError
 from pipeline.runtime import first_line, make_session, run_batched
@@ -25,6 +29,9 @@ CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.
                "percentile": CalibrationMethod.Percentile}
 ACTIVATIONS = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 LINEAR = ("Conv", "Gemm", "MatMul")
+SHALLOW = 64  # multiply-adds per output value below which int8 kernels may not pay for their reorders
+SPEED_TRIALS = 4  # most layers tried in float for speed (each costs a quantization and a timing)
+SPEED_MARGIN = 0.95  # float must measure at least 5% faster to be kept: below that it is noise
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class QuantConfig:
     calibration: str = "minmax"
     activations: str = "uint8"  # onnxruntime's x86 CPU kernels are fastest with u8 activations x s8 weights
     max_error: float = 0.05  # relative output error against the float model allowed
+    speed_provider: str | None = "cpu"  # where shallow layers are timed in float vs int8; None: not tried
+    speed_batch: int = 32
 
 
 @dataclass
@@ -41,11 +50,16 @@ class QuantResult:
     agreement: float  # top-1 agreement with the float model
     kept_float: list[str] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)  # error with only that layer quantized
+    speed_trials: list[dict] = field(default_factory=list)  # shallow layers timed in float vs int8
+
+    @property
+    def float_for_speed(self) -> list[str]:
+        return [t["layer"] for t in self.speed_trials if t["kept_float"]]
 
     def to_json(self) -> dict:
         return {"relative_error_vs_float": self.error, "top1_agreement_vs_float": self.agreement,
                 "kept_float": self.kept_float, "sensitivity": self.sensitivity,
-                "bytes": len(self.model)}
+                "speed_trials": self.speed_trials, "bytes": len(self.model)}
 
 
 class _Reader(CalibrationDataReader):
@@ -91,6 +105,7 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
         result = QuantResult(data, error, agreement)
         # Every op quantized is fastest (int8 flows between layers); if keeping whole layers in float
         # cannot meet the budget that way, the tensors between them stay float too (linear ops only).
+        ops = None
         for ops in (None, list(LINEAR)):
             if result.error <= config.max_error:
                 break
@@ -102,4 +117,46 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
                 progress(f"int8: {layer} kept in float, relative error {result.error:.4f}")
                 if result.error <= config.max_error:
                     break
+            else:
+                continue
+            break
+        if config.speed_provider:
+            _float_where_faster(result, lambda exclude: run(exclude, ops=ops),
+                                _shallow(proto, set(result.kept_float)), config, progress)
         return result
+
+
+def _shallow(proto: onnx.ModelProto, skip: set[str]) -> list[str]:
+    """Linear layers with fewer than SHALLOW multiply-adds per output, shallowest first."""
+    weights = {i.name: list(i.dims) for i in proto.graph.initializer}
+    depth = {}
+    for node in proto.graph.node:
+        dims = weights.get(node.input[1]) if node.op_type in LINEAR and len(node.input) > 1 else None
+        if node.name in skip or not dims or len(dims) < 2:
+            continue
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        depth[node.name] = int(np.prod(dims[1:])) if node.op_type == "Conv" else dims[1] if trans_b else dims[0]
+    return sorted((n for n, d in depth.items() if d < SHALLOW), key=depth.get)[:SPEED_TRIALS]
+
+
+def _float_where_faster(result: QuantResult, run: Callable, candidates: list[str], config: QuantConfig,
+                        progress: Callable[[str], None]) -> None:
+    """Keep each shallow layer in float if the whole model then measures faster, shallowest first;
+    the first that does not help ends the search (deeper ones gain even less from float)."""
+    for layer in candidates:
+        model, error, agreement = run(result.kept_float + [layer])
+        timing = bench.bench([("int8", result.model), ("float", model)], [config.speed_provider],
+                             [config.speed_batch], runs=40, rounds=4)
+        if len(timing.timings) < 2:
+            progress(f"int8: speed check skipped ({'; '.join(timing.unavailable.values())})")
+            return
+        int8_ms, float_ms = (t.p50_ms for t in timing.timings)
+        kept = float_ms < SPEED_MARGIN * int8_ms and error <= config.max_error
+        result.speed_trials.append({"layer": layer, "int8_ms": int8_ms, "float_ms": float_ms, "kept_float": kept,
+                                    "provider": config.speed_provider, "batch": config.speed_batch})
+        progress(f"int8: {layer} in float: {float_ms:.3f} ms vs {int8_ms:.3f} ms all int8 "
+                 f"({'kept' if kept else 'not kept'})")
+        if not kept:
+            return
+        result.kept_float.append(layer)
+        result.model, result.error, result.agreement = model, error, agreement

@@ -40,10 +40,15 @@ def sections(report: dict) -> list[Section]:
         out.append(Section(title, [title.lower(), ""], rows))
     chain = report.get("chain") or []
     if len(chain) > 2 or "groups" not in report:
-        kept = (report.get("quantization") or {}).get("kept_float")
+        quant = report.get("quantization") or {}
+        faster = [t for t in quant.get("speed_trials", []) if t["kept_float"]]
+        for_error = [n for n in quant.get("kept_float") or [] if n not in {t["layer"] for t in faster}]
+        notes = ["kept in float for fidelity after the INT8 check: " + ", ".join(for_error)] if for_error else []
+        notes += [f"kept in float for speed: {t['layer']} ({t['float_ms']:.3f} ms vs {t['int8_ms']:.3f} ms "
+                  f"all int8, {t['provider']} batch {t['batch']})" for t in faster]
         out.append(Section("Chain", ["model", "accuracy", "agreement", "size"], [
             [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"]
-            for c in chain], ["kept in float after the INT8 check: " + ", ".join(kept)] if kept else []))
+            for c in chain], notes))
     groups = report.get("groups") or []
     pruned = [g for g in groups if g["channels_after"] != g["channels_before"]]
     frozen = [g for g in groups if g["reason"]]

@@ -30,7 +30,7 @@ def outlier_model() -> nn.Module:
 def test_outlier_layer_stays_float_and_error_holds(tmp_path):
     path = export(outlier_model(), tmp_path / "outlier.onnx", keep_bn=False)
     x, _ = make_data(6)
-    result = quantize(path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.05))
+    result = quantize(path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.05, speed_provider=None))
     assert result.sensitivity["/4/Conv"] > 0.5  # quantizing the reader of the outliers alone ruins the output
     assert "/4/Conv" in result.kept_float and "/0/Conv" not in result.kept_float
     assert result.error <= 0.05
@@ -40,8 +40,24 @@ def test_outlier_layer_stays_float_and_error_holds(tmp_path):
 
 def test_a_model_that_quantizes_well_keeps_every_layer_int8(vgg_path):
     x, _ = make_data(6)
-    result = quantize(vgg_path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.5))
+    result = quantize(vgg_path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.5, speed_provider=None))
     assert result.kept_float == [] and result.sensitivity == {}
+
+
+def test_shallow_layers_stay_float_only_where_measured_faster(vgg_path):
+    """Which layers win is up to the machine; that the decisions follow the timings is not."""
+    x, _ = make_data(6)
+    result = quantize(vgg_path.read_bytes(), x[:30], x[30:], QuantConfig(max_error=0.5, speed_batch=8))
+    trials = result.speed_trials
+    assert trials and trials[0]["layer"] == "/features/features.0/Conv"  # the stem conv over 1 channel: 9 multiply-adds per output
+    assert all(t["layer"] != "/features/features.3/Conv" for t in trials)  # 8 channels x 3x3 = 72: deep enough to stay int8
+    for t in trials:
+        assert t["kept_float"] == (t["float_ms"] < 0.95 * t["int8_ms"])
+    assert all(t["kept_float"] for t in trials[:-1])  # the first layer float does not help ends the search
+    float_convs = {n.name for n in onnx.load_from_string(result.model).graph.node if n.op_type == "Conv"
+                   and "DequantizeLinear" not in n.input[1]}
+    assert result.float_for_speed == result.kept_float
+    assert {t["layer"] for t in trials if t["kept_float"]} <= float_convs
 
 
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
@@ -49,6 +65,7 @@ def test_compress_with_int8_is_a_drop_in(vgg_path, npz_path, tmp_path, activatio
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out),
                                     "--report", str(report), "--quantize", "int8", "--quant-activations", activations,
+                                    "--no-quant-speed-check",
                                     "--runs", "3", "--batch", "2", "--quiet"])
     assert res.exit_code == 0, res.output
     q = onnx.load(str(out))
