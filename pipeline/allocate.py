@@ -2,8 +2,11 @@
 
 A uniform ratio removes as much from a layer that everything depends on as from one that
 barely matters. Here every eligible group first gets a removal curve (the solver's own
-relative loss after removing 1, 2, ... channels, on teacher statistics), then channels are
-taken, `step` at a time, from the group whose next removal costs the least loss per FLOP
+relative loss after removing 1, 2, ... channels, on teacher statistics). A layer's own loss
+says little about the network's output: a layer whose error the next ones amplify costs more
+than the same loss elsewhere. So each curve is scaled by what it does end to end: the group is
+pruned alone to the uniform ratio, refit as usual, and the relative squared error of the model's
+outputs is divided by the curve's loss at that width. Then channels are taken, `step` at a time, from the group whose next removal costs the least loss per FLOP
 saved, until the model's cost reaches the target share. The cost is the linear layers' FLOPs
 (FlopsModel, exact) or a latency prediction (pipeline/latency.py). The real, sequential pruning
 then runs with those counts.
@@ -19,7 +22,7 @@ import numpy as np
 from pipeline import prune
 from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
-from pipeline.convert import TorchModel
+from pipeline.convert import TorchModel, run_torch
 from pipeline.errors import NothingToPruneError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
@@ -85,7 +88,7 @@ class Curves:
 
     groups: list[ChannelGroup]
     floor: dict[int, int]  # fewest channels a group may keep
-    loss: dict[int, np.ndarray]  # relative loss after removing 0, 1, 2, ... channels
+    loss: dict[int, np.ndarray]  # output loss after removing 0, 1, 2, ... channels (layer loss x weight)
     step: dict[int, int]  # channels removed at a time (the group's alignment)
 
 
@@ -103,7 +106,38 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
         loss[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
                       if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
         progress(f"allocation: removal curve of group {g.id} ({g.size} channels)")
+    if config.method != "l1":
+        weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, progress)
+        loss = {gid: curve * weights[gid] for gid, curve in loss.items()}
     return Curves(eligible, floor, loss, step)
+
+
+def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], eligible: list[ChannelGroup],
+                    floor: dict[int, int], loss: dict[int, np.ndarray], x: np.ndarray, config: prune.PruneConfig,
+                    augmenter: Augmenter | None, progress: Callable[[str], None]) -> dict[int, float]:
+    """Per group: output loss over layer loss, with the group alone pruned to the uniform ratio."""
+    reference = run_torch(teacher, x)
+    scale = [max(float(np.mean(r.astype(np.float64) ** 2)), 1e-30) for r in reference]
+    found = {}
+    for g in eligible:
+        count = min(g.size - 1, max(floor[g.id], config.kept_count(g.size)))
+        layer_loss = float(loss[g.id][g.size - count])
+        if layer_loss <= 0:
+            continue
+        student = prune.prune(view, teacher, groups, x, config, augmenter=augmenter, keep={g.id: count}).student
+        out = run_torch(student, x)
+        output_loss = np.mean([np.mean((o.astype(np.float64) - r) ** 2) / s for o, r, s in zip(out, reference, scale)])
+        found[g.id] = float(output_loss) / layer_loss
+        progress(f"allocation: group {g.id} alone at {count}/{g.size}: output loss {output_loss:.4f}, "
+                 f"{found[g.id]:.2f}x its layer loss")
+    typical = float(np.median(list(found.values()))) if found else 1.0
+    return {g.id: found.get(g.id, typical) for g in eligible}
+
+
+def uniform(c: Curves, ratio: float) -> dict[int, int]:
+    """Every eligible group at `ratio` of its channels, on its step, not below its floor."""
+    return {g.id: min(g.size, max(c.floor[g.id], round(ratio * g.size / c.step[g.id]) * c.step[g.id]))
+            for g in c.groups}
 
 
 def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flops",

@@ -41,6 +41,17 @@ def candidates(config: prune.PruneConfig, auto_method: bool, auto_mu: bool) -> l
 def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
            options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None,
            progress: Callable[[str], None] = lambda _: None) -> Choice:
+    named = {f"{config.method} mu={config.mu}": config for config in options}
+    scores = holdout_scores(view, teacher, groups, x, {n: (c, None) for n, c in named.items()}, seed, augmenter,
+                            "auto", progress)
+    return Choice(named[min(scores, key=scores.get)], scores)
+
+
+def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
+                   runs: dict[str, tuple[prune.PruneConfig, dict[int, int] | None]], seed: int,
+                   augmenter: Augmenter | None, label: str,
+                   progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
+    """Relative squared output error on held-out shots of each (config, widths) pruned from the rest."""
     order = np.random.default_rng(seed).permutation(len(x))
     held = max(1, int(round(HOLDOUT * len(x))))
     fit, check = x[np.sort(order[held:])], x[np.sort(order[:held])]
@@ -48,12 +59,11 @@ def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
         check = np.concatenate(list(augmenter.variants(check, 0)))
     reference = run_torch(teacher, check)
     scores: dict[str, float] = {}
-    named = {f"{config.method} mu={config.mu}": config for config in options}
-    for name, config in named.items():
-        student = prune.prune(view, teacher, groups, fit, config, augmenter=augmenter).student
+    for name, (config, keep) in runs.items():
+        student = prune.prune(view, teacher, groups, fit, config, augmenter=augmenter, keep=keep).student
         scores[name] = max(_nmse(r, s) for r, s in zip(reference, run_torch(student, check)))
-        progress(f"auto: {name}: relative squared error {scores[name]:.4f} on {len(check)} held-out inputs")
-    return Choice(named[min(scores, key=scores.get)], scores)
+        progress(f"{label}: {name}: relative squared error {scores[name]:.4f} on {len(check)} held-out inputs")
+    return scores
 
 
 def _nmse(reference: np.ndarray, value: np.ndarray) -> float:

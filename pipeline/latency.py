@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.allocate import Allocation, Curves, FlopsModel, allocate
+from pipeline.allocate import Allocation, Curves, FlopsModel, allocate, uniform
 from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig, cache_dir, make_session
 
@@ -58,8 +59,9 @@ class LatencyModel:
 
 @dataclass
 class Steering:
-    """Allocations for a measured goal: predict, prune, measure, and if the goal was missed,
-    ask the prediction for that much less next time."""
+    """Allocations for a measured goal: predict, prune, measure; after a miss ask the prediction
+    for that much less, after a result well under the goal for more, and once both are known,
+    bisect. The attempt kept is the slowest that met the goal (it pruned least)."""
 
     model: LatencyModel
     curves: Curves
@@ -68,28 +70,63 @@ class Steering:
     session: SessionConfig
     batch: int
     target: dict
+    uniform: bool = False  # one ratio for every group (the largest predicted to meet the goal)
     attempts: list[dict] = field(default_factory=list)
+    close: float = 0.95  # a result at least this share of the goal ends the search
 
     def __post_init__(self):
         self.share = self.goal_ms / self.teacher_ms
+        self.bounds = [0.0, math.inf]  # predicted shares known to meet / to miss the goal
+
+    @property
+    def name(self) -> str:
+        return "uniform" if self.uniform else "allocated"
 
     def allocation(self) -> Allocation:
         """Stops at the groups' floors if the prediction says the goal is out of reach: the
         prediction may be wrong (the rest of the network is taken as fixed), the measurement
         decides, and a miss is reported."""
-        return allocate(self.curves, self.model, self.share, "latency", strict=False)
+        if not self.uniform:
+            return allocate(self.curves, self.model, self.share, "latency", strict=False)
+        full = self.model.cost({g.id: g.size for g in self.curves.groups})
+        keep = {}
+        for ratio in np.arange(1.0, 0.0, -0.01):
+            keep = uniform(self.curves, float(ratio))
+            if self.model.cost(keep) <= self.share * full:
+                break
+        sizes = {g.id: g.size for g in self.curves.groups}
+        return Allocation({k: v for k, v in keep.items() if v < sizes[k]}, self.share,
+                          self.model.cost(keep) / full, "latency, one ratio")
 
-    def met(self, alloc: Allocation, measured_ms: float, progress: Callable[[str], None]) -> bool:
+    def record(self, alloc: Allocation, measured_ms: float, progress: Callable[[str], None]) -> bool:
+        """Log an attempt and choose the next share; True when searching further cannot help."""
         self.attempts.append({"predicted_share": self.share, "predicted_ms": alloc.share * self.teacher_ms,
                               "measured_ms": measured_ms, "teacher_ms": self.teacher_ms, "goal_ms": self.goal_ms})
-        progress(f"latency target: {measured_ms:.3f} ms measured for {self.goal_ms:.3f} ms asked "
-                 f"(teacher {self.teacher_ms:.3f} ms, attempt {len(self.attempts)})")
-        self.share *= min(1.0, self.goal_ms / measured_ms)
-        return measured_ms <= self.goal_ms
+        progress(f"latency target ({self.name} widths): {measured_ms:.3f} ms measured for {self.goal_ms:.3f} ms "
+                 f"asked (teacher {self.teacher_ms:.3f} ms, attempt {len(self.attempts)})")
+        met = measured_ms <= self.goal_ms
+        if met and (measured_ms >= self.close * self.goal_ms or self.share >= 1.0):
+            return True
+        self.bounds[0 if met else 1] = self.share
+        low, high = self.bounds
+        self.share = (low + high) / 2 if 0 < low and high < math.inf else \
+            min(1.0, self.share * self.goal_ms / measured_ms)
+        return False
+
+    @property
+    def best(self) -> int:
+        """Index of the attempt to keep: the slowest that met the goal, else the fastest."""
+        met = [i for i, a in enumerate(self.attempts) if a["measured_ms"] <= self.goal_ms]
+        key = lambda i: self.attempts[i]["measured_ms"]
+        return max(met, key=key) if met else min(range(len(self.attempts)), key=key)
+
+    @property
+    def target_met(self) -> bool:
+        return bool(self.attempts) and self.attempts[self.best]["measured_ms"] <= self.goal_ms
 
     def to_json(self) -> dict:
-        return {"latency_model": self.model.to_json(), "attempts": self.attempts, "target": self.target,
-                "target_met": bool(self.attempts) and self.attempts[-1]["measured_ms"] <= self.goal_ms}
+        return {"latency_model": self.model.to_json(), "attempts": self.attempts, "kept_attempt": self.best + 1,
+                "target": self.target, "target_met": self.target_met}
 
 
 def build(view: GraphView, widths: FlopsModel, whole_ms: float, config: SessionConfig, batch: int,

@@ -72,11 +72,18 @@ def sections(report: dict) -> list[Section]:
     if alloc and alloc.get("attempts"):
         target = alloc["target"]
         goal = f"{target['speedup']}x" if target["speedup"] else f"{target['latency_ms']} ms"
+        runs = alloc.get("candidates") or {"allocated": alloc}
+        scores = {n: c["holdout_relative_squared_error"] for n, c in runs.items()
+                  if c.get("holdout_relative_squared_error") is not None}
+        notes = [f"{alloc['chosen']} widths kept" + (" (relative squared error on held-out shots: " + ", ".join(
+            f"{n} {v:.4f}" for n, v in scores.items()) + ")" if scores else "")] if "chosen" in alloc else []
         out.append(Section(f"Latency target ({goal} on {target['provider']} at batch {target['batch']})",
-                           ["attempt", "predicted ms", "measured ms", "goal ms", "teacher ms"],
-                           [[str(i + 1), f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}", f"{a['goal_ms']:.3f}",
-                             f"{a['teacher_ms']:.3f}"] for i, a in enumerate(alloc["attempts"])],
-                           ["met" if alloc["target_met"] else "NOT met: the last attempt was kept"]))
+                           ["widths", "attempt", "predicted ms", "measured ms", "goal ms", "teacher ms"],
+                           [[name, f"{i + 1}{' (kept)' if i + 1 == run.get('kept_attempt') else ''}",
+                             f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}",
+                             f"{a['goal_ms']:.3f}", f"{a['teacher_ms']:.3f}"]
+                            for name, run in runs.items() for i, a in enumerate(run["attempts"])],
+                           notes + ["met" if alloc["target_met"] else "NOT met: the last attempt was kept"]))
     return out
 
 

@@ -131,29 +131,45 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                                    progress)
             options = replace(options, prune=choice.config)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-    alloc, steer = None, None
+    alloc, steers, picked = None, [], None
     if options.target_flops is not None or options.target is not None:
         with stage("allocate"):
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress)
             if options.target_flops is not None:
                 alloc = allocate.allocate(curves, allocate.FlopsModel(view, groups), options.target_flops)
             else:
-                steer = _steering(view, groups, curves, original, options, progress)
-    for _ in range(options.target.attempts if steer else 1):
-        alloc = steer.allocation() if steer else alloc
+                steers = _steering(view, groups, curves, original, options, progress)
+
+    def prune_and_export(keep: dict[int, int] | None):
         with stage("prune"):
             result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter,
-                                 keep=alloc.keep if alloc else None)
+                                 keep=keep)
             if not result.outcomes:
                 raise NothingToPruneError(f"{model_path}: every channel group was left whole "
                                           f"({'; '.join(result.skipped.values())})")
         with stage("export"):
-            slim = slim_model(model.proto, groups, result.kept, result.layers)
-        if steer is None:
-            break
+            return result, slim_model(model.proto, groups, result.kept, result.layers)
+
+    if not steers:
+        result, slim = prune_and_export(alloc.keep if alloc else None)
+    else:
+        tried = {}
+        for steer in steers:
+            results = []
+            for _ in range(options.target.attempts):
+                alloc = steer.allocation()
+                if any(alloc.keep == earlier.keep for earlier, _, _ in results):
+                    break  # the prediction cannot tell this share from one already measured
+                results.append((alloc, *prune_and_export(alloc.keep)))
+                with stage("allocate"):
+                    if steer.record(alloc, _p50(results[-1][2].SerializeToString(), steer.session, steer.batch),
+                                    progress):
+                        break
+            tried[steer.name] = (steer, *results[steer.best])
         with stage("allocate"):
-            if steer.met(alloc, _p50(slim.SerializeToString(), steer.session, steer.batch), progress):
-                break
+            picked = _pick(tried, view, teacher, groups, shots.calib.x, options, layer_augmenter, progress)
+            steer, alloc, result, slim = tried[picked["chosen"]]
+            picked.update(steer.to_json())
     with stage("verify"):
         check_x = np.concatenate([shots.calib.x, evalset.x[:256]])
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
@@ -189,7 +205,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, final, verify_err, quality, timed, stages, output)
     rep["augmentation"] = augmenter.to_json()
-    rep["allocation"] = {**alloc.to_json(), **(steer.to_json() if steer else {})} if alloc else None
+    rep["allocation"] = {**alloc.to_json(), **(picked or {})} if alloc else None
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["quantization"] = quant.to_json() if quant else None
@@ -205,14 +221,32 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
 
 
 def _steering(view: GraphView, groups, curves: allocate.Curves, original: bytes, options: CompressOptions,
-              progress: Progress) -> latency.Steering:
-    """The latency goal in milliseconds and the per-layer table that predicts it."""
+              progress: Progress) -> list[latency.Steering]:
+    """The latency goal in milliseconds and the per-layer table that predicts it, for non-uniform
+    widths and for one ratio for all (the baseline the allocation has to beat)."""
     target = options.target
     session = SessionConfig(target.provider, options.threads)
     teacher_ms = _p50(original, session, target.batch)
     goal = target.latency_ms if target.latency_ms is not None else teacher_ms / target.speedup
     table = latency.build(view, allocate.FlopsModel(view, groups), teacher_ms, session, target.batch, progress)
-    return latency.Steering(table, curves, teacher_ms, goal, session, target.batch, asdict(target))
+    return [latency.Steering(table, curves, teacher_ms, goal, session, target.batch, asdict(target), uniform=u)
+            for u in (False, True)]
+
+
+def _pick(tried: dict, view: GraphView, teacher, groups, x: np.ndarray, options: CompressOptions,
+          augmenter, progress: Progress) -> dict:
+    """Of the widths that met the goal (all, if none did), the one closest to the teacher on
+    held-out shots: non-uniform widths are kept only where they beat one ratio for all."""
+    pool = {name: t for name, t in tried.items() if t[0].target_met} or tried
+    scores = choose.holdout_scores(view, teacher, groups, x, {n: (options.prune, t[1].keep) for n, t in pool.items()},
+                                   options.seed, augmenter, "latency target", progress) if len(pool) > 1 else {}
+    chosen = min(pool, key=lambda n: scores.get(n, 0.0))
+    progress(f"latency target: {chosen} widths chosen")
+    return {"chosen": chosen, "candidates": {
+        name: {"keep": {str(k): v for k, v in alloc.keep.items()}, "target_met": steer.target_met,
+               "attempts": steer.attempts, "kept_attempt": steer.best + 1,
+               "holdout_relative_squared_error": scores.get(name)}
+        for name, (steer, alloc, _, _) in tried.items()}}
 
 
 def _p50(model: bytes, session: SessionConfig, batch: int) -> float:

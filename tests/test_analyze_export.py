@@ -221,3 +221,24 @@ def test_flops_target_allocates_non_uniform_widths_and_meets_it(vgg_path):
     after = sum(c.flops for c in layer_costs(GraphView(out)))
     assert after == pytest.approx(alloc.share * flops.cost(full), rel=1e-6)  # the cost model is exact
     assert check_slim(out, result.student, x, ["logits"]) < 1e-4
+
+
+def test_removal_curves_are_scaled_to_what_each_group_does_to_the_output(vgg_path):
+    """At the uniform width, a group's curve reads the output loss of pruning that group alone."""
+    from pipeline.allocate import curves
+    from pipeline.convert import run_torch
+
+    model, view, groups = groups_of(vgg_path)
+    x, _ = make_data(3)
+    teacher = to_torch(model.proto)
+    config = PruneConfig()
+    c = curves(view, teacher, groups, x, config)
+    reference = run_torch(teacher, x)[0].astype(np.float64)
+    weights = []
+    for g in c.groups:
+        count = config.kept_count(g.size)
+        alone = run_torch(prune(view, teacher, groups, x, config, keep={g.id: count}).student, x)[0]
+        output_loss = np.mean((alone - reference) ** 2) / np.mean(reference ** 2)
+        assert c.loss[g.id][g.size - count] == pytest.approx(output_loss, rel=1e-6)
+        weights.append(output_loss)
+    assert len(set(np.round(weights, 12))) == len(weights)  # groups differ in what they do to the output

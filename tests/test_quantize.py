@@ -54,10 +54,10 @@ def test_shallow_layers_stay_float_only_where_measured_faster(vgg_path):
     for t in trials:
         assert t["kept_float"] == (t["float_ms"] < 0.95 * t["int8_ms"])
     assert all(t["kept_float"] for t in trials[:-1])  # the first layer float does not help ends the search
-    float_convs = {n.name for n in onnx.load_from_string(result.model).graph.node if n.op_type == "Conv"
+    float_layers = {n.name for n in onnx.load_from_string(result.model).graph.node if n.op_type in ("Conv", "Gemm")
                    and "DequantizeLinear" not in n.input[1]}
     assert result.float_for_speed == result.kept_float
-    assert {t["layer"] for t in trials if t["kept_float"]} <= float_convs
+    assert {t["layer"] for t in trials if t["kept_float"]} <= float_layers
 
 
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
