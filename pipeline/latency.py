@@ -107,10 +107,12 @@ class Steering:
         met = measured_ms <= self.goal_ms
         if met and (measured_ms >= self.close * self.goal_ms or self.share >= 1.0):
             return True
-        self.bounds[0 if met else 1] = self.share
+        # from the share these widths are predicted to cost: asking the same prediction for less
+        # than it already gave would return the same widths
+        self.bounds[0 if met else 1] = alloc.share
         low, high = self.bounds
         self.share = (low + high) / 2 if 0 < low and high < math.inf else \
-            min(1.0, self.share * self.goal_ms / measured_ms)
+            min(1.0, alloc.share * self.goal_ms / measured_ms)
         return False
 
     @property

@@ -83,8 +83,17 @@ def sections(report: dict) -> list[Section]:
                              f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}",
                              f"{a['goal_ms']:.3f}", f"{a['teacher_ms']:.3f}"]
                             for name, run in runs.items() for i, a in enumerate(run["attempts"])],
-                           notes + ["met" if alloc["target_met"] else "NOT met: the last attempt was kept"]))
+                           notes + [_met_note(alloc)]))
     return out
+
+
+def _met_note(alloc: dict) -> str:
+    together = alloc.get("timed_together")
+    if together:
+        ms = together["ms"].get(alloc["chosen"])
+        return (f"{'met' if alloc['target_met_timed_together'] else 'NOT met'} when timed with the teacher in one "
+                f"run: {ms:.3f} ms for {together['goal_ms']:.3f} ms asked")
+    return "met" if alloc["target_met"] else "NOT met: the fastest attempt was kept"
 
 
 def summary(report: dict) -> str:

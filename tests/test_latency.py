@@ -79,8 +79,11 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
             assert tries[run["kept_attempt"] - 1]["measured_ms"] == max(tries[i]["measured_ms"] for i in met)
         for a in tries:
             assert a["goal_ms"] == pytest.approx(a["teacher_ms"] / 1.3)
-    met = [name for name, run in runs.items() if run["target_met"]] or list(runs)
-    assert alloc["chosen"] == min(met, key=lambda n: runs[n]["holdout_relative_squared_error"] or 0.0)
+    together = alloc["timed_together"]  # the candidates and the teacher timed again in one run decide
+    met = [n for n in runs if together["ms"][n] <= together["goal_ms"]]
+    assert together["met"] == met and alloc["target_met_timed_together"] == (alloc["chosen"] in met)
+    assert together["goal_ms"] == pytest.approx(together["ms"]["teacher"] / 1.3)
+    assert alloc["chosen"] == min(met or runs, key=lambda n: runs[n]["holdout_relative_squared_error"] or 0.0)
     assert alloc["latency_model"]["layers"] >= 4 and alloc["keep"]
 
 
