@@ -6,10 +6,10 @@ relative loss after removing 1, 2, ... channels, on teacher statistics). A layer
 says little about the network's output: a layer whose error the next ones amplify costs more
 than the same loss elsewhere. So each curve is scaled by what it does end to end: the group is
 pruned alone to the uniform ratio, refit as usual, and the relative squared error of the model's
-outputs is divided by the curve's loss at that width. Then channels are taken, `step` at a time, from the group whose next removal costs the least loss per FLOP
-saved, until the model's cost reaches the target share. The cost is the linear layers' FLOPs
-(FlopsModel, exact) or a latency prediction (pipeline/latency.py). The real, sequential pruning
-then runs with those counts.
+outputs is divided by the curve's loss at that width. Then channels are taken, `step` at a time,
+from the group whose next removal costs the least loss per unit of cost saved, until the model's
+cost reaches the target share. The cost is the linear layers' FLOPs (FlopsModel, exact) or a
+latency prediction (pipeline/latency.py). The real, sequential pruning then runs with those counts.
 """
 from __future__ import annotations
 
