@@ -88,13 +88,13 @@ class Steering:
         decides, and a miss is reported."""
         if not self.uniform:
             return allocate(self.curves, self.model, self.share, "latency", strict=False)
-        full = self.model.cost({g.id: g.size for g in self.curves.groups})
+        sizes = {g.id: g.size for g in self.curves.groups}
+        full = self.model.cost(sizes)
         keep = {}
         for ratio in np.arange(1.0, 0.0, -0.01):
             keep = uniform(self.curves, float(ratio))
             if self.model.cost(keep) <= self.share * full:
                 break
-        sizes = {g.id: g.size for g in self.curves.groups}
         return Allocation({k: v for k, v in keep.items() if v < sizes[k]}, self.share,
                           self.model.cost(keep) / full, "latency, one ratio")
 

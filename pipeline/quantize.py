@@ -105,10 +105,11 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
         result = QuantResult(data, error, agreement)
         # Every op quantized is fastest (int8 flows between layers); if keeping whole layers in float
         # cannot meet the budget that way, the tensors between them stay float too (linear ops only).
-        ops = None
-        for ops in (None, list(LINEAR)):
+        ops = None  # op types quantized (None: all); the speed check below quantizes the same
+        for trial_ops in (None, list(LINEAR)):
             if result.error <= config.max_error:
                 break
+            ops = trial_ops
             result.sensitivity = {layer: run([], only=[layer], ops=ops)[1] for layer in layers}
             result.kept_float = []
             for layer in sorted(layers, key=result.sensitivity.get, reverse=True):
@@ -117,9 +118,6 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
                 progress(f"int8: {layer} kept in float, relative error {result.error:.4f}")
                 if result.error <= config.max_error:
                     break
-            else:
-                continue
-            break
         if config.speed_provider:
             _float_where_faster(result, lambda exclude: run(exclude, ops=ops),
                                 _shallow(proto, set(result.kept_float)), config, progress)
