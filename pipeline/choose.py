@@ -19,6 +19,7 @@ from pipeline.convert import TorchModel, run_torch
 from pipeline.graph import GraphView
 
 HOLDOUT = 0.25  # share of the shots set aside to score candidates (at least one sample)
+MIN_SAMPLES = 2  # one to fit, one to hold out: fewer, and candidates cannot be compared
 MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (0.5,), "layerwise": (0.6,)}
 AUTO_METHODS = ("cross", "soft", "layerwise")
 

@@ -126,7 +126,9 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     layer_augmenter = augmenter if options.prune.method != "l1" else None
     choice = None
     candidates = choose.candidates(options.prune, options.auto_method, options.auto_mu)
-    if len(candidates) > 1:
+    if len(candidates) > 1 and len(shots.calib.x) < choose.MIN_SAMPLES:
+        progress(f"auto: one sample, none to hold out; {options.prune.method} mu={options.prune.mu}")
+    elif len(candidates) > 1:
         with stage("choose"):
             choice = choose.choose(view, teacher, groups, shots.calib.x, candidates, options.seed, layer_augmenter,
                                    progress)
@@ -249,7 +251,8 @@ def _pick(tried: dict, original: bytes, view: GraphView, teacher, groups, x: np.
     met = [n for n in tried if ms.get(n, math.inf) <= goal]
     pool = met or list(tried)
     scores = choose.holdout_scores(view, teacher, groups, x, {n: (options.prune, tried[n][1].keep) for n in pool},
-                                   options.seed, augmenter, "latency target", progress) if len(pool) > 1 else {}
+                                   options.seed, augmenter, "latency target", progress) \
+        if len(pool) > 1 and len(x) >= choose.MIN_SAMPLES else {}
     chosen = min(pool, key=lambda n: scores.get(n, 0.0))
     progress(f"latency target: {chosen} widths chosen")
     return {"chosen": chosen, "timed_together": {"ms": ms, "goal_ms": goal, "met": met},

@@ -58,6 +58,15 @@ def test_json_flag_prints_the_report(vgg_path, npz_path, tmp_path):
     assert rep["config"]["method"] == "layerwise" and rep["data"]["calibration_samples"] == 20
 
 
+def test_one_sample_with_the_auto_default_prunes_without_a_holdout(vgg_path, npz_path, tmp_path):
+    """--method auto compares candidates on held-out samples; with one sample there are none."""
+    res = run("compress", vgg_path, "--data", npz_path, "--samples", 1, "-o", tmp_path / "s.onnx",
+              "--no-bench", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["auto"] is None and rep["config"]["method"] == "cross" and rep["config"]["mu"] == 0.6
+
+
 def test_bench_reports_missing_provider_instead_of_falling_back(vgg_path):
     res = run("bench", vgg_path, vgg_path, "--providers", "cpu,cuda", "--batch", "2", "--runs", 3, "--json")
     assert res.exit_code == 0, res.output
