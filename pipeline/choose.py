@@ -48,22 +48,37 @@ def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     return Choice(named[min(scores, key=scores.get)], scores)
 
 
+class HoldOut:
+    """Prunes from most of the shots and scores the student on the rest: the same split for
+    every candidate, so their scores compare."""
+
+    def __init__(self, view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray, seed: int,
+                 augmenter: Augmenter | None):
+        order = np.random.default_rng(seed).permutation(len(x))
+        held = max(1, int(round(HOLDOUT * len(x))))
+        self.fit, self.check = x[np.sort(order[held:])], x[np.sort(order[:held])]
+        if augmenter is not None:
+            self.check = np.concatenate(list(augmenter.variants(self.check, 0)))
+        self.view, self.teacher, self.groups, self.augmenter = view, teacher, groups, augmenter
+        self.reference = run_torch(teacher, self.check)
+
+    def score(self, config: prune.PruneConfig, keep: dict[int, int] | None = None) -> float:
+        """Relative squared output error on the held-out inputs (the worst output's)."""
+        student = prune.prune(self.view, self.teacher, self.groups, self.fit, config, augmenter=self.augmenter,
+                              keep=keep).student
+        return max(_nmse(r, s) for r, s in zip(self.reference, run_torch(student, self.check)))
+
+
 def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
                    runs: dict[str, tuple[prune.PruneConfig, dict[int, int] | None]], seed: int,
                    augmenter: Augmenter | None, label: str,
                    progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
     """Relative squared output error on held-out shots of each (config, widths) pruned from the rest."""
-    order = np.random.default_rng(seed).permutation(len(x))
-    held = max(1, int(round(HOLDOUT * len(x))))
-    fit, check = x[np.sort(order[held:])], x[np.sort(order[:held])]
-    if augmenter is not None:
-        check = np.concatenate(list(augmenter.variants(check, 0)))
-    reference = run_torch(teacher, check)
+    holdout = HoldOut(view, teacher, groups, x, seed, augmenter)
     scores: dict[str, float] = {}
     for name, (config, keep) in runs.items():
-        student = prune.prune(view, teacher, groups, fit, config, augmenter=augmenter, keep=keep).student
-        scores[name] = max(_nmse(r, s) for r, s in zip(reference, run_torch(student, check)))
-        progress(f"{label}: {name}: relative squared error {scores[name]:.4f} on {len(check)} held-out inputs")
+        scores[name] = holdout.score(config, keep)
+        progress(f"{label}: {name}: relative squared error {scores[name]:.4f} on {len(holdout.check)} held-out inputs")
     return scores
 
 

@@ -162,6 +162,10 @@ def prune_options(fn):
                      show_default=True, help="Where a latency target is measured."),
         click.option("--target-batch", type=click.IntRange(1), default=1, show_default=True,
                      help="Batch size a latency target is measured at."),
+        click.option("--target-refine", type=click.IntRange(0), default=24, show_default=True,
+                     help="Prunings on held-out shots spent refining a latency target's widths by local search "
+                     "from one ratio for all (width moved to where narrowing hurts most per millisecond); "
+                     "0 turns it off."),
         click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="auto",
                      show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
                      "plain regression of the student on the teacher; soft: regression from a mix of "
@@ -344,7 +348,8 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
 
 
 def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to,
-             target_flops, target_speedup, target_latency_ms, target_provider, target_batch, pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
+             target_flops, target_speedup, target_latency_ms, target_provider, target_batch, target_refine,
+             pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
     from pipeline.prune import PruneConfig
@@ -356,7 +361,8 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         raise UsageError(f"give one target, not {' and '.join(given)}")
     target = None
     if target_speedup is not None or target_latency_ms is not None:
-        target = LatencyTarget(target_speedup, target_latency_ms, target_provider, target_batch)
+        target = LatencyTarget(target_speedup, target_latency_ms, target_provider, target_batch,
+                               refine_evals=target_refine)
 
     overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
     # "--method cross" alone means the usual cross (mu 0.6); mu is searched when asked for or with auto

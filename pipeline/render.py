@@ -83,8 +83,16 @@ def sections(report: dict) -> list[Section]:
                              f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}",
                              f"{a['goal_ms']:.3f}", f"{a['teacher_ms']:.3f}"]
                             for name, run in runs.items() for i, a in enumerate(run["attempts"])],
-                           notes + [_met_note(alloc)]))
+                           notes + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]))
     return out
+
+
+def _refine_note(refinement: dict | None) -> list[str]:
+    if not refinement:
+        return []
+    moves = "; ".join(m["move"] for m in refinement["moves"]) or "no move beat one ratio for all"
+    return [f"refined by local search ({refinement['evaluations']} held-out prunings, "
+            f"{len(refinement['misses'])} trades over the time allowed): {moves}"]
 
 
 def _met_note(alloc: dict) -> str:

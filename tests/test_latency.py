@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import analyze, latency, load
+from pipeline import analyze, latency, load, render
 from pipeline.allocate import FlopsModel
 from pipeline.cli import main
 from pipeline.graph import GraphView
@@ -64,27 +64,41 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
                                     "--quiet"])
     assert res.exit_code == 0, res.output
     alloc = json.loads(report.read_text())["allocation"]
-    assert alloc["cost"] == "latency" and alloc["target"]["speedup"] == 1.3 and alloc["target"]["batch"] == 4
+    assert alloc["cost"].startswith("latency") and alloc["target"]["speedup"] == 1.3 and alloc["target"]["batch"] == 4
     runs = alloc["candidates"]
-    assert set(runs) == {"allocated", "uniform"} and alloc["attempts"] == runs[alloc["chosen"]]["attempts"]
+    assert set(runs) - {"refined"} == {"allocated", "uniform"}
+    assert alloc["attempts"] == runs[alloc["chosen"]]["attempts"]
+    refined = alloc["refinement"]  # local search from the uniform widths, every move scored on held-out shots
+    assert all(refined["start"][k] == v for k, v in runs["uniform"]["keep"].items())
+    assert 1 <= refined["evaluations"] <= 24
+    assert refined["start_holdout_relative_squared_error"] == runs["uniform"]["holdout_relative_squared_error"]
+    if "refined" in runs:  # only widths that beat the start become a candidate
+        assert runs["refined"]["holdout_relative_squared_error"] == refined["holdout_relative_squared_error"]
+        assert refined["holdout_relative_squared_error"] < refined["start_holdout_relative_squared_error"]
+        assert refined["moves"] and refined["confirmation"]["kept"]  # and beat it on a second split
+    else:  # no move helped, or the second split did not confirm them
+        assert refined["keep"] == refined["start"] and (not refined["moves"] or not refined["confirmation"]["kept"])
     for run in runs.values():
-        tries, goal = run["attempts"], run["attempts"][0]["goal_ms"]
-        for a in tries[:-1]:  # another round only after a miss or a result well under the goal
-            assert a["measured_ms"] > goal or a["measured_ms"] < 0.95 * goal
+        tries = run["attempts"]  # each timed with the teacher in one run, aimed a margin under the goal
+        for a in tries:
+            assert a["goal_ms"] == pytest.approx(a["teacher_ms"] / 1.3) and a["aim_ms"] == pytest.approx(0.97 * a["goal_ms"])
+        for a in tries[:-1]:  # another round only after a miss or a result well under the aim
+            assert a["measured_ms"] > a["aim_ms"] or a["measured_ms"] < 0.95 * a["aim_ms"]
         shares = [a["predicted_share"] for a in tries]
         assert len(set(shares)) == len(shares) and len(tries) <= 3
-        met = [i for i, a in enumerate(tries) if a["measured_ms"] <= goal]
+        met = [i for i, a in enumerate(tries) if a["measured_ms"] <= a["aim_ms"]]
         assert run["target_met"] == bool(met)
-        if met:  # the slowest attempt that met the goal is kept: it pruned least
-            assert tries[run["kept_attempt"] - 1]["measured_ms"] == max(tries[i]["measured_ms"] for i in met)
-        for a in tries:
-            assert a["goal_ms"] == pytest.approx(a["teacher_ms"] / 1.3)
+        if met:  # the slowest attempt (against its teacher) that met its aim is kept: it pruned least
+            ratio = lambda a: a["measured_ms"] / a["teacher_ms"]
+            assert ratio(tries[run["kept_attempt"] - 1]) == max(ratio(tries[i]) for i in met)
     together = alloc["timed_together"]  # the candidates and the teacher timed again in one run decide
     met = [n for n in runs if together["ms"][n] <= together["goal_ms"]]
     assert together["met"] == met and alloc["target_met_timed_together"] == (alloc["chosen"] in met)
     assert together["goal_ms"] == pytest.approx(together["ms"]["teacher"] / 1.3)
     assert alloc["chosen"] == min(met or runs, key=lambda n: runs[n]["holdout_relative_squared_error"] or 0.0)
     assert alloc["latency_model"]["layers"] >= 4 and alloc["keep"]
+    text = render.markdown(json.loads(report.read_text()))  # every candidate's rounds and the search, readable
+    assert all(f"| {name} |" in text for name in runs) and "refined by local search" in text
 
 
 def test_two_targets_are_refused(vgg_path, npz_path, tmp_path):

@@ -1,0 +1,86 @@
+"""Local search of widths for a latency target, on known cost and error functions."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from pipeline.allocate import Curves
+from pipeline.refine import GAIN, refine
+
+SIZES = {0: 32, 1: 32, 2: 32}
+PRICE = {0: 3.0, 1: 1.0, 2: 1.0}  # cost per channel: group 0 sits at a high resolution
+HARM = {0: 0.1, 1: 1.0, 2: 0.01}  # error per removed channel squared: group 1 matters most
+START = {0: 16, 1: 16, 2: 16}
+
+
+def curves() -> Curves:
+    groups = [SimpleNamespace(id=g, size=s) for g, s in SIZES.items()]
+    return Curves(groups, {g: 8 for g in SIZES}, {g: np.zeros(1) for g in SIZES}, {g: 8 for g in SIZES})
+
+
+def cost(keep: dict[int, int]) -> float:
+    return sum(PRICE[g] * keep[g] for g in keep)
+
+
+def error(keep: dict[int, int]) -> float:
+    return sum(HARM[g] * (SIZES[g] - keep[g]) ** 2 for g in keep)
+
+
+class Counted:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, keep):
+        self.calls.append(dict(keep))
+        return self.fn(keep)
+
+
+def test_width_moves_to_where_narrowing_hurts_most_within_the_budget():
+    score, budget = Counted(error), cost(START)
+    result = refine(curves(), START, budget, cost, score, 24, lambda keep: cost(keep) / budget, error)
+    assert result.start == START and result.start_score == error(START)
+    assert result.score == error(result.keep) < (1 - GAIN) * error(START)
+    assert result.keep[1] > START[1] and result.keep[2] < START[2]  # from the least to the most sensitive
+    assert cost(result.keep) <= budget and result.confirmation["kept"]
+    assert result.evaluations == len(score.calls) <= 24
+    scores = [m["holdout_relative_squared_error"] for m in result.moves]
+    assert scores == sorted(scores, reverse=True) and scores[-1] == result.score
+
+
+def test_a_trade_measured_over_the_time_allowed_is_never_kept():
+    budget = cost(START)
+    slow = lambda keep: 1.2 if keep[1] > START[1] else cost(keep) / budget  # group 1 wider: slower than predicted
+    result = refine(curves(), START, budget, cost, error, 24, slow, error)
+    assert result.misses and all(m["measured_over_allowed"] > 1 for m in result.misses)
+    assert result.keep[1] <= START[1] and slow(result.keep) <= 1.0
+
+
+def test_the_start_is_kept_when_no_move_helps_and_the_evaluations_are_capped():
+    score = Counted(lambda keep: sum(abs(keep[g] - START[g]) for g in keep) + 1.0)
+    result = refine(curves(), START, cost(START), cost, score, 24, lambda keep: 0.5, score)
+    assert result.keep == START and result.score == result.start_score and not result.moves
+    capped = Counted(error)
+    assert refine(curves(), START, cost(START), cost, capped, 3, lambda keep: 0.5, error).evaluations == 3
+    assert len(capped.calls) == 3
+
+
+def test_only_the_groups_whose_step_saves_most_are_probed():
+    sizes = {g: 32 for g in range(8)}
+    groups = [SimpleNamespace(id=g, size=32) for g in sizes]
+    many = Curves(groups, {g: 8 for g in sizes}, {g: np.zeros(1) for g in sizes}, {g: 8 for g in sizes})
+    price = lambda keep: sum((g + 1) * keep[g] for g in keep)  # group 7 saves most per step
+    score = Counted(lambda keep: 1.0 + sum(32 - keep[g] for g in keep))
+    start = {g: 16 for g in sizes}
+    refine(many, start, price(start), price, score, 12, lambda keep: 0.5, score)
+    narrowed = [next(g for g in sizes if call[g] < 16) for call in score.calls[1:5]]
+    assert narrowed == [7, 6, 5, 4]  # max(4, 12 // 3) probes, biggest saving first
+
+
+def test_a_result_the_second_split_does_not_confirm_is_dropped():
+    budget = cost(START)
+    fooled = lambda keep: error(START) + 1.0 if keep != START else error(START)  # the second split disagrees
+    result = refine(curves(), START, budget, cost, error, 24, lambda keep: cost(keep) / budget, fooled)
+    assert result.moves and result.confirmation == {"start": error(START), "refined": error(START) + 1.0,
+                                                    "kept": False}
+    assert result.keep == START and result.score == result.start_score
