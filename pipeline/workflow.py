@@ -181,12 +181,13 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                     cut = prune.prune(view, teacher, groups, shots.calib.x[:1], quick, keep=keep)
                     return slim_model(model.proto, groups, cut.kept, cut.layers).SerializeToString()
 
-                refinement = _refine(uniform, tried[uniform.name], original, timing_model, view, teacher, groups,
-                                     shots.calib.x, options, layer_augmenter, progress)
-                known = {uniform.name: refinement.start_score, "refined": refinement.score}
+                refinement = _refine(uniform, tried[uniform.name].alloc.keep, original, timing_model, view, teacher,
+                                     groups, shots.calib.x, options, layer_augmenter, progress)
+                known = {uniform.name: refinement.start_score}
             if refinement.keep != refinement.start:
                 tried["refined"] = _refined(uniform, refinement, original, options,
                                             *prune_and_export(refinement.keep))
+                known["refined"] = refinement.score
         with stage("allocate"):
             picked = _pick(tried, original, view, teacher, groups, shots.calib.x, options, layer_augmenter,
                            known, progress)
@@ -267,7 +268,7 @@ class _Candidate:
     info: dict  # target_met, attempts, kept_attempt, ...
 
 
-def _refine(start: latency.Steering, candidate: _Candidate, original: bytes,
+def _refine(start: latency.Steering, start_keep: dict[int, int], original: bytes,
             timing_model: Callable[[dict[int, int]], bytes], view: GraphView, teacher, groups, x: np.ndarray,
             options: CompressOptions, augmenter, progress: Progress) -> refine.Refinement:
     """Local search from the widths one ratio for all reached. Their measured room under the
@@ -275,7 +276,7 @@ def _refine(start: latency.Steering, candidate: _Candidate, original: bytes,
     before it is scored, since the per-layer prediction can be off by 10-20% for one width
     change and a teacher timed minutes earlier by as much."""
     sizes = {g.id: g.size for g in start.curves.groups}
-    full = {**sizes, **candidate.alloc.keep}
+    full = {**sizes, **start_keep}
     room = max(1.0, start.aim_ms / start.attempts[start.best]["measured_ms"])
 
     def measure(keep: dict[int, int]) -> float:
@@ -339,8 +340,7 @@ def _pick(tried: dict[str, _Candidate], original: bytes, view: GraphView, teache
 def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: int) -> tuple[float, float]:
     """Median latency of a candidate and of the teacher, timed in one run: what a latency target
     is steered by (the same teacher timed minutes apart drifts by 10-25% here). Twenty runs in a
-    row per round: at batch 1 a model of 0.2 ms timed 6 at a time read 15% slower against its
-    teacher than in a longer run."""
+    row per round: at batch 1 the models take 0.2-0.5 ms, and blocks of six were noisier."""
     timing = bench.bench([("teacher", original), ("model", model)], [session.provider], [batch], runs=60, rounds=3,
                          threads=session.threads)
     ms = {t.model: t.p50_ms for t in timing.timings}
@@ -348,7 +348,8 @@ def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: 
 
 
 def _p50(model: bytes, session: SessionConfig, batch: int) -> float:
-    """Median latency of one model alone: the quick measurement a latency target is steered by."""
+    """Median latency of the teacher alone, before anything is pruned: it scales the per-layer
+    table, and a provider that cannot run stops the target here with a clear error."""
     timing = bench.bench([("model", model)], [session.provider], [batch], runs=30, rounds=3,
                          threads=session.threads)
     if not timing.timings:
