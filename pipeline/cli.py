@@ -155,7 +155,7 @@ def prune_options(fn):
                      help="Instead of --ratio: be this many times faster than the original, measured on "
                      "--target-provider at --target-batch. Channels go where the solver's loss per millisecond "
                      "saved (from a cached per-layer latency table) is lowest; the result is timed and the "
-                     "target tightened if it was missed (3 rounds at most)."),
+                     "target tightened if it was missed (4 rounds at most)."),
         click.option("--target-latency-ms", type=click.FloatRange(0, min_open=True),
                      help="Like --target-speedup, with a latency in milliseconds as the goal."),
         click.option("--target-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",

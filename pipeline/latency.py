@@ -28,6 +28,7 @@ from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig, cache_dir, make_session
 
 GRID = (1.0, 0.75, 0.5, 0.25, 0.125)  # shares of a layer's channels timed on each varying axis
+RATIO_STEP = 0.05  # one ratio for all: a bracket of measured ratios this narrow ends the search
 RUNS, WARMUP, MAX_SECONDS = 15, 3, 0.5  # per grid point: median of RUNS, or fewer past MAX_SECONDS
 
 
@@ -61,7 +62,8 @@ class LatencyModel:
 class Steering:
     """Allocations for a measured goal: predict, prune, measure; after a miss ask the prediction
     for that much less, after a result well under the goal for more, and once both are known,
-    bisect. Misses and hits count against the aim, a margin under the goal. The attempt kept is
+    bisect. One ratio for all bisects the ratio itself once one has met, toward the widest that
+    does. Misses and hits count against the aim, a margin under the goal. The attempt kept is
     the slowest that met the aim (it pruned least)."""
 
     model: LatencyModel
@@ -80,6 +82,8 @@ class Steering:
         self.aim_ms = self.goal_ms * (1 - self.margin)
         self.share = self.aim_ms / self.teacher_ms
         self.bounds = [0.0, math.inf]  # predicted shares known to meet / to miss the goal
+        self.ratios = [0.0, 1.0]  # one ratio for all: widest known to meet / narrowest known to miss
+        self.ratio = 1.0  # the one ratio of the last allocation
 
     @property
     def name(self) -> str:
@@ -93,11 +97,15 @@ class Steering:
             return allocate(self.curves, self.model, self.share, "latency", strict=False)
         sizes = {g.id: g.size for g in self.curves.groups}
         full = self.model.cost(sizes)
-        keep = {}
-        for ratio in np.arange(1.0, 0.0, -0.01):
-            keep = uniform(self.curves, float(ratio))
-            if self.model.cost(keep) <= self.share * full:
-                break
+        if self.ratios[0] > 0:  # a ratio met the aim: bisect toward the widest that does, by measurement
+            self.ratio = sum(self.ratios) / 2
+            keep = uniform(self.curves, self.ratio)
+        else:
+            for ratio in np.arange(1.0, 0.0, -0.01):
+                self.ratio = float(ratio)
+                keep = uniform(self.curves, self.ratio)
+                if self.model.cost(keep) <= self.share * full:
+                    break
         return Allocation({k: v for k, v in keep.items() if v < sizes[k]}, self.share,
                           self.model.cost(keep) / full, "latency, one ratio")
 
@@ -110,12 +118,20 @@ class Steering:
             self.teacher_ms, self.goal_ms = teacher_ms, teacher_ms / self.target["speedup"]
             self.aim_ms = self.goal_ms * (1 - self.margin)
         self.attempts.append({"predicted_share": self.share, "predicted_ms": alloc.share * self.teacher_ms,
+                              "ratio": self.ratio if self.uniform else None,
                               "measured_ms": measured_ms, "teacher_ms": teacher_ms, "goal_ms": self.goal_ms,
                               "aim_ms": self.aim_ms})
         progress(f"latency target ({self.name} widths): {measured_ms:.3f} ms measured for {self.goal_ms:.3f} ms "
                  f"asked (teacher {teacher_ms:.3f} ms in the same run, attempt {len(self.attempts)})")
         met = measured_ms <= self.aim_ms
-        if met and (measured_ms >= self.close * self.aim_ms or self.share >= 1.0):
+        if self.uniform:
+            # where latency barely changes with width, "close to the aim" says nothing about how
+            # much wider one ratio could be: stop on a narrow bracket of measured ratios instead
+            self.ratios = [max(self.ratios[0], self.ratio), self.ratios[1]] if met else \
+                [self.ratios[0], min(self.ratios[1], self.ratio)]
+            if met and self.ratios[1] - self.ratios[0] <= RATIO_STEP:
+                return True
+        elif met and (measured_ms >= self.close * self.aim_ms or self.share >= 1.0):
             return True
         # from the share these widths are predicted to cost: asking the same prediction for less
         # than it already gave would return the same widths
@@ -127,10 +143,12 @@ class Steering:
 
     @property
     def best(self) -> int:
-        """Index of the attempt to keep: the slowest (against its teacher) that met its aim, else
-        the fastest."""
+        """Index of the attempt to keep: of those that met their aim the widest one ratio for all,
+        or the slowest allocation (against its teacher), since it pruned least; else the fastest."""
         met = [i for i, a in enumerate(self.attempts) if a["measured_ms"] <= a["aim_ms"]]
         key = lambda i: self.attempts[i]["measured_ms"] / self.attempts[i]["teacher_ms"]
+        if met and self.uniform:
+            return max(met, key=lambda i: self.attempts[i]["ratio"])
         return max(met, key=key) if met else min(range(len(self.attempts)), key=key)
 
     @property

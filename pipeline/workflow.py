@@ -65,7 +65,7 @@ class LatencyTarget:
     latency_ms: float | None = None
     provider: str = "cpu"
     batch: int = 1
-    attempts: int = 3  # prune-and-measure rounds, each correcting the predicted target by the miss
+    attempts: int = 4  # prune-and-measure rounds per candidate, each correcting by what was measured
     refine_evals: int = 24  # held-out prunings spent refining the widths by local search; 0: none
 
 
