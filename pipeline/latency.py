@@ -64,7 +64,8 @@ class Steering:
     for that much less, after a result well under the goal for more, and once both are known,
     bisect. One ratio for all bisects the ratio itself once one has met, toward the widest that
     does. Misses and hits count against the aim, a margin under the goal. The attempt kept is
-    the slowest that met the aim (it pruned least)."""
+    the one that pruned least among those that met the aim: the widest ratio, or the slowest
+    allocation against its teacher."""
 
     model: LatencyModel
     curves: Curves

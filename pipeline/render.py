@@ -91,6 +91,8 @@ def _refine_note(refinement: dict | None) -> list[str]:
     if not refinement:
         return []
     moves = "; ".join(m["move"] for m in refinement["moves"]) or "no move beat one ratio for all"
+    if refinement.get("confirmation") and not refinement["confirmation"]["kept"]:
+        moves += " (not confirmed on a second split of the shots: one ratio for all kept)"
     return [f"refined by local search ({refinement['evaluations']} held-out prunings, "
             f"{len(refinement['misses'])} trades over the time allowed): {moves}"]
 

@@ -81,3 +81,12 @@ def test_report_refuses_what_is_not_a_report(tmp_path):
     bad.write_text('{"hello": 1}')
     res = run("report", bad)
     assert res.exit_code == 2 and "not a crossprune report" in res.output
+
+
+def test_an_unconfirmed_refinement_says_one_ratio_for_all_was_kept():
+    from pipeline.render import _refine_note
+    refinement = {"evaluations": 12, "misses": [], "moves": [{"move": "group 2 narrowed to 24"}],
+                  "confirmation": {"start": 0.030, "refined": 0.035, "kept": False}}
+    assert "not confirmed" in _refine_note(refinement)[0]
+    refinement["confirmation"]["kept"] = True
+    assert "not confirmed" not in _refine_note(refinement)[0] and "group 2 narrowed to 24" in _refine_note(refinement)[0]
