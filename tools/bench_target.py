@@ -5,7 +5,8 @@ shots pruned with uniform ratios. All slim models and the teacher are then timed
 (CPU, medians), and the uniform ratios' quality is interpolated at the speedup the target run
 reached, so both are compared at equal measured speed. Quality: top-1 accuracy where labels
 exist (the demo; the trained paper-protocol teachers vgg16 and resnet56 on 2000 Fashion-MNIST
-test images, K=5 shots, needs the dataset-fashion-mnist package), otherwise relative output
+test images, K=5 shots, needs the dataset-fashion-mnist package; resnet56-all also prunes the
+channels the residual adds couple), otherwise relative output
 error against the teacher on held-out inputs (zoo models with random weights, 64x64, --scope
 all). The relative output error is recorded for every model.
 
@@ -32,7 +33,8 @@ import bench_paper  # noqa: E402
 from tests.zoo import export_zoo  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
-PAPER = {"vgg16": dict(exclude=("*Gemm*",)), "resnet56": dict(scope="internal")}  # tools/teachers, as bench_paper
+PAPER = {"vgg16": ("vgg16", dict(exclude=("*Gemm*",))), "resnet56": ("resnet56", dict(scope="internal")),
+         "resnet56-all": ("resnet56", dict(scope="all"))}  # name -> (tools/teachers file, prune settings), as bench_paper
 RATIOS = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
@@ -43,8 +45,9 @@ def setups(folder: Path, names: list[str]) -> dict[str, tuple[Path, CompressOpti
                        CompressOptions(data=ASSETS / "demo_shots", shots=5, eval_data=ASSETS / "demo_eval.npz"))
     for name in set(names) & set(PAPER):  # trained on Fashion-MNIST: real shots, real accuracy
         shots, test = bench_paper.write_shots(folder, 5, 0), bench_paper.write_eval(folder, 2000)
-        out[name] = (ROOT / "tools" / "teachers" / f"{name}.onnx",
-                     CompressOptions(data=shots, shots=5, eval_data=test, prune=PruneConfig(**PAPER[name])))
+        teacher, prune = PAPER[name]
+        out[name] = (ROOT / "tools" / "teachers" / f"{teacher}.onnx",
+                     CompressOptions(data=shots, shots=5, eval_data=test, prune=PruneConfig(**prune)))
     x = np.random.default_rng(0).standard_normal((40, 3, 64, 64)).astype(np.float32)
     x = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 3, 1, 1).numpy() * 2
     np.savez(folder / "shots.npz", x=x[:16])
