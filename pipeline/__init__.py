@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _API = {"compress": "pipeline.workflow", "CompressOptions": "pipeline.workflow",
-        "CompressResult": "pipeline.workflow", "LatencyTarget": "pipeline.workflow", "PruneConfig": "pipeline.prune",
+        "CompressResult": "pipeline.workflow", "LatencyTarget": "pipeline.target", "PruneConfig": "pipeline.prune",
         "FinetuneConfig": "pipeline.finetune"}
 __all__ = list(_API)
 

@@ -353,7 +353,8 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
     from pipeline.prune import PruneConfig
-    from pipeline.workflow import CompressOptions, LatencyTarget
+    from pipeline.target import LatencyTarget
+    from pipeline.workflow import CompressOptions
 
     given = [f"--{n}" for n, v in (("target-flops", target_flops), ("target-speedup", target_speedup),
                                    ("target-latency-ms", target_latency_ms)) if v is not None]

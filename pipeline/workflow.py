@@ -6,7 +6,6 @@ slim model has passed verification.
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -19,11 +18,11 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, latency, limits, load,
-                      prune, quantize, refine, report, verify)
+from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, limits, load, prune,
+                      quantize, report, target, verify)
 from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
-from pipeline.runtime import SessionConfig
+from pipeline.target import LatencyTarget
 
 MAX_EVAL = 5000  # held-out samples used for quality and verification at most
 
@@ -51,22 +50,10 @@ class CompressOptions:
     auto_method: bool = False  # --method auto: pick cross/soft/layerwise on held-out shots
     auto_mu: bool = False  # --mu auto: pick mu the same way
     target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
-    target: "LatencyTarget | None" = None  # a measured speedup or latency instead (overrides ratio)
+    target: LatencyTarget | None = None  # a measured speedup or latency instead (overrides ratio)
     finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
-
-
-@dataclass(frozen=True)
-class LatencyTarget:
-    """--target-speedup / --target-latency-ms, measured on one provider and batch size."""
-
-    speedup: float | None = None
-    latency_ms: float | None = None
-    provider: str = "cpu"
-    batch: int = 1
-    attempts: int = 4  # prune-and-measure rounds per candidate, each correcting by what was measured
-    refine_evals: int = 24  # held-out prunings spent refining the widths by local search; 0: none
 
 
 @dataclass
@@ -102,6 +89,8 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         model, original = _open(model_path, options, output)
     if options.min_speedup is not None and not (options.providers and options.batches):
         raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
+    if options.target_flops is not None and options.target is not None:
+        raise UsageError("give one target: --target-flops or a latency target, not both")
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
         if options.max_accuracy_drop is not None and evalset.y is None:
@@ -135,14 +124,12 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
                                    progress)
             options = replace(options, prune=choice.config)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-    alloc, steers, picked = None, [], None
+    alloc, picked = None, None
     if options.target_flops is not None or options.target is not None:
         with stage("allocate"):
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress)
             if options.target_flops is not None:
                 alloc = allocate.allocate(curves, allocate.FlopsModel(view, groups), options.target_flops)
-            else:
-                steers = _steering(view, groups, curves, original, options, progress)
 
     def prune_and_export(keep: dict[int, int] | None):
         with stage("prune"):
@@ -154,47 +141,19 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         with stage("export"):
             return result, slim_model(model.proto, groups, result.kept, result.layers)
 
-    if not steers:
+    def timing_model(keep: dict[int, int]) -> bytes:
+        """Widths alone decide latency: magnitude pruning on one shot, no solve."""
+        cut = prune.prune(view, teacher, groups, shots.calib.x[:1], replace(options.prune, method="l1"), keep=keep)
+        return slim_model(model.proto, groups, cut.kept, cut.layers).SerializeToString()
+
+    if options.target is None:
         result, slim = prune_and_export(alloc.keep if alloc else None)
     else:
-        tried: dict[str, _Candidate] = {}
-        for steer in steers:
-            results = []
-            for _ in range(options.target.attempts):
-                alloc = steer.allocation()
-                if any(alloc.keep == earlier.keep for earlier, _, _ in results):
-                    break  # the prediction cannot tell this share from one already measured
-                results.append((alloc, *prune_and_export(alloc.keep)))
-                with stage("allocate"):
-                    if steer.record(alloc, *_with_teacher(original, results[-1][2].SerializeToString(),
-                                                          steer.session, steer.batch), progress):
-                        break
-            tried[steer.name] = _Candidate(*results[steer.best], steer.to_json())
-        known: dict[str, float] = {}
-        refinement = None
-        if options.target.refine_evals and len(shots.calib.x) >= choose.MIN_SAMPLES:
-            with stage("refine"):
-                uniform = steers[-1]
-                quick = replace(options.prune, method="l1")  # widths alone decide latency: no solve needed
-
-                def timing_model(keep: dict[int, int]) -> bytes:
-                    cut = prune.prune(view, teacher, groups, shots.calib.x[:1], quick, keep=keep)
-                    return slim_model(model.proto, groups, cut.kept, cut.layers).SerializeToString()
-
-                refinement = _refine(uniform, tried[uniform.name].alloc.keep, original, timing_model, view, teacher,
-                                     groups, shots.calib.x, options, layer_augmenter, progress)
-                known = {uniform.name: refinement.start_score}
-            if refinement.keep != refinement.start:
-                tried["refined"] = _refined(uniform, refinement, original, options,
-                                            *prune_and_export(refinement.keep))
-                known["refined"] = refinement.score
-        with stage("allocate"):
-            picked = _pick(tried, original, view, teacher, groups, shots.calib.x, options, layer_augmenter,
-                           known, progress)
-            chosen = tried[picked["chosen"]]
-            alloc, result, slim = chosen.alloc, chosen.result, chosen.slim
-            picked.update(chosen.info)
-            picked["refinement"] = refinement.to_json() if refinement else None
+        problem = target.Problem(view, teacher, groups, shots.calib.x, options.prune, options.seed, layer_augmenter,
+                                 options.threads)
+        found = target.search(options.target, problem, curves, original, prune_and_export, timing_model, stage,
+                              progress)
+        alloc, result, slim, picked = found.alloc, found.result, found.slim, found.info
     with stage("verify"):
         check_x = np.concatenate([shots.calib.x, evalset.x[:256]])
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
@@ -243,119 +202,6 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
                     "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
     return CompressResult(slim_bytes, rep, failures, {name: m for name, m, _ in chain})
-
-
-def _steering(view: GraphView, groups, curves: allocate.Curves, original: bytes, options: CompressOptions,
-              progress: Progress) -> list[latency.Steering]:
-    """The latency goal in milliseconds and the per-layer table that predicts it, for non-uniform
-    widths and for one ratio for all (the baseline the allocation has to beat)."""
-    target = options.target
-    session = SessionConfig(target.provider, options.threads)
-    teacher_ms = _p50(original, session, target.batch)
-    goal = _goal(target, teacher_ms)
-    table = latency.build(view, allocate.FlopsModel(view, groups), teacher_ms, session, target.batch, progress)
-    return [latency.Steering(table, curves, teacher_ms, goal, session, target.batch, asdict(target), uniform=u)
-            for u in (False, True)]
-
-
-@dataclass
-class _Candidate:
-    """Widths for a latency target, pruned and exported, with how they were found."""
-
-    alloc: allocate.Allocation
-    result: prune.PruneResult
-    slim: onnx.ModelProto
-    info: dict  # target_met, attempts, kept_attempt, ...
-
-
-def _refine(start: latency.Steering, start_keep: dict[int, int], original: bytes,
-            timing_model: Callable[[dict[int, int]], bytes], view: GraphView, teacher, groups, x: np.ndarray,
-            options: CompressOptions, augmenter, progress: Progress) -> refine.Refinement:
-    """Local search from the widths one ratio for all reached. Their measured room under the
-    aim (the goal less a margin) may be spent on width; a move is timed with the teacher in one run
-    before it is scored, since the per-layer prediction can be off by 10-20% for one width
-    change and a teacher timed minutes earlier by as much."""
-    sizes = {g.id: g.size for g in start.curves.groups}
-    full = {**sizes, **start_keep}
-    room = max(1.0, start.aim_ms / start.attempts[start.best]["measured_ms"])
-
-    def measure(keep: dict[int, int]) -> float:
-        trial_ms, teacher_ms = _with_teacher(original, timing_model(keep), start.session, start.batch)
-        return trial_ms / ((1 - start.margin) * _goal(options.target, teacher_ms))
-
-    holdout, second = (choose.HoldOut(view, teacher, groups, x, seed, augmenter)
-                       for seed in (options.seed, options.seed + 1))
-    return refine.refine(start.curves, full, start.model.cost(full) * room, start.model.cost,
-                         lambda keep: holdout.score(options.prune, keep), options.target.refine_evals, measure,
-                         lambda keep: second.score(options.prune, keep), progress)
-
-
-def _goal(target: LatencyTarget, teacher_ms: float) -> float:
-    return target.latency_ms if target.latency_ms is not None else teacher_ms / target.speedup
-
-
-def _refined(start: latency.Steering, refinement: refine.Refinement, original: bytes, options: CompressOptions,
-             result, slim) -> _Candidate:
-    sizes = {g.id: g.size for g in start.curves.groups}
-    keep = {k: v for k, v in refinement.keep.items() if v < sizes[k]}
-    share = start.model.cost(refinement.keep) / start.model.cost(sizes)
-    measured, teacher_ms = _with_teacher(original, slim.SerializeToString(), start.session, start.batch)
-    goal = _goal(options.target, teacher_ms)
-    attempt = {"predicted_share": share, "predicted_ms": share * teacher_ms, "measured_ms": measured,
-               "teacher_ms": teacher_ms, "goal_ms": goal, "aim_ms": goal * (1 - start.margin)}
-    info = {**start.to_json(), "attempts": [attempt], "kept_attempt": 1,
-            "target_met": measured <= attempt["aim_ms"]}
-    return _Candidate(allocate.Allocation(keep, start.share, share, "latency, refined"), result, slim, info)
-
-
-def _pick(tried: dict[str, _Candidate], original: bytes, view: GraphView, teacher, groups, x: np.ndarray,
-          options: CompressOptions, augmenter, known: dict[str, float], progress: Progress) -> dict:
-    """Of the widths that meet the goal (all, if none does), the one closest to the teacher on
-    held-out shots (`known` already scored): non-uniform widths are kept only where they beat one
-    ratio for all. The candidates are timed again with the teacher in one run: timings taken
-    minutes apart on a busy machine drift by 10%, enough to decide which one met the goal."""
-    session, batch = SessionConfig(options.target.provider, options.threads), options.target.batch
-    timing = bench.bench([("teacher", original)] + [(n, c.slim.SerializeToString()) for n, c in tried.items()],
-                         [session.provider], [batch], runs=40, rounds=5, threads=session.threads)
-    ms = {t.model: t.p50_ms for t in timing.timings}
-    teacher_ms = ms.get("teacher") or next(iter(tried.values())).info["attempts"][0]["teacher_ms"]
-    goal = _goal(options.target, teacher_ms)
-    met = [n for n in tried if ms.get(n, math.inf) <= goal]
-    pool = met or list(tried)
-    scores = dict(known)
-    if len(pool) > 1 and len(x) >= choose.MIN_SAMPLES:
-        scores.update(choose.holdout_scores(view, teacher, groups, x,
-                                            {n: (options.prune, tried[n].alloc.keep) for n in pool if n not in known},
-                                            options.seed, augmenter, "latency target", progress))
-    chosen = min(pool, key=lambda n: scores.get(n, 0.0))
-    progress(f"latency target: {chosen} widths chosen")
-    return {"chosen": chosen, "timed_together": {"ms": ms, "goal_ms": goal, "met": met},
-            "target_met_timed_together": chosen in met, "candidates": {
-                name: {"keep": {str(k): v for k, v in c.alloc.keep.items()}, "target_met": c.info["target_met"],
-                       "attempts": c.info["attempts"], "kept_attempt": c.info["kept_attempt"],
-                       "holdout_relative_squared_error": scores.get(name)}
-                for name, c in tried.items()}}
-
-
-def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: int) -> tuple[float, float]:
-    """Median latency of a candidate and of the teacher, timed in one run: what a latency target
-    is steered by (the same teacher timed minutes apart drifts by 10-25% here). Twenty runs in a
-    row per round: at batch 1 the models take 0.2-0.5 ms, and blocks of six were noisier."""
-    timing = bench.bench([("teacher", original), ("model", model)], [session.provider], [batch], runs=60, rounds=3,
-                         threads=session.threads)
-    ms = {t.model: t.p50_ms for t in timing.timings}
-    return ms["model"], ms["teacher"]
-
-
-def _p50(model: bytes, session: SessionConfig, batch: int) -> float:
-    """Median latency of the teacher alone, before anything is pruned: it scales the per-layer
-    table, and a provider that cannot run stops the target here with a clear error."""
-    timing = bench.bench([("model", model)], [session.provider], [batch], runs=30, rounds=3,
-                         threads=session.threads)
-    if not timing.timings:
-        raise UsageError(f"--target-speedup/--target-latency-ms: cannot time on {session.provider} "
-                         f"({'; '.join(timing.unavailable.values())})")
-    return timing.timings[0].p50_ms
 
 
 def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.BenchResult | None) -> list[str]:

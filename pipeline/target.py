@@ -1,0 +1,208 @@
+"""Latency targets: widths that meet a measured speedup or latency with the least damage.
+
+Two candidates are steered toward the goal by pruning and timing (pipeline/latency.py): widths
+allocated across groups from the solver's loss curves, and one ratio for all, the baseline the
+allocation has to beat. The widths one ratio for all reached are then refined by local search
+(pipeline/refine.py). Every candidate is timed with the teacher in the same run, since a teacher
+timed minutes apart drifts by 10-25% here, and the one closest to the teacher on held-out shots
+among those that meet the goal is kept.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from pipeline import allocate, bench, choose, latency, prune, refine
+from pipeline.augment import Augmenter
+from pipeline.convert import TorchModel
+from pipeline.errors import UsageError
+from pipeline.graph import GraphView
+from pipeline.runtime import SessionConfig
+
+Progress = Callable[[str], None]
+Keep = dict[int, int]
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """--target-speedup / --target-latency-ms, measured on one provider and batch size."""
+
+    speedup: float | None = None
+    latency_ms: float | None = None
+    provider: str = "cpu"
+    batch: int = 1
+    attempts: int = 4  # prune-and-measure rounds per candidate, each correcting by what was measured
+    refine_evals: int = 24  # held-out prunings spent refining the widths by local search; 0: none
+
+
+@dataclass
+class Problem:
+    """What every candidate is pruned from and scored on."""
+
+    view: GraphView
+    teacher: TorchModel
+    groups: list
+    x: np.ndarray  # the shots
+    config: prune.PruneConfig
+    seed: int
+    augmenter: Augmenter | None
+    threads: int = 0
+
+
+@dataclass
+class Candidate:
+    """Widths for a latency target, pruned and exported, with how they were found."""
+
+    alloc: allocate.Allocation
+    result: prune.PruneResult
+    slim: onnx.ModelProto
+    info: dict  # target_met, attempts, kept_attempt, ... (the report's allocation section)
+
+
+def search(target: LatencyTarget, problem: Problem, curves: allocate.Curves, original: bytes,
+           prune_and_export: Callable[[Keep], tuple[prune.PruneResult, onnx.ModelProto]],
+           timing_model: Callable[[Keep], bytes], stage: Callable[[str], AbstractContextManager],
+           progress: Progress) -> Candidate:
+    """Steer both candidates, refine one ratio for all, and keep the best that met the goal.
+
+    `prune_and_export` prunes for real; `timing_model` only needs the widths right (the
+    refinement times many of them and their accuracy does not matter there)."""
+    with stage("allocate"):
+        steers = _steering(target, problem, curves, original, progress)
+    tried: dict[str, Candidate] = {}
+    for steer in steers:
+        results = []
+        for _ in range(target.attempts):
+            alloc = steer.allocation()
+            if any(alloc.keep == earlier.keep for earlier, _, _ in results):
+                break  # the prediction cannot tell this share from one already measured
+            results.append((alloc, *prune_and_export(alloc.keep)))
+            with stage("allocate"):
+                if steer.record(alloc, *_with_teacher(original, results[-1][2].SerializeToString(),
+                                                      steer.session, steer.batch), progress):
+                    break
+        tried[steer.name] = Candidate(*results[steer.best], steer.to_json())
+    known: dict[str, float] = {}
+    refinement = None
+    if target.refine_evals and len(problem.x) >= choose.MIN_SAMPLES:
+        uniform = steers[-1]
+        with stage("refine"):
+            refinement = _refine(target, uniform, tried[uniform.name].alloc.keep, original, timing_model, problem,
+                                 progress)
+        known = {uniform.name: refinement.start_score}
+        if refinement.keep != refinement.start:
+            tried["refined"] = _refined(target, uniform, refinement, original, *prune_and_export(refinement.keep))
+            known["refined"] = refinement.score
+    with stage("allocate"):
+        picked = _pick(target, tried, original, problem, known, progress)
+    chosen = tried[picked["chosen"]]
+    picked.update(chosen.info)
+    picked["refinement"] = refinement.to_json() if refinement else None
+    return Candidate(chosen.alloc, chosen.result, chosen.slim, picked)
+
+
+def _steering(target: LatencyTarget, problem: Problem, curves: allocate.Curves, original: bytes,
+              progress: Progress) -> list[latency.Steering]:
+    """The latency goal in milliseconds and the per-layer table that predicts it, for non-uniform
+    widths and for one ratio for all."""
+    session = SessionConfig(target.provider, problem.threads)
+    teacher_ms = _p50(original, session, target.batch)
+    goal = _goal(target, teacher_ms)
+    table = latency.build(problem.view, allocate.FlopsModel(problem.view, problem.groups), teacher_ms, session,
+                          target.batch, progress)
+    return [latency.Steering(table, curves, teacher_ms, goal, session, target.batch, asdict(target), uniform=u)
+            for u in (False, True)]
+
+
+def _refine(target: LatencyTarget, start: latency.Steering, start_keep: Keep, original: bytes,
+            timing_model: Callable[[Keep], bytes], problem: Problem, progress: Progress) -> refine.Refinement:
+    """Local search from the widths one ratio for all reached. Their measured room under the
+    aim (the goal less a margin) may be spent on width; a move is timed with the teacher in one run
+    before it is scored, since the per-layer prediction can be off by 10-20% for one width
+    change and a teacher timed minutes earlier by as much."""
+    sizes = {g.id: g.size for g in start.curves.groups}
+    full = {**sizes, **start_keep}
+    room = max(1.0, start.aim_ms / start.attempts[start.best]["measured_ms"])
+
+    def measure(keep: Keep) -> float:
+        trial_ms, teacher_ms = _with_teacher(original, timing_model(keep), start.session, start.batch)
+        return trial_ms / ((1 - start.margin) * _goal(target, teacher_ms))
+
+    holdout, second = (choose.HoldOut(problem.view, problem.teacher, problem.groups, problem.x, seed,
+                                      problem.augmenter) for seed in (problem.seed, problem.seed + 1))
+    return refine.refine(start.curves, full, start.model.cost(full) * room, start.model.cost,
+                         lambda keep: holdout.score(problem.config, keep), target.refine_evals, measure,
+                         lambda keep: second.score(problem.config, keep), progress)
+
+
+def _goal(target: LatencyTarget, teacher_ms: float) -> float:
+    return target.latency_ms if target.latency_ms is not None else teacher_ms / target.speedup
+
+
+def _refined(target: LatencyTarget, start: latency.Steering, refinement: refine.Refinement, original: bytes,
+             result: prune.PruneResult, slim: onnx.ModelProto) -> Candidate:
+    sizes = {g.id: g.size for g in start.curves.groups}
+    keep = {k: v for k, v in refinement.keep.items() if v < sizes[k]}
+    share = start.model.cost(refinement.keep) / start.model.cost(sizes)
+    measured, teacher_ms = _with_teacher(original, slim.SerializeToString(), start.session, start.batch)
+    goal = _goal(target, teacher_ms)
+    attempt = {"predicted_share": share, "predicted_ms": share * teacher_ms, "measured_ms": measured,
+               "teacher_ms": teacher_ms, "goal_ms": goal, "aim_ms": goal * (1 - start.margin)}
+    info = {**start.to_json(), "attempts": [attempt], "kept_attempt": 1,
+            "target_met": measured <= attempt["aim_ms"]}
+    return Candidate(allocate.Allocation(keep, start.share, share, "latency, refined"), result, slim, info)
+
+
+def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, problem: Problem,
+          known: dict[str, float], progress: Progress) -> dict:
+    """Of the widths that meet the goal (all, if none does), the one closest to the teacher on
+    held-out shots (`known` already scored): non-uniform widths are kept only where they beat one
+    ratio for all. The candidates are timed again with the teacher in one run: timings taken
+    minutes apart on a busy machine drift by 10%, enough to decide which one met the goal."""
+    session = SessionConfig(target.provider, problem.threads)
+    timing = bench.bench([("teacher", original)] + [(n, c.slim.SerializeToString()) for n, c in tried.items()],
+                         [session.provider], [target.batch], runs=40, rounds=5, threads=session.threads)
+    ms = {t.model: t.p50_ms for t in timing.timings}
+    teacher_ms = ms.get("teacher") or next(iter(tried.values())).info["attempts"][0]["teacher_ms"]
+    goal = _goal(target, teacher_ms)
+    met = [n for n in tried if ms.get(n, math.inf) <= goal]
+    pool = met or list(tried)
+    scores = dict(known)
+    if len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES:
+        scores.update(choose.holdout_scores(problem.view, problem.teacher, problem.groups, problem.x,
+                                            {n: (problem.config, tried[n].alloc.keep) for n in pool if n not in known},
+                                            problem.seed, problem.augmenter, "latency target", progress))
+    chosen = min(pool, key=lambda n: scores.get(n, 0.0))
+    progress(f"latency target: {chosen} widths chosen")
+    return {"chosen": chosen, "timed_together": {"ms": ms, "goal_ms": goal, "met": met},
+            "target_met_timed_together": chosen in met, "candidates": {
+                name: {"keep": {str(k): v for k, v in c.alloc.keep.items()}, "target_met": c.info["target_met"],
+                       "attempts": c.info["attempts"], "kept_attempt": c.info["kept_attempt"],
+                       "holdout_relative_squared_error": scores.get(name)}
+                for name, c in tried.items()}}
+
+
+def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: int) -> tuple[float, float]:
+    """Median latency of a candidate and of the teacher, timed in one run: what a latency target
+    is steered by (the same teacher timed minutes apart drifts by 10-25% here). Twenty runs in a
+    row per round: at batch 1 the models take 0.2-0.5 ms, and blocks of six were noisier."""
+    timing = bench.bench([("teacher", original), ("model", model)], [session.provider], [batch], runs=60, rounds=3,
+                         threads=session.threads)
+    ms = {t.model: t.p50_ms for t in timing.timings}
+    return ms["model"], ms["teacher"]
+
+
+def _p50(model: bytes, session: SessionConfig, batch: int) -> float:
+    """Median latency of the teacher alone, before anything is pruned: it scales the per-layer
+    table, and a provider that cannot run stops the target here with a clear error."""
+    timing = bench.bench([("model", model)], [session.provider], [batch], runs=30, rounds=3,
+                         threads=session.threads)
+    if not timing.timings:
+        raise UsageError(f"--target-speedup/--target-latency-ms: cannot time on {session.provider} "
+                         f"({'; '.join(timing.unavailable.values())})")
+    return timing.timings[0].p50_ms
