@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import analyze, latency, load, render
+from pipeline import (
+    CompressOptions,
+    LatencyTarget,
+    analyze,
+    compress,
+    latency,
+    load,
+    render,
+)
 from pipeline.allocate import Curves, FlopsModel
 from pipeline.cli import main
+from pipeline.errors import UsageError
 from pipeline.graph import GraphView
 from pipeline.prune import PruneConfig
 from pipeline.runtime import SessionConfig
@@ -109,6 +118,9 @@ def test_two_targets_are_refused(vgg_path, npz_path, tmp_path):
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3",
                                     "-o", str(tmp_path / "x.onnx"), "--target-flops", "0.5", "--target-speedup", "2"])
     assert res.exit_code == 2 and "--target-flops and --target-speedup" in res.output
+    options = CompressOptions(data=npz_path, shots=3, target_flops=0.5, target=LatencyTarget(speedup=2))
+    with pytest.raises(UsageError, match="one target"):  # the API too: neither silently wins
+        compress(vgg_path, options)
 
 
 def test_one_ratio_for_all_finds_the_widest_that_meets_where_latency_is_flat():
