@@ -8,15 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import (
-    CompressOptions,
-    LatencyTarget,
-    analyze,
-    compress,
-    latency,
-    load,
-    render,
-)
+from pipeline import CompressOptions, LatencyTarget, analyze, compress, latency, load, render
 from pipeline.allocate import Curves, FlopsModel
 from pipeline.cli import main
 from pipeline.errors import UsageError
