@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from pipeline import allocate, bench, choose, latency, prune, refine
+from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
 from pipeline.errors import UsageError
@@ -46,7 +47,7 @@ class Problem:
 
     view: GraphView
     teacher: TorchModel
-    groups: list
+    groups: list[ChannelGroup]
     x: np.ndarray  # the shots
     config: prune.PruneConfig
     seed: int
