@@ -304,9 +304,10 @@ def quant_options(fn):
     return _decorate(fn, [
         click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]),
                      default="minmax", show_default=True),
-        click.option("--quant-activations", type=click.Choice(["uint8", "int8"]), default="uint8",
+        click.option("--quant-activations", type=click.Choice(["auto", "uint8", "int8"]), default="auto",
                      show_default=True,
-                     help="uint8 suits onnxruntime's CPU kernels; int8 (symmetric) is what TensorRT needs."),
+                     help="auto: symmetric int8 when the first --providers entry is cuda or tensorrt (what "
+                          "TensorRT needs), else uint8 (onnxruntime's x86 CPU kernels are fastest with it)."),
         click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
                      help="Relative output error against the float model allowed before layers stay in float."),
         click.option("--quant-speed-check/--no-quant-speed-check", default=True, show_default=True,

@@ -43,7 +43,8 @@ def sections(report: dict) -> list[Section]:
         quant = report.get("quantization") or {}
         faster = [t for t in quant.get("speed_trials", []) if t["kept_float"]]
         for_error = [n for n in quant.get("kept_float") or [] if n not in {t["layer"] for t in faster}]
-        notes = ["kept in float for fidelity after the INT8 check: " + ", ".join(for_error)] if for_error else []
+        notes = [f"int8 activations: {quant['activations']}"] if quant.get("activations") else []
+        notes += ["kept in float for fidelity after the INT8 check: " + ", ".join(for_error)] if for_error else []
         notes += [f"kept in float for speed: {t['layer']} ({t['float_ms']:.3f} ms vs {t['int8_ms']:.3f} ms "
                   f"all int8, {t['provider']} batch {t['batch']})" for t in faster]
         out.append(Section("Chain", ["model", "accuracy", "agreement", "size"], [

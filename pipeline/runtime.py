@@ -5,7 +5,9 @@ checked, so spinning is always off; the provider actually used is checked, never
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +60,8 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
     if name != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # for nodes the device cannot run
     try:
-        session = ort.InferenceSession(source, sess_options=opts, providers=providers)
+        with contextlib.redirect_stdout(sys.stderr):  # onnxruntime prints its fallback banner to stdout: --json
+            session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:
         if config.provider != "cpu":
             raise ProviderUnavailable(f"{config.provider}: session creation failed "

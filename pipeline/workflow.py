@@ -239,8 +239,9 @@ def _open(model_path: Path, options: CompressOptions, output) -> tuple[load.Load
 def _int8(float_model: bytes, float_proto, calib: np.ndarray, check: np.ndarray, options: CompressOptions,
           progress: Progress) -> quantize.QuantResult:
     """The quantize stage, refusing a result that is no longer a drop-in for the float model.
-    Layers are tried in float for speed where the report will time: the first provider, largest batch."""
-    config = options.quant
+    Activations and the float-for-speed trials suit where the report will time: the first
+    provider, at the largest batch."""
+    config = options.quant.for_provider(options.providers[0] if options.providers else None)
     if config.speed_provider and options.providers and options.batches:
         config = replace(config, speed_provider=options.providers[0], speed_batch=max(options.batches))
     quant = quantize.quantize(float_model, calib, check, config, progress)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
 
+from pipeline import render
 from pipeline.cli import main
 from pipeline.load import signature
 from pipeline.quantize import QuantConfig, quantize
@@ -60,7 +62,7 @@ def test_shallow_layers_stay_float_only_where_measured_faster(vgg_path):
     assert {t["layer"] for t in trials if t["kept_float"]} <= float_layers
 
 
-@pytest.mark.parametrize("activations", ["uint8", "int8"])
+@pytest.mark.parametrize("activations", ["auto", "uint8", "int8"])
 def test_compress_with_int8_is_a_drop_in(vgg_path, npz_path, tmp_path, activations):
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out),
@@ -77,6 +79,32 @@ def test_compress_with_int8_is_a_drop_in(vgg_path, npz_path, tmp_path, activatio
     assert len(int8_convs) == 4  # every conv's weights stored as int8
     assert {t["model"] for t in rep["latency"]["timings"]} == {"teacher", "slim", "slim-int8"}
     assert rep["quantization"]["relative_error_vs_float"] <= 0.05
+    used = "uint8" if activations == "auto" else activations  # auto on the CPU provider
+    assert rep["quantization"]["activations"] == used
+    assert {_zero_point_type(q, n) for n in q.graph.node if n.op_type == "QuantizeLinear"} == {used}
+
+
+def _zero_point_type(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
+    zp = next(i for i in model.graph.initializer if i.name == node.input[2])
+    return {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT8: "int8"}[zp.data_type]
+
+
+def test_activations_follow_the_provider_the_model_is_meant_for(vgg_path, npz_path, tmp_path):
+    assert QuantConfig().for_provider("cpu:1").activations == "uint8"
+    assert QuantConfig().for_provider("cuda").activations == "int8"
+    assert QuantConfig(activations="uint8").for_provider("tensorrt").activations == "uint8"  # asked for: kept
+    out = tmp_path / "q.onnx"  # TensorRT is absent here: timed as unavailable, quantized for it all the same
+    res = CliRunner().invoke(main, ["quantize", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out),
+                                    "--providers", "tensorrt", "--batch", "2", "--runs", "3", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["quantization"]["activations"] == "int8" and "tensorrt" in rep["latency"]["unavailable"]
+    assert "int8 activations: int8" in render.markdown(rep)
+    q = onnx.load(str(out))
+    quants = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert quants and {_zero_point_type(q, n) for n in quants} == {"int8"}
+    zero_points = {n.input[2] for n in quants}
+    assert all(not numpy_helper.to_array(i).any() for i in q.graph.initializer if i.name in zero_points)  # symmetric
 
 
 def test_quantize_command_without_pruning(vgg_path, npz_path, tmp_path):
