@@ -60,7 +60,8 @@ class PruneConfig:
 
     def step(self, size: int) -> int:
         """The multiple a group of `size` channels keeps: CPU and GPU kernels run widths that
-        are multiples of 8 much faster; small groups are left unrounded so they can be pruned."""
+        are multiples of 8 much faster; groups under 32 are left unrounded, since multiples of 8
+        would leave a 16-channel group only 8 or 16 (docs/BENCHMARKS.md: what that costs on CPU)."""
         if self.round_to:
             return self.round_to
         return ALIGN if size >= 4 * ALIGN else 1

@@ -54,7 +54,7 @@ def test_table_is_calibrated_complete_and_cached(vgg_path, cache):
 def test_default_rounding_aligns_large_groups_only():
     config = PruneConfig(ratio=0.3)
     assert config.kept_count(64) == 16 and config.kept_count(256) == 80  # multiples of 8
-    assert config.kept_count(16) == 5  # too small to round: it would not be pruned at all
+    assert config.kept_count(16) == 5  # unrounded: multiples of 8 would allow only 8 or 16
     assert PruneConfig(ratio=0.3, round_to=1).kept_count(64) == 19
 
 
