@@ -28,7 +28,7 @@ from pipeline.runtime import first_line, make_session, run_batched
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
 ACTIVATIONS = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-SIGNED_PROVIDERS = ("cuda", "tensorrt")  # TensorRT takes symmetric int8 activations only; CUDA runs under it
+SIGNED_PROVIDERS = ("cuda", "tensorrt")  # TensorRT takes symmetric int8 activations only; CUDA gets the same file
 LINEAR = ("Conv", "Gemm", "MatMul")
 SHALLOW = 64  # multiply-adds per output value below which int8 kernels may not pay for their reorders
 SPEED_TRIALS = 4  # most layers tried in float for speed (each costs a quantization and a timing)
