@@ -1,7 +1,9 @@
 """Stage 7: latency per execution provider and batch size, every model timed in the same run.
 
 Sessions are timed one at a time with spinning off, in interleaved rounds, so slow drifts
-of the machine hit every model alike. A provider that is missing or would silently fall back
+of the machine hit every model alike; the speedup of each round is kept as a range beside the
+overall one, since on a shared machine one batch-1 pair can read 2.3x in one round and 2.8x in
+the next. A provider that is missing or would silently fall back
 to the CPU is reported as unavailable with the reason, never timed as if it were there.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Timing:
     runs: int
     cold_start_ms: float  # session creation plus the first run
     speedup: float = 1.0  # p50 of the first model over this one's, same provider and batch
+    speedup_low: float = 1.0  # the lowest and highest speedup of any one round: how far this machine
+    speedup_high: float = 1.0  # wandered while timing, so a 2.0x between 1.8x and 2.3x reads as such
 
 
 @dataclass
@@ -74,24 +78,22 @@ def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], ba
             if any(f is None for _, _, f in feeds):
                 result.unavailable[f"{provider}@{batch}"] = f"a model has a fixed batch size other than {batch}"
                 continue
-            samples: dict[str, list[float]] = {label: [] for label, _ in models}
+            samples: dict[str, list[list[float]]] = {label: [] for label, _ in models}  # ms, per round
             for label, s, feed in feeds:
                 for _ in range(warmup):
                     feed()
             per_round = max(1, runs // rounds)
             for r in range(rounds):
                 for label, s, feed in feeds:
+                    samples[label].append([])
                     for _ in range(per_round):
                         t0 = time.perf_counter()
                         feed()
-                        samples[label].append((time.perf_counter() - t0) * 1e3)
+                        samples[label][-1].append((time.perf_counter() - t0) * 1e3)
                 progress(f"{provider} batch {batch}: round {r + 1}/{rounds}")
-            base = None
+            base = samples[models[0][0]]
             for (label, (_, cold)) in sessions:
-                t = _summarise(label, provider, batch, samples[label], cold)
-                base = base or t.p50_ms
-                t.speedup = base / t.p50_ms
-                result.timings.append(t)
+                result.timings.append(_summarise(label, provider, batch, samples[label], cold, base))
     return result
 
 
@@ -143,11 +145,16 @@ def _feed(session: ort.InferenceSession, batch: int, seed: int) -> Callable[[], 
     return run
 
 
-def _summarise(label: str, provider: str, batch: int, ms: list[float], cold: float) -> Timing:
-    a = np.asarray(ms)
+def _summarise(label: str, provider: str, batch: int, rounds: list[list[float]], cold: float,
+               base: list[list[float]]) -> Timing:
+    """Percentiles over every run; speedups against `base` (the first model's rounds), overall
+    and round by round (a round times every model in turn, so each has its own pair)."""
+    a, b = np.concatenate(rounds), np.concatenate(base)
     p50 = float(np.percentile(a, 50))
+    per_round = [float(np.median(br) / np.median(r)) for br, r in zip(base, rounds)]
     return Timing(label, provider, batch, p50, float(np.percentile(a, 90)), float(np.percentile(a, 99)),
-                  float(a.mean()), batch * 1e3 / p50, len(a), cold)
+                  float(a.mean()), batch * 1e3 / p50, len(a), cold, float(np.percentile(b, 50)) / p50,
+                  min(per_round), max(per_round))
 
 
 def _settings(threads: int, runs: int, warmup: int, rounds: int) -> dict:

@@ -63,12 +63,12 @@ def sections(report: dict) -> list[Section]:
         out.append(Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
                                        "speedup", "cold start ms"],
                            [[t["model"], t["provider"], str(t["batch"]), f"{t['p50_ms']:.3f}", f"{t['p90_ms']:.3f}",
-                             f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", f"{t['speedup']:.2f}x",
+                             f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", _speedup(t),
                              f"{t['cold_start_ms']:.1f}"]
                             for t in lat["timings"]],
                            [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]
-                           + ["steady state: medians of interleaved rounds; cold start: session creation and the "
-                              "first run, apart"]))
+                           + ["steady state: medians of interleaved rounds, in brackets the lowest and highest "
+                              "speedup of one round; cold start: session creation and the first run, apart"]))
     alloc = report.get("allocation")
     if alloc and alloc.get("attempts"):
         target = alloc["target"]
@@ -225,3 +225,11 @@ def _ratio(before: float, after: float) -> str:
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _speedup(timing: dict) -> str:
+    """'2.43x (2.21-2.90)': the spread between rounds says how far to trust the second digit."""
+    low, high = timing.get("speedup_low"), timing.get("speedup_high")
+    if low is None or high is None or high - low < 0.005:
+        return f"{timing['speedup']:.2f}x"
+    return f"{timing['speedup']:.2f}x ({low:.2f}-{high:.2f})"

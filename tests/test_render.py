@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import asdict
 import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 import torchvision
 
-from pipeline.render import COLOURS
+from pipeline.bench import _summarise
+from pipeline.render import COLOURS, markdown
 
 from tests.test_cli import compressed, run  # noqa: F401 (the module fixture runs one real compress)
 
@@ -30,6 +32,20 @@ def test_markdown_has_every_table(compressed, tmp_path):  # noqa: F811
         assert f"| {t['model']} | cpu | {t['batch']} | {t['p50_ms']:.3f} |" in md
     pruned = [g for g in rep["groups"] if g["channels_after"] < g["channels_before"]]
     assert sum(f"{g['channels_before']} -> {g['channels_after']}" in md for g in pruned) == len(pruned)
+    slim = [t for t in rep["latency"]["timings"] if t["model"] == "slim"]
+    assert slim and all(t["speedup_low"] <= t["speedup_high"] for t in slim)
+    assert all(f"{t['speedup']:.2f}x ({t['speedup_low']:.2f}-{t['speedup_high']:.2f})" in md for t in slim
+               if t["speedup_high"] - t["speedup_low"] >= 0.005)
+
+
+def test_speedups_come_with_the_spread_between_rounds():
+    base = [[2.0, 2.0, 2.0], [4.0, 4.0, 4.0]]  # the teacher's rounds: the machine slowed down by half
+    t = _summarise("slim", "cpu", 1, [[1.0, 1.0, 1.0], [1.0, 1.1, 1.0]], 0.0, base)
+    assert t.p50_ms == 1.0 and t.speedup == pytest.approx(3.0)  # pooled medians
+    assert (t.speedup_low, t.speedup_high) == (pytest.approx(2.0), pytest.approx(4.0))  # round by round
+    timings = {"latency": {"timings": [asdict(t)]}}
+    assert "3.00x (2.00-4.00)" in markdown(timings)
+    assert "| 1.00x |" in markdown({"latency": {"timings": [asdict(_summarise("t", "cpu", 1, base, 0.0, base))]}})
 
 
 def test_html_is_self_contained_with_its_charts(compressed, tmp_path):  # noqa: F811
