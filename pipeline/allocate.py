@@ -91,6 +91,11 @@ class Curves:
     loss: dict[int, np.ndarray]  # output loss after removing 0, 1, 2, ... channels (layer loss x weight)
     step: dict[int, int]  # channels removed at a time (the group's alignment)
 
+    @property
+    def sizes(self) -> dict[int, int]:
+        """Every eligible group at full width: where allocation and search start from."""
+        return {g.id: g.size for g in self.groups}
+
 
 def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
            config: prune.PruneConfig, augmenter: Augmenter | None = None,
@@ -145,7 +150,7 @@ def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flop
     """Take channels, `step` at a time, where the next removal costs the least loss per unit of
     cost saved, until the model's cost is `target_share` of the original (or, not `strict`,
     until every group is at its floor)."""
-    keep = {g.id: g.size for g in c.groups}
+    keep = c.sizes
     total = current = model.cost(keep)
     if total <= 0:
         raise NothingToPruneError(f"the {cost} model gives the network no cost to reduce")

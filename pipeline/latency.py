@@ -96,7 +96,7 @@ class Steering:
         decides, and a miss is reported."""
         if not self.uniform:
             return allocate(self.curves, self.model, self.share, "latency", strict=False)
-        sizes = {g.id: g.size for g in self.curves.groups}
+        sizes = self.curves.sizes
         full = self.model.cost(sizes)
         if self.ratios[0] > 0:  # a ratio met the aim: bisect toward the widest that does, by measurement
             self.ratio = sum(self.ratios) / 2

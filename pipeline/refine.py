@@ -55,7 +55,7 @@ def refine(curves: Curves, start: Widths, budget: float, cost: Callable[[Widths]
     the real cost is (1.0: exactly at it), and nothing over it is scored. The best of many
     candidates on a dozen held-out shots is partly the luckiest, so the result must also beat
     the start on `confirm`, a second split, by GAIN, or the start is returned."""
-    sizes = {g.id: g.size for g in curves.groups}
+    sizes = curves.sizes
     keep = {gid: start.get(gid, size) for gid, size in sizes.items()}
     first = score(keep)
     result = Refinement(dict(keep), keep, first, first, budget, 1)

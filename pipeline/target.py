@@ -126,7 +126,7 @@ def _refine(target: LatencyTarget, start: latency.Steering, start_keep: Keep, or
     aim (the goal less a margin) may be spent on width; a move is timed with the teacher in one run
     before it is scored, since the per-layer prediction can be off by 10-20% for one width
     change and a teacher timed minutes earlier by as much."""
-    sizes = {g.id: g.size for g in start.curves.groups}
+    sizes = start.curves.sizes
     full = {**sizes, **start_keep}
     room = max(1.0, start.aim_ms / start.attempts[start.best]["measured_ms"])
 
@@ -147,7 +147,7 @@ def _goal(target: LatencyTarget, teacher_ms: float) -> float:
 
 def _refined(target: LatencyTarget, start: latency.Steering, refinement: refine.Refinement, original: bytes,
              result: prune.PruneResult, slim: onnx.ModelProto) -> Candidate:
-    sizes = {g.id: g.size for g in start.curves.groups}
+    sizes = start.curves.sizes
     keep = {k: v for k, v in refinement.keep.items() if v < sizes[k]}
     share = start.model.cost(refinement.keep) / start.model.cost(sizes)
     measured, teacher_ms = _with_teacher(original, slim.SerializeToString(), start.session, start.batch)
