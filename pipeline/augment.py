@@ -3,7 +3,10 @@
 The layer objectives need no labels (the teacher gives every target), so each shot can be
 turned into several nearby inputs. A transform is used only if the teacher is (nearly)
 invariant to it on the shots themselves: a model that tells left from right keeps no flips.
-Variants are generated chunk by chunk from a seed, so memory does not grow with the factor.
+Blends of two shots (mixup, cutmix) cannot keep both answers; they are kept if the teacher
+answers a half-half blend like one of its two shots at least as often as not, so they fill
+the space between the shots without leaving what the teacher knows. Variants are generated chunk by chunk from a
+seed, so memory does not grow with the factor.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import torch.nn.functional as F
 
 from pipeline.errors import UsageError
 
-GEOMETRIC = {"flip": 1.0, "shift": 2.0, "scale": 0.1}  # name -> default amount
-PHOTOMETRIC = {"noise": 0.02, "mixup": 0.2}
-DEFAULT_SPEC = "flip,shift:2"
+IMAGE_ONLY = {"flip": 1.0, "shift": 2.0, "scale": 0.1, "cutmix": 0.5}  # name -> default amount
+ANY_INPUT = {"noise": 0.02, "mixup": 0.5}
+BLENDS = ("mixup", "cutmix")  # most share of the other shot: at most 0.5, so each blend has a main shot
+DEFAULT_SPEC = "flip,shift:2,mixup:0.5,cutmix:0.5"
 MIN_AGREEMENT = 0.9  # teacher top-1 agreement on transformed shots needed to keep a transform
+MIN_BLEND_AGREEMENT = 0.5  # half-half blends answered like one of their two shots (demo: 0.5-1.0, mean 0.73)
 AUTO_INPUTS = 80  # the automatic factor aims at this many inputs in all, at most 8 per shot
 
 
@@ -76,14 +81,14 @@ def parse(spec: str) -> list[Transform]:
     out = []
     for part in spec.split(","):
         name, _, amount = part.strip().partition(":")
-        known = {**GEOMETRIC, **PHOTOMETRIC}
+        known = {**IMAGE_ONLY, **ANY_INPUT}
         if name not in known:
             raise UsageError(f"--augment: unknown transform '{name}' (choose from {', '.join(known)}, or none)")
         try:
             value = float(amount) if amount else known[name]
         except ValueError:
             raise UsageError(f"--augment: '{part}' needs a number after the colon") from None
-        if value < 0 or (name == "mixup" and value > 0.5):
+        if value < 0 or (name in BLENDS and value > 0.5):
             raise UsageError(f"--augment: amount of '{name}' out of range ({value})")
         out.append(Transform(name, value))
     return out
@@ -107,15 +112,27 @@ def build(spec: str, factor: int | None, seed: int, x: np.ndarray,
         return aug
     base = teacher(x).reshape(len(x), -1).argmax(1)
     for t in parse(spec):
-        if t.name in GEOMETRIC and not is_image(x):
+        if t.name in IMAGE_ONLY and not is_image(x):
             aug.checks.append(Check(t, float("nan"), False, "input is not an NCHW image"))
             continue
+        if t.name in BLENDS and len(x) < 2:
+            aug.checks.append(Check(t, float("nan"), False, "a blend needs two shots"))
+            continue
         rng = np.random.default_rng([seed, 1 << 20])
-        agreement = float(np.mean(teacher(apply(x, [t], rng, always=True)).reshape(len(x), -1).argmax(1) == base))
-        kept = agreement >= MIN_AGREEMENT
-        reason = (f"teacher keeps its answer on {100 * agreement:.0f}% of transformed shots" if kept else
-                  f"teacher changes its answer on {100 * (1 - agreement):.0f}% of transformed shots "
-                  f"(needs <= {100 * (1 - MIN_AGREEMENT):.0f}%)")
+        got = teacher(apply(x, [t], rng, always=True)).reshape(len(x), -1).argmax(1)
+        blend = t.name in BLENDS  # at full strength each shot is blended with the next one
+        fine = (got == base) | (got == np.roll(base, -1)) if blend else got == base
+        agreement = float(np.mean(fine))
+        needed = MIN_BLEND_AGREEMENT if blend else MIN_AGREEMENT
+        kept = agreement >= needed
+        if blend:
+            reason = (f"teacher answers like one of the two shots on {100 * agreement:.0f}% of blends" if kept else
+                      f"teacher answers like neither shot on {100 * (1 - agreement):.0f}% of blends "
+                      f"(needs <= {100 * (1 - needed):.0f}%)")
+        else:
+            reason = (f"teacher keeps its answer on {100 * agreement:.0f}% of transformed shots" if kept else
+                      f"teacher changes its answer on {100 * (1 - agreement):.0f}% of transformed shots "
+                      f"(needs <= {100 * (1 - needed):.0f}%)")
         aug.checks.append(Check(t, agreement, kept, reason))
         if kept:
             aug.transforms.append(t)
@@ -124,7 +141,8 @@ def build(spec: str, factor: int | None, seed: int, x: np.ndarray,
 
 def apply(x: np.ndarray, transforms: list[Transform], rng: np.random.Generator,
           always: bool = False) -> np.ndarray:
-    """One random draw of every transform; `always` applies each at full strength (for checks)."""
+    """One random draw of every transform; `always` applies each at full strength and blends each
+    input with the next one (for checks, which need to know the partner)."""
     out = torch.from_numpy(np.ascontiguousarray(x))
     n = len(out)
     names = {t.name: t.amount for t in transforms}
@@ -133,14 +151,29 @@ def apply(x: np.ndarray, transforms: list[Transform], rng: np.random.Generator,
         out = torch.where(torch.from_numpy(flip)[:, None, None, None], out.flip(3), out)
     if "shift" in names or "scale" in names:
         out = _affine(out, names.get("shift", 0.0), names.get("scale", 0.0), rng, always)
+    partner = lambda: torch.from_numpy(np.roll(np.arange(n), -1) if always else rng.permutation(n))
     if "mixup" in names and n > 1:
         lam = np.full(n, names["mixup"]) if always else rng.uniform(0, names["mixup"], n)
         lam_t = torch.from_numpy(lam.astype(np.float32)).reshape(-1, *([1] * (out.dim() - 1)))
-        out = (1 - lam_t) * out + lam_t * out[torch.from_numpy(rng.permutation(n))]
+        out = (1 - lam_t) * out + lam_t * out[partner()]
+    if "cutmix" in names and n > 1:
+        out = torch.where(torch.from_numpy(_box(out.shape, names["cutmix"], rng, always)), out[partner()], out)
     if "noise" in names:
         std = float(out.std()) * names["noise"]
         out = out + torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32)) * std
     return out.numpy().astype(x.dtype, copy=False)
+
+
+def _box(shape: tuple, share: float, rng: np.random.Generator, always: bool) -> np.ndarray:
+    """Per image a random box of up to `share` of its area, as a mask broadcastable over channels."""
+    n, _, h, w = shape
+    area = np.full(n, share) if always else rng.uniform(0, share, n)
+    bh, bw = np.round(h * np.sqrt(area)).astype(int), np.round(w * np.sqrt(area)).astype(int)
+    top, left = (rng.random(n) * (h - bh + 1)).astype(int), (rng.random(n) * (w - bw + 1)).astype(int)
+    rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+    inside = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]))
+    return inside[:, None]
 
 
 def _affine(x: torch.Tensor, shift: float, scale: float, rng: np.random.Generator, always: bool) -> torch.Tensor:

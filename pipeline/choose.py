@@ -19,6 +19,7 @@ from pipeline.convert import TorchModel, run_torch
 from pipeline.graph import GraphView
 
 HOLDOUT = 0.25  # share of the shots set aside to score candidates (at least one sample)
+MIN_HELD_OUT = 8  # --method auto scores over more splits until this many shots were held out (at most 4)
 MIN_SAMPLES = 2  # one to fit, one to hold out: fewer, and candidates cannot be compared
 MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (0.5,), "layerwise": (0.6,)}
 AUTO_METHODS = ("cross", "soft", "layerwise")
@@ -27,10 +28,12 @@ AUTO_METHODS = ("cross", "soft", "layerwise")
 @dataclass
 class Choice:
     config: prune.PruneConfig
-    scores: dict[str, float]  # candidate -> relative squared output error on the held-out shots
+    scores: dict[str, float]  # candidate -> relative squared output error on the held-out shots (mean of splits)
+    splits: int = 1
 
     def to_json(self) -> dict:
-        return {"method": self.config.method, "mu": self.config.mu, "holdout_relative_squared_error": self.scores}
+        return {"method": self.config.method, "mu": self.config.mu, "holdout_relative_squared_error": self.scores,
+                "holdout_splits": self.splits}
 
 
 def candidates(config: prune.PruneConfig, auto_method: bool, auto_mu: bool) -> list[prune.PruneConfig]:
@@ -42,21 +45,34 @@ def candidates(config: prune.PruneConfig, auto_method: bool, auto_mu: bool) -> l
 def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
            options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None,
            progress: Callable[[str], None] = lambda _: None) -> Choice:
+    """The candidate with the least held-out error; with few shots the error is averaged over
+    disjoint held-out sets, as one split of ten shots picked a different method by chance."""
     named = {f"{config.method} mu={config.mu}": config for config in options}
-    scores = holdout_scores(view, teacher, groups, x, {n: (c, None) for n, c in named.items()}, seed, augmenter,
-                            "auto", progress)
-    return Choice(named[min(scores, key=scores.get)], scores)
+    held = _held(len(x))
+    folds = min(round(1 / HOLDOUT), -(-MIN_HELD_OUT // held), len(x) // held)
+    runs = {n: (c, None) for n, c in named.items()}
+    per_fold = [holdout_scores(view, teacher, groups, x, runs, seed, augmenter,
+                               "auto" if folds == 1 else f"auto, split {fold + 1}/{folds}", progress, fold)
+                for fold in range(folds)]
+    scores = {n: float(np.mean([f[n] for f in per_fold])) for n in named}
+    return Choice(named[min(scores, key=scores.get)], scores, folds)
+
+
+def _held(shots: int) -> int:
+    return max(1, int(round(HOLDOUT * shots)))
 
 
 class HoldOut:
     """Prunes from most of the shots and scores the student on the rest: the same split for
-    every candidate, so their scores compare."""
+    every candidate, so their scores compare. Folds 0, 1, ... hold out disjoint shots."""
 
     def __init__(self, view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray, seed: int,
-                 augmenter: Augmenter | None):
+                 augmenter: Augmenter | None, fold: int = 0):
         order = np.random.default_rng(seed).permutation(len(x))
-        held = max(1, int(round(HOLDOUT * len(x))))
-        self.fit, self.check = x[np.sort(order[held:])], x[np.sort(order[:held])]
+        held = _held(len(x))
+        out = np.zeros(len(x), bool)
+        out[order[fold * held:(fold + 1) * held]] = True
+        self.fit, self.check = x[~out], x[out]
         if augmenter is not None:
             self.check = np.concatenate(list(augmenter.variants(self.check, 0)))
         self.view, self.teacher, self.groups, self.augmenter = view, teacher, groups, augmenter
@@ -72,9 +88,9 @@ class HoldOut:
 def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
                    runs: dict[str, tuple[prune.PruneConfig, dict[int, int] | None]], seed: int,
                    augmenter: Augmenter | None, label: str,
-                   progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
+                   progress: Callable[[str], None] = lambda _: None, fold: int = 0) -> dict[str, float]:
     """Relative squared output error on held-out shots of each (config, widths) pruned from the rest."""
-    holdout = HoldOut(view, teacher, groups, x, seed, augmenter)
+    holdout = HoldOut(view, teacher, groups, x, seed, augmenter, fold)
     scores: dict[str, float] = {}
     for name, (config, keep) in runs.items():
         scores[name] = holdout.score(config, keep)

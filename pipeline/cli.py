@@ -193,11 +193,13 @@ def prune_options(fn):
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
         click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
-        click.option("--augment", default="flip,shift:2", show_default=True,
+        click.option("--augment", default="flip,shift:2,mixup:0.5,cutmix:0.5", show_default=True,
                      help="Transforms that turn each shot into more inputs for the layer statistics: "
-                     "flip, shift[:pixels], scale[:fraction], noise[:fraction of std], mixup[:max share], "
+                     "flip, shift[:pixels], scale[:fraction], noise[:fraction of std], and blends of two "
+                     "shots mixup[:max share] and cutmix[:max share of the area] (shares up to 0.5), "
                      "comma-separated, or none. Each is kept only if the teacher's answers on the shots "
-                     "do not change under it; geometric ones only for NCHW images."),
+                     "do not change under it (for a blend: stay one of the two shots' answers); flip, "
+                     "shift, scale and cutmix only for NCHW images."),
         click.option("--augment-factor", default="auto", show_default=True, callback=_factor,
                      help="Inputs per shot, the shot itself included (1 turns augmentation off); auto aims "
                      "at about 80 inputs in all, at most 8 per shot."),

@@ -73,13 +73,54 @@ def test_non_image_inputs_get_no_geometric_transforms(tmp_path):
     path = export(nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3)), tmp_path / "mlp.onnx",
                   keep_bn=False, shape=(1, 32))
     x = np.random.default_rng(0).standard_normal((12, 32)).astype(np.float32)
-    aug = augment.build("flip,shift:2,noise:0.02,mixup:0.1", 4, 0, x, teacher_of(path))
+    aug = augment.build("flip,shift:2,noise:0.02,mixup:0.1,cutmix", 4, 0, x, teacher_of(path))
     assert [t.name for t in aug.transforms] == ["noise", "mixup"]
-    assert all(c.reason == "input is not an NCHW image" for c in aug.checks if c.transform.name in ("flip", "shift"))
+    assert all(c.reason == "input is not an NCHW image" for c in aug.checks
+               if c.transform.name in ("flip", "shift", "cutmix"))
+
+
+def test_a_blend_is_kept_when_the_teacher_answers_like_one_of_its_two_shots(left_right_model):
+    """Half a left bar over half a right bar is still left or right: mixup is kept, though the
+    answer differs from the first shot's on most of the cross-side blends."""
+    x, y = left_right_data(20, seed=3)
+    left, right = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    n = min(len(left), len(right))
+    x = x[np.stack([left[:n], right[:n]], 1).ravel()]  # left, right, left, ...: neighbours from opposite sides
+    teacher = teacher_of(left_right_model)
+    base = teacher(x).argmax(1)
+    blended = teacher(augment.apply(x, augment.parse("mixup:0.5"), np.random.default_rng(0), always=True)).argmax(1)
+    assert np.mean(blended == base) < augment.MIN_AGREEMENT  # the plain invariance check would drop it
+    aug = augment.build("mixup:0.5,cutmix:0.5", 4, 0, x, teacher)
+    assert [t.name for t in aug.transforms] == ["mixup", "cutmix"], [c.reason for c in aug.checks]
+
+
+def test_a_blend_is_dropped_when_the_teacher_answers_neither(tmp_path):
+    """Three classes along one direction (-1, 0, +1): a half-half blend of -1 and +1 reads as 0."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    centre = rng.integers(-1, 2, 300)
+    x = (centre[:, None] + 0.1 * rng.standard_normal((300, 8))).astype(np.float32)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(centre + 1)).backward()
+        opt.step()
+    path = export(model.eval(), tmp_path / "line.onnx", keep_bn=False, shape=(1, 8))
+    shots = np.stack([np.full(8, (-1.0) ** i, np.float32) for i in range(10)])  # +1, -1, +1, ...
+    aug = augment.build("noise:0.02,mixup:0.5", 4, 0, shots, teacher_of(path))
+    checks = {c.transform.name: c for c in aug.checks}
+    assert [t.name for t in aug.transforms] == ["noise"]
+    assert not checks["mixup"].kept and "like neither shot" in checks["mixup"].reason
+
+
+def test_cli_default_is_the_module_default():
+    spec = next(p for p in main.commands["compress"].params if p.name == "augment").default
+    assert spec == augment.DEFAULT_SPEC
 
 
 def test_variants_are_deterministic_and_start_with_the_shots():
-    aug = augment.Augmenter(augment.parse("flip,shift:2,scale:0.1,noise:0.05,mixup:0.2"), 4, seed=7)
+    aug = augment.Augmenter(augment.parse("flip,shift:2,scale:0.1,noise:0.05,mixup:0.2,cutmix:0.3"), 4, seed=7)
     x = np.random.default_rng(0).standard_normal((6, 1, 16, 16)).astype(np.float32)
     first, second = list(aug.variants(x, 3)), list(aug.variants(x, 3))
     assert len(first) == 4 and first[0] is x
@@ -96,8 +137,9 @@ def test_parse_errors():
         augment.parse("rotate")
     with pytest.raises(UsageError, match="needs a number"):
         augment.parse("shift:far")
-    with pytest.raises(UsageError, match="out of range"):
-        augment.parse("mixup:0.9")
+    for spec in ("mixup:0.9", "cutmix:0.6", "noise:-1"):
+        with pytest.raises(UsageError, match="out of range"):
+            augment.parse(spec)
 
 
 @pytest.mark.parametrize("args,message", [(["--augment", "rotate"], "unknown transform"),

@@ -239,3 +239,28 @@ def test_auto_method_and_mu_pick_the_best_held_out_fidelity(vgg_path, npz_path, 
     assert best == f"{rep['auto']['method']} mu={rep['auto']['mu']}"
     assert (rep["config"]["method"], rep["config"]["mu"]) == (rep["auto"]["method"], rep["auto"]["mu"])
     assert run("compress", vgg_path, "--data", npz_path, "--mu", "1.5", "-o", tmp_path / "x.onnx").exit_code == 2
+
+
+def test_few_shots_are_scored_over_disjoint_held_out_splits(vgg_path, npz_path):
+    """Ten shots hold out two per split: the auto choice averages four disjoint splits, and
+    forty shots (ten held out) need only one."""
+    from pipeline import choose, prune
+    from pipeline.analyze import find_groups
+    from pipeline.convert import to_torch
+    from pipeline.graph import GraphView
+    from pipeline.load import load_model
+
+    proto = load_model(vgg_path).proto
+    view, teacher = GraphView(proto), to_torch(proto)
+    groups = find_groups(view)
+    x = np.load(npz_path)["x"]
+    held = [{row.tobytes() for row in choose.HoldOut(view, teacher, groups, x[:10], 0, None, fold).check}
+            for fold in range(4)]
+    assert [len(h) for h in held] == [2, 2, 2, 2] and len(set().union(*held)) == 8
+    options = choose.candidates(prune.PruneConfig(ratio=0.5), auto_method=True, auto_mu=False)
+    for shots, splits in ((10, 4), (40, 1)):
+        said: list[str] = []
+        choice = choose.choose(view, teacher, groups, x[:shots], options, 0, None, said.append)
+        assert len(said) == splits * len(options) and len(choice.scores) == len(options)
+        assert choice.splits == splits
+        assert (f"split {splits}/{splits}" in said[-1]) == (splits > 1)

@@ -2,8 +2,8 @@
 
     python tools/bench_augment.py --shots 1,2,3,5,10 --seeds 0,1,2 --out docs/augment_default.json
 
-Each row runs the complete `compress` (CPU bench at batch 32 included), so the time ratio
-is what a user of the command sees.
+Each row runs the complete `compress` with the command's defaults (`--method auto --mu auto`,
+CPU bench at batch 32 included), so the time ratio is what a user of the command sees.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def main() -> None:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 start = time.perf_counter()
                 options = CompressOptions(data=ASSETS / "demo_shots", shots=k, seed=seed, augment=spec,
-                                          eval_data=ASSETS / "demo_eval.npz", batches=[32], bench_runs=20)
+                                          eval_data=ASSETS / "demo_eval.npz", batches=[32], bench_runs=20,
+                                          auto_method=True, auto_mu=True)
                 report = compress(ASSETS / "demo_vgg.onnx", options).report
                 accs.append(100 * report["quality"]["student_accuracy"])
                 seconds.append(time.perf_counter() - start)
