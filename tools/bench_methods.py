@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import CompressOptions, FinetuneConfig, PruneConfig, compress  # noqa: E402
+from pipeline.augment import DEFAULT_SPEC  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
 VARIANT_HELP = ("METHOD [mu=X] [pgd] [+aug] [+ft], e.g. 'l1', 'layerwise +aug', 'cross mu=0.9 +ft', "
@@ -56,7 +57,7 @@ def variant(name: str) -> Variant:
         elif word == "pgd":
             fields["solver"] = "pgd"
         elif word == "+aug":
-            flags["augment"] = "flip,shift:2"
+            flags["augment"] = DEFAULT_SPEC
         elif word == "+ft":
             flags["finetune"] = True
         else:
