@@ -5,8 +5,8 @@ turned into several nearby inputs. A transform is used only if the teacher is (n
 invariant to it on the shots themselves: a model that tells left from right keeps no flips.
 Blends of two shots (mixup, cutmix) cannot keep both answers; they are kept if the teacher
 answers a half-half blend like one of its two shots at least as often as not, so they fill
-the space between the shots without leaving what the teacher knows. Variants are generated chunk by chunk from a
-seed, so memory does not grow with the factor.
+the space between the shots without leaving what the teacher knows. Variants are generated
+chunk by chunk from a seed, so memory does not grow with the factor.
 """
 from __future__ import annotations
 
