@@ -55,7 +55,13 @@ class Solution:
 
 def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
               damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(damped H, W*) of one consumer for `method`."""
+    """(damped H, W*) of one consumer for `method`.
+
+    The damping is a ridge toward the teacher's weights, damp * ||W - W_t||^2, for every
+    method: directions of the input that the few samples never excite keep the teacher's
+    weights. A ridge toward zero, as in plain regularised regression, erased them wherever a
+    layer has more inputs than the shots give rows (the demo's classifier at one shot per
+    class: 129 inputs, 80 rows), and moved W* off W_t even where nothing had been pruned yet."""
     if method == "cross":
         h = mu * stats.g_tt + (1 - mu) * stats.g_ss
         return _damped(h, damp), weight
@@ -68,13 +74,17 @@ def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
         cross = a * stats.g_tt + (1 - a) * stats.g_st
     else:
         raise ValueError(f"no quadratic objective for method '{method}'")
-    h = _damped(h, damp)
-    return h, torch.linalg.solve(h, cross @ weight)
+    ridge = damp * _scale(h)
+    h = h + ridge * torch.eye(len(h), dtype=h.dtype)
+    return h, torch.linalg.solve(h, cross @ weight + ridge * weight)
+
+
+def _scale(h: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(h).mean().clamp_min(1e-12)
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    scale = torch.diagonal(h).mean().clamp_min(1e-12)
-    return h + damp * scale * torch.eye(len(h), dtype=h.dtype)
+    return h + damp * _scale(h) * torch.eye(len(h), dtype=h.dtype)
 
 
 def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,

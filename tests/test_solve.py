@@ -89,3 +89,24 @@ def test_pgd_reaches_the_target_count_and_a_good_loss():
     dropped = [c for c in range(6) if c not in pgd.kept.tolist()]
     assert torch.all(pgd.weights[0][p.columns[dropped].reshape(-1)] == 0)
     assert closed.loss <= pgd.loss * 1.001
+
+
+@pytest.mark.parametrize("method", ["layerwise", "soft"])
+def test_regression_targets_keep_the_teacher_where_the_samples_say_nothing(method):
+    """The ridge pulls toward the teacher's weights: with the student's input equal to the
+    teacher's, W* is W_t at any damping, and with fewer rows than inputs the directions no
+    sample excites keep W_t (a ridge toward zero set them to zero)."""
+    g = torch.Generator().manual_seed(3)
+    rows, features, out = 5, 12, 4
+    x = torch.cat([torch.randn(rows, features, generator=g, dtype=F64), torch.ones(rows, 1, dtype=F64)], 1)
+    gram = x.T @ x / rows
+    w = torch.randn(features + 1, out, generator=g, dtype=F64)
+    _, w_star = objective(Stats(gram, gram, gram, rows), w, method, 0.5, 0.1)
+    assert torch.allclose(w_star, w, atol=1e-10)
+    drift = x + 0.3 * torch.randn(rows, features + 1, generator=g, dtype=F64)
+    drift[:, -1] = 1
+    stats = Stats(gram, drift.T @ drift / rows, drift.T @ x / rows, rows)
+    _, w_star = objective(stats, w, method, 0.5, 0.1)
+    unseen = torch.linalg.svd(torch.cat([x, drift])).Vh[2 * rows:].T  # directions neither input reaches
+    assert unseen.shape[1] > 0
+    assert torch.allclose(unseen.T @ w_star, unseen.T @ w, atol=1e-8)
