@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline import hardware
 from pipeline.allocate import Allocation, Curves, FlopsModel, allocate, uniform
 from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig, cache_dir, make_session
@@ -166,7 +165,7 @@ def build(view: GraphView, widths: FlopsModel, whole_ms: float, config: SessionC
     """Time every layer alone at the grid widths (or read them from the cache)."""
     cache_file = cache_path()
     cache = _read(cache_file)
-    setting = f"{config.provider}|{config.threads}|{batch}|{ort.__version__}|{_cpu()}"
+    setting = f"{config.provider}|{config.threads}|{batch}|{ort.__version__}|{hardware.cpu_name()}"
     tables, measured = {}, 0
     for node_name, layer in widths.layers.items():
         node = view.nodes[node_name]
@@ -296,16 +295,6 @@ def _bilinear(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, x: float, y: flo
     top = grid[i0, j0] * (1 - ty) + grid[i0, j1] * ty
     bottom = grid[i1, j0] * (1 - ty) + grid[i1, j1] * ty
     return float(top * (1 - tx) + bottom * tx)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def _read(path: Path) -> dict[str, float]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import hardware
 from pipeline.analyze import ChannelGroup, Consumer
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
@@ -28,7 +29,7 @@ from pipeline.solve import METHODS, SOLVERS, Problem, Stats, dropped_rows, solve
 
 SCOPES = ("internal", "all")
 GRAMS = {"cross": "tt,ss", "layerwise": "ss,st", "soft": "tt,ss,st"}  # (ss, st: student rows first)
-ALIGN = 8  # channel multiple that onnxruntime's CPU and CUDA float kernels are fastest at
+ALIGN = 8  # channel multiple that onnxruntime's CPU (without AVX-512) and CUDA float kernels are fastest at
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class PruneConfig:
     pgd_iters: int = 3000
     pgd_lr: float = 1e-3
     chunk: int = 16  # samples per forward pass while accumulating statistics
-    round_to: int = 0  # kept channels a multiple of this; 0: ALIGN for groups of at least 4 x ALIGN, else 1
+    round_to: int = 0  # kept channels a multiple of this; 0: by the group's size and the CPU (see step)
     scope: str = "internal"  # internal: single-producer groups only (the paper's choice); all: coupled too
     exclude: tuple[str, ...] = ()  # fnmatch patterns: groups with a producer or consumer matching stay whole
 
@@ -59,12 +60,15 @@ class PruneConfig:
         return next((n for n in names for pat in self.exclude if fnmatch.fnmatchcase(n, pat)), "")
 
     def step(self, size: int) -> int:
-        """The multiple a group of `size` channels keeps: CPU and GPU kernels run widths that
-        are multiples of 8 much faster; groups under 32 are left unrounded, since multiples of 8
-        would leave a 16-channel group only 8 or 16 (docs/BENCHMARKS.md: what that costs on CPU)."""
+        """The multiple a group of `size` channels keeps. onnxruntime's CPU convolutions pad
+        every width to a multiple of their channel block (16 with AVX-512, else 8) and GPU
+        kernels favour multiples of 8, so a group keeps multiples of the block if it has four
+        blocks or more, of ALIGN if it has four of those; smaller groups are left unrounded, since
+        multiples of 8 would leave a 16-channel group only 8 or 16 (docs/BENCHMARKS.md: what that
+        costs on CPU)."""
         if self.round_to:
             return self.round_to
-        return ALIGN if size >= 4 * ALIGN else 1
+        return next((s for s in (hardware.channel_block(), ALIGN) if size >= 4 * s), 1)
 
     def kept_count(self, size: int) -> int:
         keep = max(1, round(self.ratio * size))

@@ -57,7 +57,8 @@ def sections(report: dict) -> list[Section]:
         out.append(Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
             [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
-            ["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)] if frozen else []))
+            _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
+                                 if frozen else [])))
     lat = report.get("latency")
     if lat:
         out.append(Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
@@ -225,6 +226,17 @@ def _ratio(before: float, after: float) -> str:
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _rounding(pruned: list[dict]) -> list[str]:
+    """Which multiple each pruned group's width was rounded to (reports before it said none)."""
+    counts: dict[int, int] = {}
+    for g in pruned:
+        if g.get("multiple") not in (None, 1):
+            counts[g["multiple"]] = counts.get(g["multiple"], 0) + 1
+    return [f"kept widths rounded to multiples of {step} in {n} group{'s' if n > 1 else ''} (--round-to; "
+            f"onnxruntime runs a width between two multiples as slowly as the next)"
+            for step, n in sorted(counts.items(), reverse=True)]
 
 
 def _speedup(timing: dict) -> str:

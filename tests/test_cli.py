@@ -196,8 +196,12 @@ def test_round_to_keeps_multiples(vgg_path, npz_path, tmp_path):
     res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx", "--no-bench",
               "--ratio", "0.4", "--round-to", "4", "--json")
     assert res.exit_code == 0, res.output
-    widths = [g["channels_after"] for g in json.loads(res.stdout)["groups"] if g["prunable"]]
+    groups = json.loads(res.stdout)["groups"]
+    widths = [g["channels_after"] for g in groups if g["prunable"]]
     assert all(w % 4 == 0 for w in widths) and widths == [4, 4, 8, 8, 8]
+    assert {g["multiple"] for g in groups if g["prunable"]} == {4}
+    (tmp_path / "r.json").write_text(res.stdout)
+    assert "kept widths rounded to multiples of 4 in 5 groups" in run("report", tmp_path / "r.json").output
 
 
 @pytest.mark.parametrize("suffix,text", [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import CompressOptions, LatencyTarget, analyze, compress, latency, load, render
+from pipeline import CompressOptions, LatencyTarget, analyze, compress, hardware, latency, load, render
 from pipeline.allocate import Curves, FlopsModel
 from pipeline.cli import main
 from pipeline.errors import UsageError
@@ -51,11 +51,26 @@ def test_table_is_calibrated_complete_and_cached(vgg_path, cache):
     assert other.measured > 0  # another batch size is another setting
 
 
-def test_default_rounding_aligns_large_groups_only():
-    config = PruneConfig(ratio=0.3)
-    assert config.kept_count(64) == 16 and config.kept_count(256) == 80  # multiples of 8
-    assert config.kept_count(16) == 5  # unrounded: multiples of 8 would allow only 8 or 16
-    assert PruneConfig(ratio=0.3, round_to=1).kept_count(64) == 19
+@pytest.mark.parametrize("block", [8, 16])
+def test_default_rounding_follows_the_cpu_channel_block(monkeypatch, block):
+    monkeypatch.setattr(hardware, "channel_block", lambda: block)
+    config = PruneConfig(ratio=0.6)
+    assert config.kept_count(256) == {8: 152, 16: 160}[block]  # 153.6 channels
+    assert config.kept_count(48) == 32  # under four blocks of 16: multiples of 8
+    assert config.kept_count(16) == 10  # unrounded: multiples of 8 would allow only 8 or 16
+    assert PruneConfig(ratio=0.6, round_to=1).kept_count(256) == 154
+
+
+def test_the_channel_block_is_read_from_the_cpu_flags(monkeypatch):
+    hardware.channel_block.cache_clear()
+    try:
+        monkeypatch.setattr(hardware, "_cpuinfo", lambda field: "fpu sse2 avx2 avx512f avx512bw")
+        assert hardware.channel_block() == 16
+        hardware.channel_block.cache_clear()
+        monkeypatch.setattr(hardware, "_cpuinfo", lambda field: "fpu sse2 avx2 fma")
+        assert hardware.channel_block() == 8
+    finally:
+        hardware.channel_block.cache_clear()
 
 
 def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cache):

@@ -66,10 +66,11 @@ def quality(report: dict) -> float:
     return 100 * q["student_accuracy"] if q["student_accuracy"] is not None else q["relative_error"]
 
 
-def run(name: str, model: Path, base: CompressOptions, batch: int, speedup: float, runs: int, refine: int) -> dict:
+def run(name: str, model: Path, base: CompressOptions, batch: int, speedup: float, runs: int, refine: int,
+        ratios: tuple[float, ...] = RATIOS) -> dict:
     base = replace(base, providers=[], batches=[batch])
     target = compress(model, replace(base, target=LatencyTarget(speedup=speedup, batch=batch, refine_evals=refine)))
-    uniform = {r: compress(model, replace(base, prune=replace(base.prune, ratio=r))) for r in RATIOS}
+    uniform = {r: compress(model, replace(base, prune=replace(base.prune, ratio=r))) for r in ratios}
     timed = bench([("teacher", model.read_bytes()), ("target", target.slim)]
                   + [(f"ratio {r}", u.slim) for r, u in uniform.items()], ["cpu"], [batch], runs=runs)
     speed = {t.model: t.speedup for t in timed.timings}
@@ -100,13 +101,16 @@ def main() -> None:
     p.add_argument("--speedup", type=float, default=2.0)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--refine", type=int, default=LatencyTarget.refine_evals, help="--target-refine")
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)),
+                   help="uniform ratios to compare with; the measured speedup must fall within their range")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "target.json")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, base) in setups(Path(tmp), args.models.split(",")).items():
             for batch in [int(b) for b in args.batches.split(",")]:
-                r = run(name, model, base, batch, args.speedup, args.runs, args.refine)
+                r = run(name, model, base, batch, args.speedup, args.runs, args.refine,
+                        tuple(float(x) for x in args.ratios.split(",")))
                 rows.append(r)
                 better = (r["target_quality"] > r["uniform_quality_at_same_speedup"]) == (r["quality_is"] != "relative output error")
                 print(f"{name:<14} batch {batch:<3} speedup {r['measured_speedup']:.2f}x (asked {args.speedup}x, "
