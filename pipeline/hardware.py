@@ -4,7 +4,7 @@ MLAS, onnxruntime's CPU kernel library, runs float convolutions in a blocked lay
 whose block is 16 channels where the CPU has AVX-512 and 8 with AVX2 or less: a width between
 two multiples is padded to the next one and costs as much. Measured here (AMD EPYC, AVX-512,
 ResNet-18 at keep ratio 0.6, docs/BENCHMARKS.md): multiples of 16 ran 2.68x faster than the
-teacher at batch 32, multiples of 8 2.01x, for 2.85x and 2.57x fewer FLOPs.
+teacher at batch 32, multiples of 8 2.01-2.12x (two runs), for 2.85x and 2.57x fewer FLOPs.
 """
 from __future__ import annotations
 
