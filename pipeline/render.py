@@ -234,9 +234,9 @@ def _rounding(pruned: list[dict]) -> list[str]:
     for g in pruned:
         if g.get("multiple") not in (None, 1):
             counts[g["multiple"]] = counts.get(g["multiple"], 0) + 1
-    return [f"kept widths rounded to multiples of {step} in {n} group{'s' if n > 1 else ''} (--round-to; "
-            f"onnxruntime runs a width between two multiples as slowly as the next)"
-            for step, n in sorted(counts.items(), reverse=True)]
+    parts = [f"of {step} in {n} group{'s' if n > 1 else ''}" for step, n in sorted(counts.items(), reverse=True)]
+    return [f"kept widths rounded to multiples {', '.join(parts)} (--round-to; onnxruntime runs a width "
+            f"between two multiples as slowly as the next)"] if parts else []
 
 
 def _speedup(timing: dict) -> str:
