@@ -229,7 +229,7 @@ def _pct(v) -> str:
 
 
 def _rounding(pruned: list[dict]) -> list[str]:
-    """Which multiple each pruned group's width was rounded to (reports before it said none)."""
+    """One line naming the multiples the pruned groups' widths were rounded to, and how many of each."""
     counts: dict[int, int] = {}
     for g in pruned:
         if g.get("multiple") not in (None, 1):

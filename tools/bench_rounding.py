@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "rounding.json")
     args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model, base = bench_target.setups(Path(tmp), [args.model])[args.model]
         models, rows = [("teacher", model.read_bytes())], {}
@@ -47,15 +48,15 @@ def main() -> None:
                               "flops_reduction": res.report["totals"]["flops_reduction"],
                               "relative_error": res.report["quality"]["relative_error"]}
                 models.append((name, res.slim))
-        timed = bench(models, ["cpu"], [int(b) for b in args.batches.split(",")], runs=args.runs, rounds=7)
+        timed = bench(models, ["cpu"], batches, runs=args.runs, rounds=7)
     for t in timed.timings:
         if t.model in rows:
             rows[t.model][f"batch {t.batch}"] = {"p50_ms": t.p50_ms, "speedup": t.speedup,
                                                  "speedup_low": t.speedup_low, "speedup_high": t.speedup_high}
-    print(f"| {args.model} | widths | FLOPs fewer | " + " | ".join(f"batch {b}" for b in args.batches.split(",")) + " |")
+    print(f"| {args.model} | widths | FLOPs fewer | " + " | ".join(f"batch {b}" for b in batches) + " |")
     for name, r in rows.items():
         cells = [f"{r[f'batch {b}']['speedup']:.2f}x ({r[f'batch {b}']['speedup_low']:.2f}-"
-                 f"{r[f'batch {b}']['speedup_high']:.2f})" for b in args.batches.split(",")]
+                 f"{r[f'batch {b}']['speedup_high']:.2f})" for b in batches]
         print(f"| {name} | {', '.join(map(str, r['widths']))} | {r['flops_reduction']:.2f}x | " + " | ".join(cells) + " |")
     args.out.write_text(json.dumps({"model": args.model, "rows": rows, "timing": timed.to_json()}, indent=2,
                                    default=str))
