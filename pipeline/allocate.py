@@ -104,22 +104,25 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     if not eligible:
         raise NothingToPruneError("no prunable group to allocate a target over")
     floor, loss, step = {}, {}, {}
+    grams = prune.TeacherGrams()
     for g in eligible:
         step[g.id] = config.step(g.size)
         floor[g.id] = min(g.size, max(step[g.id], math.ceil(MIN_SHARE * g.size)))
-        problems = prune.group_problems(view, teacher, teacher, g, x, config, augmenter)
+        problems = prune.group_problems(view, teacher, teacher, g, x, config, augmenter, cache=grams)
         loss[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
                       if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
         progress(f"allocation: removal curve of group {g.id} ({g.size} channels)")
     if config.method != "l1":
-        weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, progress)
+        weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, grams,
+                                  progress)
         loss = {gid: curve * weights[gid] for gid, curve in loss.items()}
     return Curves(eligible, floor, loss, step)
 
 
 def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], eligible: list[ChannelGroup],
                     floor: dict[int, int], loss: dict[int, np.ndarray], x: np.ndarray, config: prune.PruneConfig,
-                    augmenter: Augmenter | None, progress: Callable[[str], None]) -> dict[int, float]:
+                    augmenter: Augmenter | None, grams: prune.TeacherGrams,
+                    progress: Callable[[str], None]) -> dict[int, float]:
     """Per group: output loss over layer loss, with the group alone pruned to the uniform ratio."""
     reference = run_torch(teacher, x)
     scale = [max(float(np.mean(r.astype(np.float64) ** 2)), 1e-30) for r in reference]
@@ -129,7 +132,8 @@ def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGr
         layer_loss = float(loss[g.id][g.size - count])
         if layer_loss <= 0:
             continue
-        student = prune.prune(view, teacher, groups, x, config, augmenter=augmenter, keep={g.id: count}).student
+        student = prune.prune(view, teacher, groups, x, config, augmenter=augmenter, keep={g.id: count},
+                              cache=grams).student
         out = run_torch(student, x)
         output_loss = np.mean([np.mean((o.astype(np.float64) - r) ** 2) / s for o, r, s in zip(out, reference, scale)])
         found[g.id] = float(output_loss) / layer_loss

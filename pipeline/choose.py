@@ -77,11 +77,12 @@ class HoldOut:
             self.check = np.concatenate(list(augmenter.variants(self.check, 0)))
         self.view, self.teacher, self.groups, self.augmenter = view, teacher, groups, augmenter
         self.reference = run_torch(teacher, self.check)
+        self.grams = prune.TeacherGrams()
 
     def score(self, config: prune.PruneConfig, keep: dict[int, int] | None = None) -> float:
         """Relative squared output error on the held-out inputs (the worst output's)."""
         student = prune.prune(self.view, self.teacher, self.groups, self.fit, config, augmenter=self.augmenter,
-                              keep=keep).student
+                              keep=keep, cache=self.grams).student
         return max(_nmse(r, s) for r, s in zip(self.reference, run_torch(student, self.check)))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import hardware
+from pipeline import hardware, limits
 from pipeline.analyze import ChannelGroup, Consumer
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
@@ -78,6 +78,27 @@ class PruneConfig:
         return keep
 
 
+class TeacherGrams:
+    """G_tt of each consumer over one set of samples and their variants. The teacher never
+    changes, so every student pruned from the same samples (the candidates of --method auto,
+    the widths a target tries) can share them: one cache per set of samples, holding what fits
+    in `budget` bytes (an eighth of memory by default: VGG-16's thirteen convs take 1.1 GB)."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = limits.total_memory() // 8 if budget is None else budget
+        self._grams: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
+        self._bytes = 0
+
+    def get(self, consumer: str, chunk: int) -> tuple[torch.Tensor, int] | None:
+        return self._grams.get((consumer, chunk))
+
+    def put(self, consumer: str, chunk: int, gram: torch.Tensor, rows: int) -> None:
+        size = gram.numel() * gram.element_size()
+        if (consumer, chunk) not in self._grams and self._bytes + size <= self.budget:
+            self._grams[consumer, chunk] = gram, rows
+            self._bytes += size
+
+
 @dataclass
 class LayerWeights:
     """New ONNX-layout weights of one consumer (full input width, dropped channels zero)."""
@@ -113,9 +134,11 @@ class _Stop(Exception):
 
 def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
           config: PruneConfig, progress: Callable[[str], None] = lambda _: None,
-          augmenter: Augmenter | None = None, keep: dict[int, int] | None = None) -> PruneResult:
+          augmenter: Augmenter | None = None, keep: dict[int, int] | None = None,
+          cache: TeacherGrams | None = None) -> PruneResult:
     """Prune every eligible group to `config.ratio`, or to `keep[group id]` channels when an
-    allocation is given (groups it leaves out stay whole)."""
+    allocation is given (groups it leaves out stay whole). Pass one `cache` to every call on
+    the same samples."""
     student = TorchModel(copy.deepcopy(teacher.module), {})
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
@@ -132,7 +155,9 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
             progress(f"group {group.id}: skipped ({why})")
             continue
         start = time.perf_counter()
-        problems = group_problems(view, teacher, student, group, x, config, augmenter, fixed)
+        # until a layer is refit the student computes what the teacher does: h_s = h_t
+        problems = group_problems(view, teacher, student if result.layers else teacher, group, x, config,
+                                  augmenter, fixed, cache)
         sol = _solve(problems, count, config)
         for consumer, problem, w in zip(group.consumers, problems, sol.weights):
             fixed[consumer.node] = dropped_rows(problem, sol.kept)
@@ -166,13 +191,13 @@ def skip_reason(teacher: TorchModel, group: ChannelGroup, config: PruneConfig) -
 
 def group_problems(view: GraphView, teacher: TorchModel, student: TorchModel, group: ChannelGroup,
                    x: np.ndarray, config: PruneConfig, augmenter: Augmenter | None,
-                   fixed: dict[str, torch.Tensor] | None = None) -> list[Problem]:
+                   fixed: dict[str, torch.Tensor] | None = None, cache: TeacherGrams | None = None) -> list[Problem]:
     """One least-squares problem per consumer, with its statistics over the samples (none for l1)."""
     fixed = fixed or {}
     problems = [_problem(view, c, group.size, fixed.get(c.node)) for c in group.consumers]
     if config.method != "l1":
         _collect(view, teacher, student, group.consumers, problems, x, config.chunk, augmenter,
-                 "tt" if student is teacher else GRAMS[config.method])
+                 "tt" if student is teacher else GRAMS[config.method], cache)
     return problems
 
 
@@ -209,33 +234,60 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
 
 
 def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumers: list[Consumer],
-             problems: list[Problem], x: np.ndarray, chunk: int, augmenter: Augmenter | None, grams: str) -> None:
+             problems: list[Problem], x: np.ndarray, chunk: int, augmenter: Augmenter | None, grams: str,
+             cache: TeacherGrams | None = None) -> None:
     """Accumulate the Gram matrices a method needs (of "tt", "ss", "st") for every consumer over
     the samples and their augmented variants, one chunk at a time. Each is a product of
     (rows x features) matrices, the bulk of pruning time; with grams "tt" (the student is the
-    teacher) one stands for all three."""
+    teacher) one stands for all three. G_tt found in `cache` is not recomputed, and the teacher
+    is not even run when nothing else needs its inputs."""
+    hits = [cache.get(c.node, chunk) if cache is not None and "tt" in grams else None for c in consumers]
+    cached = all(h is not None for h in hits)
+    todo = [g for g in grams.split(",") if not (cached and g == "tt")]
     dims = [len(p.weight) for p in problems]
-    sums = [{g: torch.zeros(d, d, dtype=torch.float64) for g in grams.split(",")} for d in dims]
+    sums = [{g: torch.zeros(d, d, dtype=torch.float64) for g in todo} for d in dims]
     rows = [0] * len(problems)
-    for ci, i in enumerate(range(0, len(x), chunk)):
+    for ci, i in enumerate(range(0, len(x), chunk) if todo else ()):
         for variant in (augmenter.variants(x[i:i + chunk], ci) if augmenter else [x[i:i + chunk]]):
             batch = torch.from_numpy(variant)
-            xt = _capture(teacher, consumers, batch)
+            xt = _capture(teacher, consumers, batch) if any("t" in g for g in todo) else None
             xs = xt if grams == "tt" else _capture(student, consumers, batch)
             for k, c in enumerate(consumers):
-                a = {"t": _rows(view, c, xt[k])}
-                a["s"] = a["t"] if xs is xt else _rows(view, c, xs[k])
+                a = {"s": _rows(view, c, xs[k])}
+                if xt is not None:
+                    a["t"] = a["s"] if xt is xs else _rows(view, c, xt[k])
                 for g, total in sums[k].items():
-                    total += (a[g[0]].T @ a[g[1]]).double()
-                rows[k] += len(a["t"])
-    for c, p, s, n in zip(consumers, problems, sums, rows):
+                    _add_gram(total, a[g[0]], a[g[1]])
+                rows[k] += len(a["s"])
+    for c, hit, p, s, n in zip(consumers, hits, problems, sums, rows if todo else [h[1] for h in hits]):
         if not all(torch.isfinite(g).all() for g in s.values()):
             raise ModelError(f"layer '{c.node}' receives NaN or Inf on the samples (teacher or student); "
                              f"check the model and the data's preprocessing")
+        mean = {g: (_mirror(total) if g[0] == g[1] else total) / n for g, total in s.items()}
+        if cached:
+            mean["tt"] = hit[0]
+        elif cache is not None and "tt" in mean:
+            cache.put(c.node, chunk, mean["tt"], n)
         if grams == "tt":
-            p.stats = Stats(s["tt"] / n, s["tt"] / n, s["tt"] / n, n)
+            p.stats = Stats(mean["tt"], mean["tt"], mean["tt"], n)
         else:
-            p.stats = Stats(*(s[g] / n if g in s else None for g in ("tt", "ss", "st")), n)
+            p.stats = Stats(*(mean.get(g) for g in ("tt", "ss", "st")), n)
+
+
+def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, blocks: int = 4) -> None:
+    """total += a'b (float32 product, float64 sum). For a Gram a'a only the blocks on and above
+    the diagonal are computed, 5/8 of the work with four blocks; `_mirror` completes it once."""
+    if a is not b:
+        total += (a.T @ b).double()
+        return
+    cuts = [len(total) * i // blocks for i in range(blocks + 1)]
+    for start, end in zip(cuts, cuts[1:]):
+        total[start:end, start:] += (a[:, start:end].T @ a[:, start:]).double()
+
+
+def _mirror(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle `_add_gram` accumulated."""
+    return upper.triu() + upper.triu(1).T
 
 
 @torch.no_grad()

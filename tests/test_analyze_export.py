@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from exporters.slim import slim
 from pipeline.analyze import find_groups
@@ -12,7 +13,7 @@ from pipeline.errors import VerificationError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
-from pipeline.prune import PruneConfig, prune
+from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, prune
 from pipeline.verify import check_slim
 from tests.conftest import TinyChannelsLast, TinyMobile, TinyResidual, TinyVGG, export, make_data, randomise_bn
 
@@ -180,6 +181,40 @@ def test_every_method_exports_equivalently(vgg_path, method, solver):
     assert [len(o.kept) for o in result.outcomes] == [4, 4, 8, 8, 12]
     out = slim(model.proto, groups, result.kept, result.layers)
     assert check_slim(out, result.student, x, ["logits"]) < 1e-4
+
+
+def test_teacher_grams_shared_between_candidates_change_nothing(vgg_path):
+    """What one candidate's pass leaves in the cache serves the next: the same channels and
+    weights as computed afresh, and cross distillation no longer runs the teacher at all."""
+    model, view, groups = groups_of(vgg_path)
+    x, _ = make_data(3)
+    teacher = to_torch(model.proto)
+    runs = []
+    teacher.module.register_forward_pre_hook(lambda m, _: runs.append(1) if m is teacher.module else None)
+    cache = TeacherGrams()
+    prune(view, teacher, groups, x, PruneConfig(method="cross", mu=0.3), cache=cache)
+    assert runs
+    for method in ("cross", "soft", "layerwise"):
+        fresh = prune(view, teacher, groups, x, PruneConfig(method=method))
+        runs.clear()
+        shared = prune(view, teacher, groups, x, PruneConfig(method=method), cache=cache)
+        assert bool(runs) == (method != "cross")
+        for a, b in zip(fresh.outcomes, shared.outcomes):
+            assert a.kept.tolist() == b.kept.tolist()
+        for node, layer in fresh.layers.items():
+            np.testing.assert_allclose(shared.layers[node].weight, layer.weight, rtol=1e-5, atol=1e-6)
+    empty = TeacherGrams(budget=0)
+    prune(view, teacher, groups, x, PruneConfig(), cache=empty)
+    assert empty.get(next(iter(fresh.layers)), PruneConfig().chunk) is None
+
+
+@pytest.mark.parametrize("dims", [1, 7, 33])
+def test_symmetric_gram_from_its_upper_blocks(dims):
+    a = torch.randn(50, dims)
+    total = torch.zeros(dims, dims, dtype=torch.float64)
+    _add_gram(total, a, a)
+    _add_gram(total, a, a)
+    torch.testing.assert_close(_mirror(total), 2 * (a.T @ a).double(), rtol=1e-5, atol=1e-4)
 
 
 def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_path, npz_path):
