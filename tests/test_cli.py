@@ -238,7 +238,7 @@ def test_auto_method_and_mu_pick_the_best_held_out_fidelity(vgg_path, npz_path, 
     assert res.exit_code == 0, res.output
     rep = json.loads(report.read_text())
     scores = rep["auto"]["holdout_relative_squared_error"]
-    assert len(scores) == 5  # cross at three mu, soft at 0.5, layerwise
+    assert len(scores) == 5  # cross at three mu, soft at 0.3, layerwise
     best = min(scores, key=scores.get)
     assert best == f"{rep['auto']['method']} mu={rep['auto']['mu']}"
     assert (rep["config"]["method"], rep["config"]["mu"]) == (rep["auto"]["method"], rep["auto"]["mu"])
