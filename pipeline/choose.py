@@ -21,7 +21,8 @@ from pipeline.graph import GraphView
 HOLDOUT = 0.25  # share of the shots set aside to score candidates (at least one sample)
 MIN_HELD_OUT = 8  # --method auto scores over more splits until this many shots were held out (at most 4)
 MIN_SAMPLES = 2  # one to fit, one to hold out: fewer, and candidates cannot be compared
-MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (0.3,), "layerwise": (0.6,)}
+USUAL_MU = {"cross": 0.6, "soft": 0.3}  # a method given without --mu: the authors' cross, auto's soft
+MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (USUAL_MU["soft"],), "layerwise": (0.6,)}
 AUTO_METHODS = ("cross", "soft", "layerwise")
 
 

@@ -174,7 +174,7 @@ def prune_options(fn):
                      "(on the paper-protocol tables never more than 0.3 points behind the best fixed choice)."),
         click.option("--mu", default="auto", show_default=True, callback=_mu,
                      help="Weight of the correction loss (cross) or of the teacher input (soft), or auto "
-                     "(chosen like --method auto; a method given alone keeps its usual mu, 0.6 for cross)."),
+                     "(chosen like --method auto; a method given alone keeps its usual mu: 0.6 for cross, 0.3 for soft)."),
         click.option("--solver", type=click.Choice(["closed", "pgd"]), default="closed", show_default=True,
                      help="closed: exact least squares with greedy group-OBS selection; pgd: the paper's "
                      "Adam with a shrinking top-k proximal step."),
@@ -356,6 +356,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
              pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
+    from pipeline.choose import USUAL_MU
     from pipeline.prune import PruneConfig
     from pipeline.target import LatencyTarget
     from pipeline.workflow import CompressOptions
@@ -376,7 +377,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         data=data, shots=shots, samples=samples, seed=seed,
         auto_method=method == "auto", auto_mu=mu is None and (method == "auto" or not mu_default),
         prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
-                          mu=0.6 if mu is None else mu, solver=solver, damp=damp, round_to=round_to,
+                          mu=USUAL_MU.get(method, 0.6) if mu is None else mu, solver=solver, damp=damp, round_to=round_to,
                           scope=scope, exclude=tuple(exclude), pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
@@ -604,6 +605,7 @@ def demo(output, as_json, quiet, shots, ratio, method, seed):
     """
     from pipeline.workflow import CompressOptions
     from pipeline.workflow import compress as run
+    from pipeline.choose import USUAL_MU
     from pipeline.prune import PruneConfig
     from pipeline.render import summary
 
@@ -611,7 +613,8 @@ def demo(output, as_json, quiet, shots, ratio, method, seed):
     with tempfile.TemporaryDirectory() as tmp:
         target = output or Path(tmp) / "demo_vgg.slim.onnx"
         options = CompressOptions(data=folder / "demo_shots", shots=shots, seed=seed,
-                                  prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method),
+                                  prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
+                                                    mu=USUAL_MU.get(method, 0.6)),
                                   auto_method=method == "auto", auto_mu=method == "auto",
                                   eval_data=folder / "demo_eval.npz")
         result = run(folder / "demo_vgg.onnx", options, target, _say(quiet or as_json))

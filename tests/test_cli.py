@@ -58,6 +58,17 @@ def test_json_flag_prints_the_report(vgg_path, npz_path, tmp_path):
     assert rep["config"]["method"] == "layerwise" and rep["data"]["calibration_samples"] == 20
 
 
+@pytest.mark.parametrize("args,mu", [(("--method", "soft"), 0.3), (("--method", "cross"), 0.6),
+                                     (("--method", "soft", "--mu", "0.8"), 0.8)])
+def test_a_method_given_alone_keeps_its_usual_mu(vgg_path, npz_path, tmp_path, args, mu):
+    """The soft mixture alone is the one --method auto tries, not cross's 0.6."""
+    res = run("compress", vgg_path, "--data", npz_path, "--samples", 4, "-o", tmp_path / "s.onnx",
+              "--no-bench", "--json", "--augment", "none", *args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["auto"] is None and (rep["config"]["method"], rep["config"]["mu"]) == (args[1], mu)
+
+
 def test_one_sample_with_the_auto_default_prunes_without_a_holdout(vgg_path, npz_path, tmp_path):
     """--method auto compares candidates on held-out samples; with one sample there are none."""
     res = run("compress", vgg_path, "--data", npz_path, "--samples", 1, "-o", tmp_path / "s.onnx",
