@@ -77,6 +77,7 @@ class Steering:
     attempts: list[dict] = field(default_factory=list)
     close: float = 0.95  # a result at least this share of the aim ends the search
     margin: float = 0.03  # aimed this much under the goal: one timing of a model 1% under it is a coin toss later
+    near: float = 0.05  # a miss by less than this share of the aim is worth timing again
 
     def __post_init__(self):
         self.aim_ms = self.goal_ms * (1 - self.margin)
@@ -116,7 +117,7 @@ class Steering:
         same teacher timed alone minutes earlier was 25% slower at batch 1 here."""
         if self.target.get("speedup"):
             self.teacher_ms, self.goal_ms = teacher_ms, teacher_ms / self.target["speedup"]
-            self.aim_ms = self.goal_ms * (1 - self.margin)
+            self.aim_ms = self._aim(teacher_ms)
         self.attempts.append({"predicted_share": self.share, "predicted_ms": alloc.share * self.teacher_ms,
                               "ratio": self.ratio if self.uniform else None,
                               "measured_ms": measured_ms, "teacher_ms": teacher_ms, "goal_ms": self.goal_ms,
@@ -140,6 +141,15 @@ class Steering:
         self.share = (low + high) / 2 if 0 < low and high < math.inf else \
             min(1.0, alloc.share * self.aim_ms / measured_ms)
         return False
+
+    def narrowly_missed(self, measured_ms: float, teacher_ms: float) -> bool:
+        aim = self._aim(teacher_ms)
+        return aim < measured_ms <= aim * (1 + self.near)
+
+    def _aim(self, teacher_ms: float) -> float:
+        """The aim against a teacher timed at `teacher_ms`: a speedup goal follows it."""
+        goal = teacher_ms / self.target["speedup"] if self.target.get("speedup") else self.goal_ms
+        return goal * (1 - self.margin)
 
     @property
     def best(self) -> int:

@@ -84,8 +84,7 @@ def search(target: LatencyTarget, problem: Problem, curves: allocate.Curves, ori
                 break  # the prediction cannot tell this share from one already measured
             results.append((alloc, *prune_and_export(alloc.keep)))
             with stage("allocate"):
-                if steer.record(alloc, *_with_teacher(original, results[-1][2].SerializeToString(),
-                                                      steer.session, steer.batch), progress):
+                if steer.record(alloc, *_timed(steer, original, results[-1][2].SerializeToString()), progress):
                     break
         tried[steer.name] = Candidate(*results[steer.best], steer.to_json())
     known: dict[str, float] = {}
@@ -186,6 +185,19 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
                        "attempts": c.info["attempts"], "kept_attempt": c.info["kept_attempt"],
                        "holdout_relative_squared_error": scores.get(name)}
                 for name, c in tried.items()}}
+
+
+def _timed(steer: latency.Steering, original: bytes, model: bytes) -> tuple[float, float]:
+    """A steered attempt with the teacher in one run; a narrow miss is timed once more and the
+    faster reading kept, as one reading at batch 1 drifts by a few per cent and a width given up
+    for that is lost to the search (ResNet-18: 0.782 ms for an aim of 0.765 made it keep a ratio
+    of 0.59 where 0.65 met the goal in the final timing). The final pick times every candidate
+    together again, so an optimistic reading here cannot ship a model that misses."""
+    timing = _with_teacher(original, model, steer.session, steer.batch)
+    if steer.narrowly_missed(*timing):
+        again = _with_teacher(original, model, steer.session, steer.batch)
+        timing = min(timing, again, key=lambda t: t[0] / t[1])
+    return timing
 
 
 def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: int) -> tuple[float, float]:
