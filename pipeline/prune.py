@@ -82,7 +82,8 @@ class TeacherGrams:
     """G_tt of each consumer over one set of samples and their variants. The teacher never
     changes, so every student pruned from the same samples (the candidates of --method auto,
     the widths a target tries) can share them: one cache per set of samples, holding what fits
-    in `budget` bytes (an eighth of memory by default: VGG-16's thirteen convs take 1.1 GB)."""
+    in `budget` bytes (an eighth of memory by default; a full-width VGG-16's twelve 3x3
+    conv consumers take about 1 GB)."""
 
     def __init__(self, budget: int | None = None):
         self.budget = limits.total_memory() // 8 if budget is None else budget
