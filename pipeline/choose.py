@@ -26,6 +26,12 @@ MU_GRID = {"cross": (0.3, 0.6, 0.9), "soft": (USUAL_MU["soft"],), "layerwise": (
 AUTO_METHODS = ("cross", "soft", "layerwise")
 
 
+def usual_mu(method: str) -> float:
+    """The mu of `method` given without --mu; methods without one (and auto, which starts from
+    cross) take cross's."""
+    return USUAL_MU.get(method, USUAL_MU["cross"])
+
+
 @dataclass
 class Choice:
     config: prune.PruneConfig

@@ -356,7 +356,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
              pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
-    from pipeline.choose import USUAL_MU
+    from pipeline.choose import usual_mu
     from pipeline.prune import PruneConfig
     from pipeline.target import LatencyTarget
     from pipeline.workflow import CompressOptions
@@ -377,7 +377,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         data=data, shots=shots, samples=samples, seed=seed,
         auto_method=method == "auto", auto_mu=mu is None and (method == "auto" or not mu_default),
         prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
-                          mu=USUAL_MU.get(method, 0.6) if mu is None else mu, solver=solver, damp=damp,
+                          mu=usual_mu(method) if mu is None else mu, solver=solver, damp=damp,
                           round_to=round_to, scope=scope, exclude=tuple(exclude), pgd_iters=pgd_iters, pgd_lr=pgd_lr),
         max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
@@ -605,7 +605,7 @@ def demo(output, as_json, quiet, shots, ratio, method, seed):
     """
     from pipeline.workflow import CompressOptions
     from pipeline.workflow import compress as run
-    from pipeline.choose import USUAL_MU
+    from pipeline.choose import usual_mu
     from pipeline.prune import PruneConfig
     from pipeline.render import summary
 
@@ -614,7 +614,7 @@ def demo(output, as_json, quiet, shots, ratio, method, seed):
         target = output or Path(tmp) / "demo_vgg.slim.onnx"
         options = CompressOptions(data=folder / "demo_shots", shots=shots, seed=seed,
                                   prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
-                                                    mu=USUAL_MU.get(method, 0.6)),
+                                                    mu=usual_mu(method)),
                                   auto_method=method == "auto", auto_mu=method == "auto",
                                   eval_data=folder / "demo_eval.npz")
         result = run(folder / "demo_vgg.onnx", options, target, _say(quiet or as_json))
