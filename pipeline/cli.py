@@ -514,6 +514,9 @@ def bench(models, warmup, rounds, report_path, as_json, max_memory, providers, b
     result = run(loaded, providers, batches, runs=runs, warmup=warmup, rounds=rounds, threads=threads,
                  progress=_say(as_json))
     _emit({"latency": result.to_json()}, report_path, as_json, latency_table(result.to_json()))
+    if not result.timings:  # a pipeline step asked for numbers and got none: say so, and fail
+        raise UsageError(f"--providers {','.join(providers)}: nothing could be timed "
+                         f"({'; '.join(result.unavailable.values())})")
 
 
 @main.command("report", epilog=EPILOG)

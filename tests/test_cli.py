@@ -91,6 +91,17 @@ def test_bench_reports_missing_provider_instead_of_falling_back(vgg_path):
         assert cuda_here
 
 
+def test_bench_fails_when_no_provider_asked_for_can_be_timed(vgg_path, tmp_path):
+    report = tmp_path / "bench.json"
+    res = run("bench", vgg_path, "--providers", "tensorrt", "--batch", "2", "--runs", 3, "--report", report)
+    latency = json.loads(report.read_text())["latency"]  # written either way
+    if latency["timings"]:
+        pytest.skip("TensorRT runs here")
+    assert res.exit_code == 2, res.output
+    assert "--providers tensorrt: nothing could be timed (tensorrt:" in res.output
+    assert "tensorrt" in latency["unavailable"]
+
+
 def test_inspect_lists_groups(vgg_path):
     res = run("inspect", vgg_path, "--json")
     assert res.exit_code == 0, res.output
