@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import prune
 from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
-from pipeline.convert import TorchModel, run_torch
+from pipeline.convert import TorchModel, relative_squared_error, run_torch
 from pipeline.errors import NothingToPruneError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
@@ -125,7 +125,6 @@ def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGr
                     progress: Callable[[str], None]) -> dict[int, float]:
     """Per group: output loss over layer loss, with the group alone pruned to the uniform ratio."""
     reference = run_torch(teacher, x)
-    scale = [max(float(np.mean(r.astype(np.float64) ** 2)), 1e-30) for r in reference]
     found = {}
     for g in eligible:
         count = min(g.size - 1, max(floor[g.id], config.kept_count(g.size)))
@@ -135,7 +134,7 @@ def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGr
         student = prune.prune(view, teacher, groups, x, config, augmenter=augmenter, keep={g.id: count},
                               cache=grams).student
         out = run_torch(student, x)
-        output_loss = np.mean([np.mean((o.astype(np.float64) - r) ** 2) / s for o, r, s in zip(out, reference, scale)])
+        output_loss = np.mean([relative_squared_error(r, o) for r, o in zip(reference, out)])
         found[g.id] = float(output_loss) / layer_loss
         progress(f"allocation: group {g.id} alone at {count}/{g.size}: output loss {output_loss:.4f}, "
                  f"{found[g.id]:.2f}x its layer loss")

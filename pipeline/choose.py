@@ -15,7 +15,7 @@ import numpy as np
 from pipeline import prune
 from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
-from pipeline.convert import TorchModel, run_torch
+from pipeline.convert import TorchModel, relative_squared_error, run_torch
 from pipeline.graph import GraphView
 
 HOLDOUT = 0.25  # share of the shots set aside to score candidates (at least one sample)
@@ -90,7 +90,7 @@ class HoldOut:
         """Relative squared output error on the held-out inputs (the worst output's)."""
         student = prune.prune(self.view, self.teacher, self.groups, self.fit, config, augmenter=self.augmenter,
                               keep=keep, cache=self.grams).student
-        return max(_nmse(r, s) for r, s in zip(self.reference, run_torch(student, self.check)))
+        return max(relative_squared_error(r, s) for r, s in zip(self.reference, run_torch(student, self.check)))
 
 
 def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
@@ -105,8 +105,3 @@ def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGro
         progress(f"{label}: {name}: relative squared error {scores[name]:.4f} on {len(holdout.check)} held-out inputs")
     return scores
 
-
-def _nmse(reference: np.ndarray, value: np.ndarray) -> float:
-    """Mean squared error relative to the reference's energy: steadier than a max on a few inputs."""
-    reference = reference.astype(np.float64)
-    return float(np.mean((reference - value) ** 2) / max(np.mean(reference ** 2), 1e-30))

@@ -98,3 +98,9 @@ def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
         return float("inf")
     scale = max(float(np.abs(reference).max(initial=0.0)), 1e-12)
     return float(np.abs(reference - value).max(initial=0.0)) / scale
+
+
+def relative_squared_error(reference: np.ndarray, value: np.ndarray) -> float:
+    """Mean squared error relative to the reference's energy: steadier than a max on a few inputs."""
+    reference = reference.astype(np.float64)
+    return float(np.mean((reference - value) ** 2) / max(np.mean(reference ** 2), 1e-30))
