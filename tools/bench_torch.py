@@ -79,7 +79,7 @@ def runner(net: torch.nn.Module, x: torch.Tensor, graph: bool):
 @torch.no_grad()
 def bench(paths: list[Path], device: torch.device, dtypes: list[str], batches: list[int], runs: int,
           rounds: int, graph: bool) -> list[dict]:
-    protos = {p.name: onnx.load(str(p)) for p in paths}
+    protos = {str(p): onnx.load(str(p)) for p in paths}  # named as given: two model.onnx stay apart
     nets = {name: to_torch(proto, name).module.to(device) for name, proto in protos.items()}
     clock = timer(device)
     rows = []
@@ -97,7 +97,7 @@ def bench(paths: list[Path], device: torch.device, dtypes: list[str], batches: l
                     for _ in range(5):
                         call()
                     times[name] += [clock(call) for _ in range(runs)]
-            base = float(np.median(times[paths[0].name]))
+            base = float(np.median(times[str(paths[0])]))
             for name, t in times.items():
                 p50 = float(np.median(t))
                 rows.append({"model": name, "engine": f"torch-{device.type}", "mode": mode[name], "dtype": dtype,
@@ -126,11 +126,13 @@ def main() -> None:
     rows = bench(args.models, device, args.dtype.split(","), [int(b) for b in args.batch.split(",")], args.runs,
                  args.rounds, args.graph)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"torch {torch.__version__}, {'CUDA graphs' if args.graph else 'eager'}, on {name} (torch numbers, not onnxruntime's)")
-    print(f"{'model':<24} {'mode':<6} {'dtype':<9} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'speedup':>8}")
+    mode = "CUDA graphs" if args.graph else "eager"
+    print(f"torch {torch.__version__}, {mode}, on {name} (torch numbers, not onnxruntime's)")
+    width = max(24, *(len(r["model"]) for r in rows))
+    print(f"{'model':<{width}} {'mode':<6} {'dtype':<9} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} {'speedup':>8}")
     for r in rows:
-        print(f"{r['model']:<24} {r['mode']:<6} {r['dtype']:<9} {r['batch']:>5} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
-              f"{r['speedup']:7.2f}x")
+        print(f"{r['model']:<{width}} {r['mode']:<6} {r['dtype']:<9} {r['batch']:>5} {r['p50_ms']:8.3f} "
+              f"{r['p90_ms']:8.3f} {r['speedup']:7.2f}x")
     if args.out:
         args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
 
