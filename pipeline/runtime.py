@@ -6,6 +6,7 @@ checked, so spinning is always off; the provider actually used is checked, never
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -59,8 +60,9 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
     providers = [(name, provider_options or {})]
     if name != "CPUExecutionProvider":
         providers.append(("CPUExecutionProvider", {}))  # for nodes the device cannot run
+    banner = io.StringIO()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # onnxruntime prints its fallback banner to stdout: --json
+        with contextlib.redirect_stdout(banner):  # onnxruntime prints why it fell back, to stdout
             session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:
         if config.provider != "cpu":
@@ -68,10 +70,19 @@ def make_session(model: ModelProto | bytes | str, config: SessionConfig = Sessio
                                       f"({first_line(exc)})") from exc
         raise
     if session.get_providers()[0] != name:
-        raise ProviderUnavailable(f"{config.provider}: onnxruntime fell back to "
-                                  f"{session.get_providers()[0]} (no usable device or missing "
-                                  f"CUDA/cuDNN/TensorRT libraries)")
+        raise ProviderUnavailable(f"{config.provider}: onnxruntime fell back to {session.get_providers()[0]} "
+                                  f"({_fallback_reason(banner.getvalue())})")
+    sys.stderr.write(banner.getvalue())
     return session
+
+
+def _fallback_reason(banner: str) -> str:
+    """The sentence of onnxruntime's fallback banner that says what is missing, without the
+    source path and C++ signature in front of it (e.g. 'Please install TensorRT libraries ...')."""
+    line = next((ln for ln in banner.splitlines() if ln.startswith("EP Error ")), "")
+    reason = line.rpartition(") ")[2] if ") " in line else line.removeprefix("EP Error ")
+    reason = reason.strip()
+    return reason[:300] if reason else "no usable device or missing CUDA/cuDNN/TensorRT libraries"
 
 
 def cache_dir() -> Path:

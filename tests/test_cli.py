@@ -290,3 +290,16 @@ def test_few_shots_are_scored_over_disjoint_held_out_splits(vgg_path, npz_path):
         assert len(said) == splits * len(options) and len(choice.scores) == len(options)
         assert choice.splits == splits
         assert (f"split {splits}/{splits}" in said[-1]) == (splits > 1)
+
+
+def test_a_provider_fallback_is_explained_by_onnxruntime_s_own_reason():
+    from pipeline.runtime import _fallback_reason
+
+    banner = ("*************** EP Error ***************\n"
+              "EP Error /onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:729 void onnxruntime::python::"
+              "RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const onnxruntime::ProviderOptions&) Please "
+              "install TensorRT libraries as mentioned in the GPU requirements page.\n"
+              " when using [('TensorrtExecutionProvider', {}), ('CPUExecutionProvider', {})]\n"
+              "Falling back to ['CPUExecutionProvider'] and retrying.\n")  # as onnxruntime 1.31 printed it here
+    assert _fallback_reason(banner) == "Please install TensorRT libraries as mentioned in the GPU requirements page."
+    assert "missing CUDA/cuDNN/TensorRT libraries" in _fallback_reason("")  # a silent fallback
