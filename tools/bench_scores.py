@@ -26,7 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import fmnist  # noqa: E402
 from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline.convert import relative_squared_error  # noqa: E402
 from pipeline.runtime import make_session, run_batched  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
@@ -44,7 +46,7 @@ def scores(teacher: np.ndarray, model: np.ndarray) -> dict[str, float]:
     top = teacher.argmax(1)
     rows = np.arange(len(model))
     rival = np.where(np.eye(model.shape[1], dtype=bool)[top], -np.inf, model).max(1)
-    return {"relative squared error": float(np.mean((model - teacher) ** 2) / np.mean(teacher ** 2)),
+    return {"relative squared error": relative_squared_error(teacher, model),
             "KL(teacher || model)": float(np.mean((np.exp(lt) * (lt - lm)).sum(1))),
             "Brier vs teacher": float(np.mean(((np.exp(lm) - np.exp(lt)) ** 2).sum(1))),
             "margin loss": float(np.mean(np.logaddexp(0, rival - model[rows, top]))),  # soft count of flips
@@ -62,8 +64,6 @@ def _train_split(count: int) -> tuple[np.ndarray, np.ndarray] | None:
     where the Fashion-MNIST package is not installed."""
     if count <= 0:
         return None
-    sys.path.insert(0, str(ROOT / "tools"))
-    import fmnist
     try:
         images, labels = fmnist.load("train")
     except SystemExit as exc:
