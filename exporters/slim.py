@@ -52,7 +52,7 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
         for e in group.shape_edits:
             node = view.nodes[e.node]
             shape = editor.get(node, e.index).copy()
-            shape[e.position] = len(kept[group.id]) * e.block
+            shape[e.position] -= (group.size - len(kept[group.id])) * e.block
             editor.set(node, e.index, shape)
     for (name, index, axis), mask in masks.items():
         node = view.nodes[name]

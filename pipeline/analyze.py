@@ -55,7 +55,8 @@ class Consumer:
 
 @dataclass(frozen=True)
 class ShapeEdit:
-    """Entry `position` of the constant shape at input `index` of `node` is channels x `block`."""
+    """Entry `position` of the constant shape at input `index` of `node` counts the group's
+    channels `block` times each: it shrinks by `block` per channel dropped."""
 
     node: str
     index: int
@@ -413,17 +414,22 @@ def _spatial(view: GraphView, tensor: str, where: str) -> int:
 
 def _reshape_block(view: GraphView, node: NodeProto, tensor: str, place: _Place,
                    group: ChannelGroup) -> int:
-    """Reshape to (batch, -1) or (-1, C*H*W) flattens channels; anything else is frozen."""
+    """A Reshape that keeps the batch and flattens the rest, as Flatten does: to (batch, -1),
+    or to (batch or -1, C*H*W) with the feature count written out (edited when channels go;
+    other groups concatenated into the same tensor edit it too). Anything else is frozen."""
     if node.input[0] != tensor or not view.is_const(node.input[1]):
         raise _Frozen(f"Reshape node '{node.name}' has a computed target shape")
     target = [int(v) for v in view.const(node.input[1]).ravel()]
-    batch = (view.shape(tensor) or (None,))[0]
-    per_channel = place.block * _spatial(view, tensor, node.name)
-    if len(target) == 2 and target[1] == -1 and (target[0] == 0 or (batch and target[0] == batch)):
-        return per_channel
-    if len(target) == 2 and target[0] == -1 and target[1] == group.size * per_channel and place.width == group.size:
-        group.shape_edits.append(ShapeEdit(node.name, 1, 1, per_channel))
-        return per_channel
+    shape = view.shape(tensor) or (None, None)
+    spatial = _spatial(view, tensor, node.name)
+    copies_batch = target[:1] == [0] and not view.attr(node, "allowzero", 0)  # with allowzero, 0 is a size
+    keeps_batch = copies_batch or (shape[0] is not None and target[:1] == [shape[0]])
+    if len(target) == 2 and not place.last:
+        if keeps_batch and target[1] == -1:
+            return place.block * spatial
+        if (keeps_batch or target[0] == -1) and shape[1] is not None and target[1] == shape[1] * spatial:
+            group.shape_edits.append(ShapeEdit(node.name, 1, 1, place.block * spatial))
+            return place.block * spatial
     raise _Frozen(f"Reshape node '{node.name}' to {target} is not a plain flatten")
 
 

@@ -20,7 +20,8 @@ import onnxruntime as ort
 from onnx import ModelProto
 
 from pipeline.errors import UsageError
-from pipeline.runtime import PROVIDERS, ProviderUnavailable, SessionConfig, cache_dir, input_dtype, make_session
+from pipeline.runtime import (PROVIDERS, ProviderUnavailable, SessionConfig, cache_dir, declared_batch, input_dtype,
+                              make_session)
 
 
 @dataclass
@@ -109,20 +110,15 @@ def _open(model, config: SessionConfig) -> tuple[ort.InferenceSession, float]:
                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}
     t0 = time.perf_counter()
     session = make_session(model, config, options)
-    feed = _feed(session, _fixed_batch(session) or 1, 0)
+    feed = _feed(session, declared_batch(session.get_inputs()[0].shape) or 1, 0)
     if feed is not None:
         feed()
     return session, (time.perf_counter() - t0) * 1e3
 
 
-def _fixed_batch(session: ort.InferenceSession) -> int | None:
-    dim = session.get_inputs()[0].shape[0]
-    return dim if isinstance(dim, int) and dim > 0 else None
-
-
 def _feed(session: ort.InferenceSession, batch: int, seed: int) -> Callable[[], None] | None:
     """A closure running one batch; device providers bind inputs and outputs on the device."""
-    fixed = _fixed_batch(session)
+    fixed = declared_batch(session.get_inputs()[0].shape)
     if fixed is not None and fixed != batch:
         return None
     inp = session.get_inputs()[0]

@@ -509,7 +509,7 @@ def bench(models, warmup, rounds, report_path, as_json, max_memory, providers, b
     from pipeline.load import load_model
     from pipeline.render import latency_table
 
-    loaded = [(str(m), load_model(m, normalise=False, max_tensor_bytes=max_memory).path.read_bytes())
+    loaded = [(str(m), load_model(m, normalise=False, max_tensor_bytes=max_memory).original)
               for m in models]
     result = run(loaded, providers, batches, runs=runs, warmup=warmup, rounds=rounds, threads=threads,
                  progress=_say(as_json))

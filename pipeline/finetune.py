@@ -58,7 +58,7 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
     pool = _pool(x, augmenter)
     targets = [torch.from_numpy(t) for t in run_torch(teacher, pool)]
     scales = [float(t.pow(2).mean().clamp_min(1e-30)) for t in targets]
-    twin = to_torch(slim, "slim model")
+    twin = to_torch(slim, "slim model", batch=teacher.batch)
     params, tuned = _trainable(slim, twin)
     if not params:
         progress("fine-tune: no Conv, Gemm or BatchNormalization layer with its own weights; skipped")
@@ -68,8 +68,7 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
     pool_t = torch.from_numpy(pool)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
-        out = twin.module(pool_t[idx])
-        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        out = twin.forward(pool_t[idx])
         return sum(torch.mean((o - t[idx]) ** 2) / s for o, t, s in zip(out, targets, scales)) / len(out)
 
     everything = torch.arange(len(pool))

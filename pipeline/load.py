@@ -44,6 +44,7 @@ class LoadedModel:
     proto: ModelProto
     inputs: list[IOSpec]
     outputs: list[IOSpec]
+    original: bytes  # the file as given, external tensors embedded: what sessions and reports see
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -87,7 +88,7 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
         raise ModelError(f"{path}: the ONNX graph has no nodes (is this an ONNX model?)")
     _check_names(path, proto)
     _check_tensor_sizes(path, proto, max_tensor_bytes)
-    _load_external_data(path, proto)
+    original = _self_contained(path, proto) if _load_external_data(path, proto) else path.read_bytes()
     opset, known = onnx_opset(proto), onnx.defs.onnx_opset_version()
     if opset > known:
         raise ModelError(f"{path}: opset {opset} is newer than this onnx knows ({known}); export with "
@@ -101,7 +102,7 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
     if normalise:
         proto = _normalise(path, proto, notes)
     proto = _infer_shapes(path, proto)
-    return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, notes=notes)
+    return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, original=original, notes=notes)
 
 
 def _check_names(path: Path, proto: ModelProto) -> None:
@@ -130,8 +131,8 @@ def _check_tensor_sizes(path: Path, proto: ModelProto, budget: int | None) -> No
                              f"over the memory budget of {budget / 2**20:.0f} MiB (--max-memory)")
 
 
-def _load_external_data(path: Path, proto: ModelProto) -> None:
-    """Load external tensors, but only from files inside the model's own folder."""
+def _load_external_data(path: Path, proto: ModelProto) -> bool:
+    """Load external tensors, but only from files inside the model's own folder; True if any."""
     base = path.resolve().parent
     external = [t for t in _all_tensors(proto) if t.data_location == TensorProto.EXTERNAL]
     for tensor in external:
@@ -148,6 +149,17 @@ def _load_external_data(path: Path, proto: ModelProto) -> None:
             onnx.external_data_helper.load_external_data_for_model(proto, str(base))
         except Exception as exc:
             raise ModelError(f"{path}: cannot read external data ({exc})") from exc
+    return bool(external)
+
+
+def _self_contained(path: Path, proto: ModelProto) -> bytes:
+    """One message with the external tensors inside: a session made from bytes would look for
+    them in the working directory, not beside the model, and file sizes would leave them out."""
+    try:
+        return proto.SerializeToString()
+    except ValueError as exc:  # protobuf's 2 GB limit on one message
+        raise ModelError(f"{path}: with its external data the model is over 2 GB, more than one ONNX "
+                         f"message holds; models this large are not supported") from exc
 
 
 def _all_tensors(proto: ModelProto):

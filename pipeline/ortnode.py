@@ -66,14 +66,15 @@ def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     for node in out.graph.node:
         domain = "" if node.domain == "ai.onnx" else node.domain
         version = _since(node.op_type, domain, versions.get(domain, 1))
-        try:
-            get_converter(node.op_type, version, domain)
-            continue
-        except NotImplementedError:
-            pass
+        safe = domain.replace(".", "_")
+        if (safe, node.op_type, version) not in _CONVERTERS:  # ours answer get_converter too
+            try:
+                get_converter(node.op_type, version, domain)
+                continue
+            except NotImplementedError:
+                pass
         original = NodeProto()
         original.CopyFrom(node)
-        safe = domain.replace(".", "_")
         if safe != domain:
             node.domain = safe
             if safe not in versions:

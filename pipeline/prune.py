@@ -140,7 +140,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
     """Prune every eligible group to `config.ratio`, or to `keep[group id]` channels when an
     allocation is given (groups it leaves out stay whole). Pass one `cache` to every call on
     the same samples."""
-    student = TorchModel(copy.deepcopy(teacher.module), {})
+    student = TorchModel(copy.deepcopy(teacher.module), {}, batch=teacher.batch)
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
     student.modules_by_node = {k: named[teacher_names[m]] for k, m in teacher.modules_by_node.items()}
@@ -294,6 +294,9 @@ def _mirror(upper: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _capture(model: TorchModel, consumers: list[Consumer], batch: torch.Tensor) -> list[torch.Tensor]:
     """Inputs of the consumers for one batch, stopping the forward once all are seen."""
+    if model.batch and len(batch) > model.batch:
+        parts = [_capture(model, consumers, piece) for piece in batch.split(model.batch)]
+        return [torch.cat(inputs) for inputs in zip(*parts)]
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(name):

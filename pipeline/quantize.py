@@ -23,7 +23,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pipeline import bench
 from pipeline.convert import relative_error
 from pipeline.errors import ModelError
-from pipeline.runtime import first_line, make_session, run_batched
+from pipeline.runtime import declared_batch, first_line, make_session, run_batched
 
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -96,12 +96,13 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
             raise ModelError(f"quantization pre-processing failed ({first_line(exc)})") from exc
         proto = onnx.load(str(prep))
         name = proto.graph.input[0].name
+        batch = declared_batch([d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]) or 16
         layers = [n.name for n in proto.graph.node if n.op_type in LINEAR]
 
         def run(exclude: list[str], only: list[str] | None = None,
                 ops: list[str] | None = None) -> tuple[bytes, float, float]:
             out = Path(tmp) / "q.onnx"
-            quantize_static(str(prep), str(out), _Reader(name, calib), quant_format=QuantFormat.QDQ,
+            quantize_static(str(prep), str(out), _Reader(name, calib, batch), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=ops, per_channel=True,
                             activation_type=ACTIVATIONS[config.activations],
                             weight_type=QuantType.QInt8, calibrate_method=CALIBRATION[config.calibration],

@@ -104,11 +104,15 @@ def input_dtype(session: ort.InferenceSession) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
 
 
+def declared_batch(shape) -> int | None:
+    """The batch size an input's shape fixes (exporters often fix it at 1), or None for any."""
+    first = shape[0] if shape else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
 def run_batched(session: ort.InferenceSession, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
     """All outputs for all samples, fed in batches (models with a fixed batch of 1 too)."""
-    shape0 = session.get_inputs()[0].shape[0]
-    if isinstance(shape0, int) and shape0 > 0:
-        batch = shape0
+    batch = declared_batch(session.get_inputs()[0].shape) or batch
     name = session.get_inputs()[0].name
     dtype = input_dtype(session)
     quiet = ort.RunOptions()

@@ -233,7 +233,7 @@ def _open(model_path: Path, options: CompressOptions, output) -> tuple[load.Load
     if len(model.inputs) != 1:
         raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
                          f"can be fed few-shot data")
-    return model, model_path.read_bytes()
+    return model, model.original
 
 
 def _int8(float_model: bytes, float_proto, calib: np.ndarray, check: np.ndarray, options: CompressOptions,

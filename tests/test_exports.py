@@ -1,0 +1,131 @@
+"""Models as torch's dynamo exporter writes them (the default of torch.onnx.export since 2.9).
+
+What differs from the TorchScript exporter the other tests use: opset 18+ (ops onnx2torch has
+no converter for, such as ReduceMean-18, run by onnxruntime in the twin), weights in an external
+.data file, flattens written as Reshape with the feature count spelled out, and, without
+dynamic shapes, a batch of 1 fixed in the input and baked into those Reshapes.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from pipeline.analyze import find_groups
+from pipeline.cli import main
+from pipeline.convert import check_parity, to_torch
+from pipeline.graph import GraphView
+from pipeline.load import load_model, signature
+from tests.conftest import TinyMobile, TinyVGG, export_dynamo, make_data, randomise_bn
+
+
+class TinyConcatHead(nn.Module):
+    """Two branches concatenated, pooled to 2x2 and flattened: the Reshape's feature count is
+    shared by both branches' channels, as at the end of DenseNet or GoogLeNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24 * 4, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.flatten(self.pool(torch.cat([self.a(x), self.b(x)], 1)), 1))
+
+
+def compress(model, data, out, *args):
+    args = ["compress", model, "--data", data, "-o", out, "--quiet", "--shots", 2, "--augment", "none", *args]
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    x, y = make_data(2)
+    path = tmp_path_factory.mktemp("shots") / "shots.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_external_weights_are_found_beside_the_model_from_any_folder(tmp_path, shots, monkeypatch):
+    torch.manual_seed(0)
+    path = export_dynamo(randomise_bn(TinyMobile()), tmp_path / "mobile.onnx")
+    data_file = tmp_path / "mobile.onnx.data"
+    assert data_file.is_file()  # the weights are not in the .onnx file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # sessions made from bytes would look for the .data file here
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--scope", "all", "--report", report, "--batch", "2", "--runs", 3)
+    rep = json.loads(report.read_text())
+    assert rep["totals"]["bytes_before"] > data_file.stat().st_size  # the weights count in the size
+    assert rep["totals"]["bytes_after"] < rep["totals"]["bytes_before"]
+    assert rep["latency"]["timings"] and not rep["latency"]["unavailable"]
+    assert signature(onnx.load(str(out))) == signature(load_model(path).proto)
+    # two SE/head ReduceMean-18 nodes have no torch converter: both run in onnxruntime
+    assert sum(name.startswith("node_mean") for name in rep["parity"]["run_by_onnxruntime"]) == 2
+
+
+def test_every_node_without_a_converter_gets_its_own_fallback(tmp_path):
+    torch.manual_seed(0)
+    model = load_model(export_dynamo(randomise_bn(TinyMobile()), tmp_path / "mobile.onnx"))
+    means = [n.name for n in model.proto.graph.node if n.op_type == "ReduceMean"]
+    twin = to_torch(model.proto)
+    assert len(means) == 2 and set(means) <= set(twin.fallbacks)
+    assert check_parity(model, twin, make_data(1)[0]) < 1e-5
+
+
+def test_a_fixed_batch_baked_into_a_reshape_is_honoured(tmp_path, shots):
+    torch.manual_seed(0)
+    path = export_dynamo(randomise_bn(TinyVGG()), tmp_path / "static.onnx", dynamic_batch=False)
+    model = load_model(path)
+    reshape = next(n for n in model.proto.graph.node if n.op_type == "Reshape")
+    assert list(GraphView(model.proto).const(reshape.input[1])) == [1, 16]  # (batch 1, channels)
+    twin = to_torch(model.proto)
+    check_parity(model, twin, make_data(1)[0])
+    assert twin.batch == 1  # the twin failed on 10 at once, so it runs one sample at a time
+    groups = find_groups(GraphView(model.proto))
+    assert sum(g.prunable for g in groups) == 5  # the conv before the Reshape too
+
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--report", report, "--batch", "1,4", "--runs", 3)
+    rep = json.loads(report.read_text())
+    assert {t["batch"] for t in rep["latency"]["timings"]} == {1}
+    assert "fixed batch" in rep["latency"]["unavailable"]["cpu@4"]
+    slim = onnx.load(str(out))
+    assert signature(slim) == signature(model.proto)
+    first_gemm = next(n.name for n in model.proto.graph.node if n.op_type == "Gemm")
+    kept = next(g["channels_after"] for g in rep["groups"] if first_gemm in g["consumers"])
+    sliced = next(n for n in slim.graph.node if n.name == reshape.name)
+    assert list(GraphView(slim).const(sliced.input[1])) == [1, kept]
+    x = make_data(1)[0][:1]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": x})[0].shape == (1, 10)
+
+
+def test_a_flatten_of_concatenated_groups_is_edited_by_each(tmp_path, shots):
+    torch.manual_seed(0)
+    path = export_dynamo(TinyConcatHead(), tmp_path / "concat.onnx")
+    model = load_model(path)
+    reshape = next(n for n in model.proto.graph.node if n.op_type == "Reshape")
+    assert list(GraphView(model.proto).const(reshape.input[1])) == [-1, 96]
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--scope", "all", "--report", report, "--no-bench", "--ratio", 0.5)
+    rep = json.loads(report.read_text())
+    gemm = next(n.name for n in model.proto.graph.node if n.op_type == "Gemm")
+    branches = {g["channels_before"]: g["channels_after"] for g in rep["groups"] if gemm in g["consumers"]}
+    assert set(branches) == {8, 16}
+    slim = onnx.load(str(out))
+    sliced = next(n for n in slim.graph.node if n.name == reshape.name)
+    assert list(GraphView(slim).const(sliced.input[1])) == [-1, 4 * sum(branches.values())]
+    assert sum(branches.values()) < 24 and rep["parity"]["slim_vs_masked_student"] < 1e-4
