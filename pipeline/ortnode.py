@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import NodeProto, defs, helper
+from onnx import NodeProto, defs, helper, numpy_helper
 from onnx2torch.node_converters.registry import add_converter, get_converter
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
@@ -23,6 +23,7 @@ class OrtNode(torch.nn.Module, OnnxToTorchModule):
     def __init__(self, node: NodeProto, opsets: list[onnx.OperatorSetIdProto], ir_version: int):
         super().__init__()
         self.node_bytes = node.SerializeToString()
+        self.input_names = list(node.input)  # '' where an optional input is skipped
         self.opsets = [(o.domain, o.version) for o in opsets]
         self.ir_version = ir_version
         self._session = None
@@ -31,23 +32,21 @@ class OrtNode(torch.nn.Module, OnnxToTorchModule):
         """Copies (the student is a deep copy of the teacher) open their own session."""
         return {**self.__dict__, "_session": None}
 
-    def _open(self, inputs: list[np.ndarray]):
+    def _open(self, feeds: dict[str, np.ndarray]):
         node = NodeProto.FromString(self.node_bytes)
         graph = helper.make_graph(
             [node], "single_node",
-            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None)
-             for n, x in zip(node.input, inputs) if n],
+            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None) for n, x in feeds.items()],
             [onnx.ValueInfoProto(name=o) for o in node.output if o])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets],
                                   ir_version=self.ir_version)
         return make_session(model.SerializeToString(), SessionConfig(provider="cpu", threads=0))
 
     def forward(self, *args: torch.Tensor):
-        inputs = [a.detach().cpu().numpy() for a in args]
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(self.input_names, args, strict=True) if n}
         if self._session is None:
-            self._session = self._open(inputs)
-        names = [i.name for i in self._session.get_inputs()]
-        outs = self._session.run(None, dict(zip(names, inputs)))
+            self._session = self._open(feeds)
+        outs = self._session.run(None, feeds)
         tensors = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
@@ -75,6 +74,8 @@ def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
                 pass
         original = NodeProto()
         original.CopyFrom(node)
+        if not all(node.input):
+            _fill_skipped_inputs(out, node)
         if safe != domain:
             node.domain = safe
             if safe not in versions:
@@ -86,6 +87,16 @@ def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     return out, names
 
 
+def _fill_skipped_inputs(proto: onnx.ModelProto, node: NodeProto) -> None:
+    """Give skipped optional inputs (Resize's roi, say) a placeholder tensor in the copy:
+    onnx2torch would pass the inputs after one as keyword arguments, which a module that takes
+    any number of inputs cannot name. The OrtNode leaves them out again."""
+    if not any(i.name == _SKIPPED for i in proto.graph.initializer):
+        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), _SKIPPED))
+    node.input[:] = [name or _SKIPPED for name in node.input]
+
+
+_SKIPPED = "crossprune_skipped_input"
 _NODES: dict[tuple, tuple] = {}  # (domain, op, version, node name) -> what its OrtNode needs
 
 

@@ -1,4 +1,5 @@
-"""Issue 3's zoo: real architectures exported by torch.onnx.export, at opsets 13 and 17.
+"""Issue 3's zoo: real architectures exported by torch.onnx.export, at opsets 13 and 17 and by the
+dynamo exporter (opset 18+, external weights).
 
 CI runs the quicker half; CROSSPRUNE_ZOO=all runs every architecture (tools/bench_zoo.py
 times them all and writes the table).
@@ -39,7 +40,7 @@ def _compress(path, images, out):
     return compress(path, options, out).report
 
 
-@pytest.mark.parametrize("opset", [13, 17])
+@pytest.mark.parametrize("opset", [13, 17, None], ids=["opset13", "opset17", "dynamo"])
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_model_compresses_to_a_drop_in(name, opset, images, tmp_path):
     path = export_zoo(name, tmp_path / f"{name}.onnx", opset)

@@ -109,10 +109,16 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def export_zoo(name: str, path, opset: int = 17, size: int = 64):
-    """torch.onnx.export of the architecture as a user would, with a dynamic batch axis."""
+def export_zoo(name: str, path, opset: int | None = 17, size: int = 64):
+    """torch.onnx.export of the architecture as a user would, with a dynamic batch axis: the
+    TorchScript exporter at `opset`, or with opset None the dynamo exporter (torch's default
+    since 2.9) at its own opset, weights in an external file."""
     import warnings
 
+    from tests.conftest import export_dynamo
+
+    if opset is None:
+        return export_dynamo(build(name), path, (1, 3, size, size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(build(name), (torch.randn(1, 3, size, size),), str(path), dynamo=False,

@@ -1,8 +1,9 @@
 """Issue 3's zoo: every architecture of tests/zoo.py through `compress --scope all --ratio 0.3`.
 
     python tools/bench_zoo.py --opsets 13,17 --out docs/zoo.json
+    python tools/bench_zoo.py --opsets dynamo --out docs/zoo_dynamo.json
 
-Per model and opset: channels prunable (scope internal / all), FLOPs before and after, whether
+Per model and opset ("dynamo": torch's dynamo exporter at its own opset, external weights): channels prunable (scope internal / all), FLOPs before and after, whether
 the slim model equals its masked student, and CPU latency (batch 1, both models timed in one
 run, medians; latency only for the last opset listed). Random weights: structure, not accuracy.
 """
@@ -29,11 +30,13 @@ from pipeline.load import load_model  # noqa: E402
 from tests.zoo import ZOO, export_zoo  # noqa: E402
 
 
-def run(name: str, opset: int, folder: Path, data: Path, timed: bool, runs: int) -> dict:
+def run(name: str, opset: int | None, folder: Path, data: Path, timed: bool, runs: int) -> dict:
     path = export_zoo(name, folder / f"{name}_{opset}.onnx", opset)
-    groups = find_groups(GraphView(load_model(path).proto))
+    model = load_model(path)
+    groups = find_groups(GraphView(model.proto))
     total = sum(g.size for g in groups)
-    row = {"model": name, "opset": opset, "groups": len(groups), "channels": total,
+    row = {"model": name, "exporter": "torchscript" if opset else "dynamo", "opset": model.opset,
+           "groups": len(groups), "channels": total,
            "prunable_internal": sum(g.size for g in groups if g.prunable and not g.coupling) / total,
            "prunable_all": sum(g.size for g in groups if g.prunable) / total}
     options = CompressOptions(data=data, samples=8, augment="none", prune=PruneConfig(ratio=0.3, scope="all"),
@@ -57,13 +60,13 @@ def run(name: str, opset: int, folder: Path, data: Path, timed: bool, runs: int)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(ZOO))
-    p.add_argument("--opsets", default="13,17")
+    p.add_argument("--opsets", default="13,17", help="TorchScript exporter opsets, or 'dynamo'")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--no-latency", action="store_true", help="skip timing (e.g. while the machine is busy)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "zoo.json")
     args = p.parse_args()
     torch.manual_seed(0)
-    opsets = [int(o) for o in args.opsets.split(",")]
+    opsets = [None if o == "dynamo" else int(o) for o in args.opsets.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -75,12 +78,13 @@ def main() -> None:
             for opset in opsets:
                 r = run(name, opset, folder, folder / "x.npz", opset == opsets[-1] and not args.no_latency, args.runs)
                 rows.append(r)
+                label = r["opset"] if opset else f"d{r['opset']}"
                 if "error" in r:
-                    print(f"{name:<20}{opset:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%} {r['error']}")
+                    print(f"{name:<20}{label:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%} {r['error']}")
                     continue
                 lat = (f"{r['latency_before_ms']:>11.2f}{r['latency_after_ms']:>8.2f}{r['speedup']:>8.2f}x"
                        if "speedup" in r else f"{'-':>11}{'-':>8}{'-':>9}")
-                print(f"{name:<20}{opset:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%}"
+                print(f"{name:<20}{label:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%}"
                       f"{r['flops_before'] / 1e6:>15.1f}{r['flops_after'] / 1e6:>9.1f}{r['slim_vs_masked']:>13.1e}"
                       f"{lat}{r['seconds']:>7.0f}", flush=True)
     args.out.write_text(json.dumps({"input": [1, 3, 64, 64], "ratio": 0.3, "scope": "all", "rows": rows}, indent=2))
