@@ -364,7 +364,7 @@ def _per_channel_const(view: GraphView, node: NodeProto, idx: int, tensor: str,
     if tshape is None:
         raise _Frozen(f"rank of '{tensor}' unknown at {node.op_type} node '{node.name}'")
     block = place.block
-    axis_from_right = len(tshape) - 1 if block == 1 and len(tshape) > 2 and not place.last else 0
+    axis_from_right = len(tshape) - 2 if block == 1 and len(tshape) > 2 and not place.last else 0  # H, W of NCHW
     pos = len(cshape) - 1 - axis_from_right
     if pos < 0 or cshape[pos] == 1:
         if block > 1 and cshape and cshape[-1] != 1:

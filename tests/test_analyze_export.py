@@ -101,6 +101,31 @@ def test_depthwise_and_squeeze_excitation(tmp_path):
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
+class ScaledChannels(torch.nn.Module):
+    """Per-channel constants multiplied into NCHW activations, shaped (1, C, 1, 1) and (C, 1, 1):
+    a batch norm written as Mul by Keras through tf2onnx, or a hand-written scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+        self.scale4 = torch.nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.shift3 = torch.nn.Parameter(torch.randn(8, 1, 1))
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)) * self.scale4 + self.shift3).mean((2, 3))
+
+
+def test_per_channel_constants_on_nchw_are_sliced(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(ScaledChannels(), tmp_path / "scaled.onnx"))
+    first = next(g for g in groups if g.prunable)
+    constants = {(view.nodes[s.node].op_type, s.axis) for s in first.slices if view.nodes[s.node].op_type != "Conv"}
+    assert constants == {("Mul", 1), ("Add", 0)}
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
+    assert check_slim(slim(model.proto, groups, result.kept, result.layers), result.student, x, ["logits"]) < 1e-5
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
