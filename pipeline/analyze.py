@@ -314,6 +314,8 @@ class _Tracer:
             self._add(node.output[0], replace(place, block=place.block * _spatial(view, tensor, name)), name)
         elif op == "Reshape":
             self._add(node.output[0], replace(place, block=_reshape_block(view, node, tensor, place, group)), name)
+        elif op in ("Squeeze", "Unsqueeze"):
+            self._add(node.output[0], replace(place, block=_squeeze_block(view, node, tensor, place)), name)
         elif op in ("ReduceMean", "ReduceMax", "ReduceSum"):
             self._add(node.output[0], replace(place, block=_reduce(view, node, tensor, place.block)), name)
         elif op == "Shape":
@@ -416,7 +418,8 @@ def _reshape_block(view: GraphView, node: NodeProto, tensor: str, place: _Place,
                    group: ChannelGroup) -> int:
     """A Reshape that keeps the batch and flattens the rest, as Flatten does: to (batch, -1),
     or to (batch or -1, C*H*W) with the feature count written out (edited when channels go;
-    other groups concatenated into the same tensor edit it too). Anything else is frozen."""
+    other groups concatenated into the same tensor edit it too); or (N, C) back to (N, C, 1, 1).
+    Anything else is frozen."""
     if node.input[0] != tensor or not view.is_const(node.input[1]):
         raise _Frozen(f"Reshape node '{node.name}' has a computed target shape")
     target = [int(v) for v in view.const(node.input[1]).ravel()]
@@ -424,7 +427,8 @@ def _reshape_block(view: GraphView, node: NodeProto, tensor: str, place: _Place,
     spatial = _spatial(view, tensor, node.name)
     copies_batch = target[:1] == [0] and not view.attr(node, "allowzero", 0)  # with allowzero, 0 is a size
     keeps_batch = copies_batch or (shape[0] is not None and target[:1] == [shape[0]])
-    if len(target) == 2 and not place.last:
+    trailing_ones = len(target) > 2 and spatial == 1 and all(d == 1 for d in target[2:])  # (N, C) -> (N, C, 1, 1)
+    if (len(target) == 2 or trailing_ones) and not place.last:
         if keeps_batch and target[1] == -1:
             return place.block * spatial
         if (keeps_batch or target[0] == -1) and shape[1] is not None and target[1] == shape[1] * spatial:
@@ -433,12 +437,32 @@ def _reshape_block(view: GraphView, node: NodeProto, tensor: str, place: _Place,
     raise _Frozen(f"Reshape node '{node.name}' to {target} is not a plain flatten")
 
 
-def _reduce(view: GraphView, node: NodeProto, tensor: str, block: int) -> int:
+def _axes(view: GraphView, node: NodeProto) -> list[int] | None:
+    """A reduce's or (un)squeeze's axes: an attribute before opset 13 (18 for reduces), then an input."""
     axes = view.attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         if not view.is_const(node.input[1]):
             raise _Frozen(f"{node.op_type} node '{node.name}' has computed axes")
         axes = [int(a) for a in view.const(node.input[1]).ravel()]
+    return axes
+
+
+def _squeeze_block(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> int:
+    """Squeeze or Unsqueeze of size-1 axes after the channels ((N, C, 1, 1) <-> (N, C), as a
+    global pool's output is reshaped for a classifier or a squeeze-excitation gate)."""
+    shape = view.shape(tensor)
+    axes = _axes(view, node)
+    if shape is None or axes is None or place.last:
+        raise _Frozen(f"{node.op_type} node '{node.name}' without known axes and rank")
+    rank = len(shape) + (len(axes) if node.op_type == "Unsqueeze" else 0)
+    axes = [a % rank for a in axes]
+    if min(axes) < 2 or (node.op_type == "Squeeze" and any(shape[a] != 1 for a in axes)):
+        raise _Frozen(f"{node.op_type} node '{node.name}' moves the batch or channel axis")
+    return place.block
+
+
+def _reduce(view: GraphView, node: NodeProto, tensor: str, block: int) -> int:
+    axes = _axes(view, node)
     rank = len(view.shape(tensor) or ())
     if not axes or block != 1 or rank < 3:
         raise _Frozen(f"{node.op_type} node '{node.name}' reduces over the channels")

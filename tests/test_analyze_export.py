@@ -126,6 +126,39 @@ def test_per_channel_constants_on_nchw_are_sliced(tmp_path):
     assert check_slim(slim(model.proto, groups, result.kept, result.layers), result.student, x, ["logits"]) < 1e-5
 
 
+class SqueezedSE(torch.nn.Module):
+    """A squeeze-excitation block and a head as Keras models come out of tf2onnx: a global pool,
+    Squeeze of the spatial axes, then Unsqueeze or Reshape back to (N, C, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem, self.expand, self.project = conv(1, 8, 3, padding=1), conv(8, 16, 1), conv(16, 8, 1)
+        self.se_reduce, self.se_expand, self.fc = conv(16, 4, 1), conv(4, 16, 1), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.expand(torch.relu(self.stem(x))))
+        s = h.mean((2, 3), keepdim=True).squeeze(3).squeeze(2)  # (N, 16)
+        s = torch.relu(self.se_reduce(s.unsqueeze(-1).unsqueeze(-1)))
+        s = torch.sigmoid(self.se_expand(s.flatten(1).reshape(-1, 4, 1, 1)))
+        y = self.project(h * s)
+        return self.fc(y.mean((2, 3), keepdim=True).squeeze(-1).squeeze(-1))
+
+
+def test_squeezed_pools_and_reshapes_back_carry_channels(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(SqueezedSE(), tmp_path / "se.onnx"))
+    ops = {n.op_type for n in model.proto.graph.node}
+    assert {"Squeeze", "Unsqueeze", "Reshape"} <= ops
+    assert sorted(g.size for g in groups if g.prunable) == [4, 8, 8, 16]  # all but the classifier
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    assert list(GraphView(out).const(reshape.input[1])) == [-1, 2, 1, 1]
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
