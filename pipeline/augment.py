@@ -58,6 +58,7 @@ class Augmenter:
     transforms: list[Transform]
     factor: int
     seed: int
+    layout: str = "NCHW"  # of the model's input: NHWC images are transformed in NCHW and turned back
     checks: list[Check] = field(default_factory=list)
 
     def variants(self, x: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
@@ -66,7 +67,7 @@ class Augmenter:
             return
         for r in range(1, self.factor):
             rng = np.random.default_rng([self.seed, chunk, r])
-            yield apply(x, self.transforms, rng)
+            yield apply(x, self.transforms, rng, layout=self.layout)
 
     def to_json(self) -> dict:
         return {"factor": self.factor if self.transforms else 1,
@@ -94,12 +95,12 @@ def parse(spec: str) -> list[Transform]:
     return out
 
 
-def is_image(x: np.ndarray) -> bool:
-    return x.ndim == 4 and x.shape[2] >= 8 and x.shape[3] >= 8
+def is_image(x: np.ndarray, layout: str = "NCHW") -> bool:
+    return x.ndim == 4 and min(x.shape[1:3] if layout == "NHWC" else x.shape[2:]) >= 8
 
 
 def build(spec: str, factor: int | None, seed: int, x: np.ndarray,
-          teacher: Callable[[np.ndarray], np.ndarray]) -> Augmenter:
+          teacher: Callable[[np.ndarray], np.ndarray], layout: str = "NCHW") -> Augmenter:
     """Keep the transforms of `spec` that suit the input and leave the teacher's answers alone.
 
     `factor` None picks one from the number of shots (auto_factor).
@@ -107,19 +108,19 @@ def build(spec: str, factor: int | None, seed: int, x: np.ndarray,
     factor = auto_factor(len(x)) if factor is None else factor
     if factor < 1:
         raise UsageError("--augment-factor must be at least 1")
-    aug = Augmenter([], factor, seed)
+    aug = Augmenter([], factor, seed, layout)
     if factor == 1:
         return aug
     base = teacher(x).reshape(len(x), -1).argmax(1)
     for t in parse(spec):
-        if t.name in IMAGE_ONLY and not is_image(x):
-            aug.checks.append(Check(t, float("nan"), False, "input is not an NCHW image"))
+        if t.name in IMAGE_ONLY and not is_image(x, layout):
+            aug.checks.append(Check(t, float("nan"), False, f"input is not an {layout} image"))
             continue
         if t.name in BLENDS and len(x) < 2:
             aug.checks.append(Check(t, float("nan"), False, "a blend needs two shots"))
             continue
         rng = np.random.default_rng([seed, 1 << 20])
-        got = teacher(apply(x, [t], rng, always=True)).reshape(len(x), -1).argmax(1)
+        got = teacher(apply(x, [t], rng, always=True, layout=layout)).reshape(len(x), -1).argmax(1)
         blend = t.name in BLENDS  # at full strength each shot is blended with the next one
         fine = (got == base) | (got == np.roll(base, -1)) if blend else got == base
         agreement = float(np.mean(fine))
@@ -140,10 +141,12 @@ def build(spec: str, factor: int | None, seed: int, x: np.ndarray,
 
 
 def apply(x: np.ndarray, transforms: list[Transform], rng: np.random.Generator,
-          always: bool = False) -> np.ndarray:
+          always: bool = False, layout: str = "NCHW") -> np.ndarray:
     """One random draw of every transform; `always` applies each at full strength and blends each
     input with the next one (for checks, which need to know the partner)."""
     out = torch.from_numpy(np.ascontiguousarray(x))
+    if layout == "NHWC":
+        out = out.permute(0, 3, 1, 2)
     n = len(out)
     names = {t.name: t.amount for t in transforms}
     if "flip" in names:
@@ -161,6 +164,8 @@ def apply(x: np.ndarray, transforms: list[Transform], rng: np.random.Generator,
     if "noise" in names:
         std = float(out.std()) * names["noise"]
         out = out + torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32)) * std
+    if layout == "NHWC":
+        out = out.permute(0, 2, 3, 1).contiguous()
     return out.numpy().astype(x.dtype, copy=False)
 
 

@@ -102,6 +102,8 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
     if normalise:
         proto = _normalise(path, proto, notes)
     proto = _infer_shapes(path, proto)
+    if normalise:
+        _fold_channels_last_flatten(proto, notes)
     return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, original=original, notes=notes)
 
 
@@ -220,6 +222,55 @@ def _unique_node_names(proto: ModelProto, notes: list[str]) -> None:
         seen.add(node.name.replace(".", "/"))
     if renamed:
         notes.append(f"{renamed} unnamed or duplicate node names were made unique")
+
+
+def _fold_channels_last_flatten(proto: ModelProto, notes: list[str]) -> None:
+    """Transpose to channels-last, flatten, multiply by a constant matrix (Keras' Flatten before a
+    Dense, through tf2onnx) equals flattening channels-first with the matrix's rows reordered.
+    Folding the order into the weights lets the channel analysis reach the classifier; the
+    Transpose goes too. The conversion stage's parity check compares the result with the
+    original file."""
+    from pipeline.graph import GraphView
+
+    view, folded = GraphView(proto), 0
+    for node in [n for n in proto.graph.node if n.op_type == "Transpose"]:
+        shape, users = view.shape(node.input[0]), view.consumers.get(node.output[0], [])
+        if (shape is None or len(shape) != 4 or None in shape[1:] or view.attr(node, "perm") != [0, 2, 3, 1]
+                or len(users) != 1 or users[0].op_type != "Reshape" or node.output[0] in view.outputs):
+            continue
+        reshape, (c, h, w) = users[0], shape[1:]
+        target = view.const(reshape.input[1]).ravel().tolist() if view.is_const(reshape.input[1]) else []
+        keeps_batch = target[:1] == [shape[0]] or (target[:1] == [0] and not view.attr(reshape, "allowzero", 0))
+        flattens = len(target) == 2 and ((target[0] == -1 and target[1] == c * h * w)
+                                         or (keeps_batch and target[1] in (-1, c * h * w)))
+        layers = view.consumers.get(reshape.output[0], [])
+        if not flattens or reshape.output[0] in view.outputs or not layers \
+                or not all(_reads_a_matrix(view, n, reshape.output[0]) for n in layers):
+            continue
+        for layer in layers:
+            weight = view.const(layer.input[1])
+            if layer.op_type == "Gemm" and view.attr(layer, "transB", 0):  # (out, h*w*c)
+                weight = weight.reshape(-1, h, w, c).transpose(0, 3, 1, 2).reshape(weight.shape)
+            else:  # (h*w*c, out)
+                weight = weight.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(weight.shape)
+            view.initializers[layer.input[1]].CopyFrom(onnx.numpy_helper.from_array(weight, layer.input[1]))
+        reshape.input[0] = node.input[0]
+        proto.graph.node.remove(node)
+        kept = [v for v in proto.graph.value_info if v.name != node.output[0]]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
+        folded += 1
+    if folded:
+        notes.append(f"{folded} channels-last flatten(s) before a matrix folded into its weights' row order")
+
+
+def _reads_a_matrix(view, node, flat: str) -> bool:
+    """`node` multiplies `flat` by a constant matrix of its own (Gemm without transA, or MatMul)."""
+    if node.op_type not in ("MatMul", "Gemm") or node.input[0] != flat or not view.is_const(node.input[1]):
+        return False
+    if node.op_type == "Gemm" and view.attr(node, "transA", 0):
+        return False
+    return len(view.consumers.get(node.input[1], [])) == 1 and node.input[1] not in {i.name for i in view.graph.input}
 
 
 def _infer_shapes(path: Path, proto: ModelProto) -> ModelProto:

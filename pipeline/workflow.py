@@ -110,7 +110,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             raise NothingToPruneError(f"{model_path}: no prunable channel group ({reasons})")
     with stage("augment"):
         augmenter = augment.build(options.augment, options.augment_factor, options.seed, shots.calib.x,
-                                  lambda x: convert.run_torch(teacher, x)[0])
+                                  lambda x: convert.run_torch(teacher, x)[0], pre.layout)
         for check in augmenter.checks:
             progress(f"augment {check.transform.name}: {'kept' if check.kept else 'dropped'} ({check.reason})")
     layer_augmenter = augmenter if options.prune.method != "l1" else None

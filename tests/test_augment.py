@@ -148,3 +148,12 @@ def test_bad_augment_options(vgg_path, npz_path, tmp_path, args, message):
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "2",
                                     "-o", str(tmp_path / "s.onnx"), "--no-bench", *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_channels_last_images_are_transformed_as_images():
+    x = left_right_data(8)[0].repeat(3, axis=1)  # NCHW, 3 channels
+    transforms = augment.parse("flip,shift:2,scale:0.1,cutmix:0.5,mixup:0.5")
+    nchw = augment.apply(x, transforms, np.random.default_rng(0))
+    nhwc = augment.apply(x.transpose(0, 2, 3, 1), transforms, np.random.default_rng(0), layout="NHWC")
+    assert np.array_equal(nhwc, nchw.transpose(0, 2, 3, 1)) and not np.array_equal(nchw, x)
+    assert augment.is_image(x.transpose(0, 2, 3, 1), "NHWC") and not augment.is_image(x.transpose(0, 2, 3, 1))

@@ -6,8 +6,10 @@ import onnx
 import pytest
 import torch
 
+from pipeline.analyze import find_groups
 from pipeline.convert import check_parity, relative_error, to_torch
 from pipeline.errors import ModelError
+from pipeline.graph import GraphView
 from pipeline.load import load_model
 from tests.conftest import TinyVGG, export, initializers_as_inputs, make_data, randomise_bn, weights_as_constants
 
@@ -78,6 +80,32 @@ def test_checker_failure_is_one_line(vgg_path, tmp_path):
     with pytest.raises(ModelError, match="onnx.checker") as err:
         load_model(path)
     assert "\n" not in str(err.value)
+
+
+class ChannelsLastFlatten(torch.nn.Module):
+    """Keras' Flatten before a Dense as tf2onnx writes it: transpose to NHWC, flatten, multiply
+    (Gemm with transB from nn.Linear, or MatMul by a plain matrix)."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 3, stride=4)
+        self.head = head
+        self.fc = torch.nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x)))).permute(0, 2, 3, 1).reshape(-1, 16 * 4 * 4)
+        return self.fc(x) if self.head == "gemm" else x @ self.fc.weight.T
+
+
+@pytest.mark.parametrize("head", ["gemm", "matmul"])
+def test_channels_last_flatten_is_folded_into_the_classifier(tmp_path, head):
+    torch.manual_seed(0)
+    model = load_model(export(ChannelsLastFlatten(head), tmp_path / "nhwc.onnx"))
+    assert not any(n.op_type == "Transpose" for n in model.proto.graph.node)
+    assert any("channels-last flatten" in note for note in model.notes)
+    assert check_parity(model, to_torch(model.proto), make_data(1)[0]) < 1e-5
+    groups = find_groups(GraphView(model.proto))
+    assert sorted(g.size for g in groups if g.prunable) == [8, 16]  # the conv before the flatten too
 
 
 def test_operator_without_converter_runs_in_onnxruntime(vgg_path, tmp_path):
