@@ -68,6 +68,7 @@ def sections(report: dict) -> list[Section]:
                              f"{t['cold_start_ms']:.1f}"]
                             for t in lat["timings"]],
                            [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]
+                           + _slower_links(lat["timings"])
                            + ["steady state: medians of interleaved rounds, in brackets the lowest and highest "
                               "speedup of one round; cold start: session creation and the first run, apart"]))
     alloc = report.get("allocation")
@@ -111,6 +112,20 @@ def _met_note(alloc: dict) -> str:
 def summary(report: dict) -> str:
     """Plain-text tables for a terminal."""
     return "\n\n".join("\n".join([table(s.header, s.rows)] * bool(s.rows) + s.notes) for s in sections(report))
+
+
+def _slower_links(timings: list[dict]) -> list[str]:
+    """A model slower than the one timed before it (not the first: that is the speedup's 1.00x),
+    e.g. an int8 model whose kernels cost more than they save on this provider and batch."""
+    notes, before = [], {}
+    for t in timings:
+        key = (t["provider"], t["batch"])
+        prev = before.get(key)
+        if prev is not None and prev.get("earlier") and t["p50_ms"] > prev["p50_ms"]:
+            notes.append(f"{t['model']} is slower than {prev['model']} on {t['provider']} at batch {t['batch']} "
+                         f"({t['p50_ms']:.3f} vs {prev['p50_ms']:.3f} ms)")
+        before[key] = {**t, "earlier": prev is not None}
+    return notes
 
 
 def latency_table(lat: dict) -> str:

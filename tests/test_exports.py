@@ -1,13 +1,15 @@
-"""Models as torch's dynamo exporter writes them (the default of torch.onnx.export since 2.9).
+"""Models as other exporters write them than the TorchScript exporter the other tests use.
 
-What differs from the TorchScript exporter the other tests use: opset 18+ (ops onnx2torch has
-no converter for, such as ReduceMean-18, run by onnxruntime in the twin), weights in an external
-.data file, flattens written as Reshape with the feature count spelled out, and, without
-dynamic shapes, a batch of 1 fixed in the input and baked into those Reshapes.
+torch's dynamo exporter (the default of torch.onnx.export since 2.9): opset 18+ (ops onnx2torch
+has no converter for, such as ReduceMean-18, run by onnxruntime in the twin), weights in an
+external .data file, flattens written as Reshape with the feature count spelled out, and,
+without dynamic shapes, a batch of 1 fixed in the input and baked into those Reshapes.
+tf2onnx from Keras: NHWC input, batch norms as Mul/Add, Flatten as Transpose + Reshape.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -129,3 +131,24 @@ def test_a_flatten_of_concatenated_groups_is_edited_by_each(tmp_path, shots):
     sliced = next(n for n in slim.graph.node if n.name == reshape.name)
     assert list(GraphView(slim).const(sliced.input[1])) == [-1, 4 * sum(branches.values())]
     assert sum(branches.values()) < 24 and rep["parity"]["slim_vs_masked_student"] < 1e-4
+
+
+def test_a_keras_model_exported_by_tf2onnx_compresses(tmp_path):
+    """tools/teachers/keras_cnn.onnx: trained on Fashion-MNIST by tools/train_keras.py, NHWC input
+    scaled to [0, 1] (its .preprocess.json), fed the demo's PNG shots."""
+    root = Path(__file__).resolve().parents[1]
+    model = root / "tools" / "teachers" / "keras_cnn.onnx"
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    res = CliRunner().invoke(main, ["compress", str(model), "--data", str(root / "pipeline" / "assets" / "demo_shots"),
+                                    "--shots", "2", "--method", "cross", "-o", str(out), "--report", str(report), "--no-bench",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["input"]["inputs"][0]["shape"][1:] == [28, 28, 1]
+    assert sorted(g["channels_before"] for g in rep["groups"] if g["channels_after"] < g["channels_before"]) == [32, 64, 64]
+    assert rep["parity"]["torch_vs_onnxruntime"] < 1e-5 and rep["parity"]["slim_vs_masked_student"] < 1e-4
+    assert rep["quality"]["student_accuracy"] > 0.7  # 30 held-out demo images; the teacher: 90.29% on 10,000
+    checks = rep["augmentation"]["checks"]  # image transforms checked on the NHWC shots, not skipped
+    assert all(np.isfinite(c["teacher_agreement"]) for c in checks) and "cutmix" in [c["transform"] for c in checks
+                                                                                      if c["kept"]]
+    assert signature(onnx.load(str(out))) == signature(onnx.load(str(model)))

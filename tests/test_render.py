@@ -48,6 +48,16 @@ def test_speedups_come_with_the_spread_between_rounds():
     assert "| 1.00x |" in markdown({"latency": {"timings": [asdict(_summarise("t", "cpu", 1, base, 0.0, base))]}})
 
 
+def test_a_link_of_the_chain_slower_than_the_one_before_is_pointed_out():
+    def timing(model, batch, ms):
+        return asdict(_summarise(model, "cpu", batch, [[ms]], 0.0, [[0.6]]))
+
+    rep = {"latency": {"timings": [timing("teacher", 32, 0.6), timing("slim", 32, 0.24), timing("slim-int8", 32, 0.53),
+                                   timing("teacher", 1, 0.05), timing("slim", 1, 0.03), timing("slim-int8", 1, 0.02)]}}
+    notes = [line for line in markdown(rep).splitlines() if "slower than" in line]
+    assert len(notes) == 1 and "slim-int8 is slower than slim on cpu at batch 32 (0.530 vs 0.240 ms)" in notes[0]
+
+
 def test_html_is_self_contained_with_its_charts(compressed, tmp_path):  # noqa: F811
     _, _, report = compressed
     page = tmp_path / "report.html"
