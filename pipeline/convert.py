@@ -15,7 +15,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 
 from pipeline.errors import ModelError
 from pipeline.load import LoadedModel
-from pipeline.ortnode import with_fallbacks
+from pipeline.ortnode import OrtNode, with_fallbacks
 from pipeline.runtime import declared_batch, first_line, make_session, run_batched
 
 PARITY_RTOL = 1e-4
@@ -58,7 +58,7 @@ class TorchModel:
 
 def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None) -> TorchModel:
     """Convert with onnx2torch; nodes it has no converter for are run by onnxruntime."""
-    proto, fallbacks = with_fallbacks(proto)
+    proto = with_fallbacks(proto)
     try:
         module = onnx2torch_convert(proto).eval()
     except Exception as exc:
@@ -66,6 +66,7 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None)
     named = dict(module.named_modules())
     by_node = {n.name: named[OnnxGraph.generate_node_name(n)] for n in proto.graph.node
                if OnnxGraph.generate_node_name(n) in named}
+    fallbacks = [name for name, layer in by_node.items() if isinstance(layer, OrtNode)]
     return TorchModel(module, by_node, fallbacks, batch)
 
 

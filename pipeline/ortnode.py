@@ -51,9 +51,9 @@ class OrtNode(torch.nn.Module, OnnxToTorchModule):
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def with_fallbacks(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `proto` ready for onnx2torch, every node without a converter given the
-    onnxruntime fallback, and the names of those nodes.
+    onnxruntime fallback.
 
     onnx2torch turns a node's domain into part of a torch module name, where dots are not
     allowed, so custom domains are renamed in the copy; the fallback keeps the original node.
@@ -61,11 +61,14 @@ def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     versions = {o.domain or "": o.version for o in proto.opset_import}
-    names = []
+    context = (list(proto.opset_import), proto.ir_version)
     for node in out.graph.node:
         domain = "" if node.domain == "ai.onnx" else node.domain
         version = _since(node.op_type, domain, versions.get(domain, 1))
         safe = domain.replace(".", "_")
+        if not domain and version in TYPE_ONLY.get(node.op_type, ()):
+            _alias(node.op_type, version)
+            _NODES[("", node.op_type, version, node.name)] = (NodeProto.FromString(node.SerializeToString()), *context)
         if (safe, node.op_type, version) not in _CONVERTERS:  # ours answer get_converter too
             try:
                 get_converter(node.op_type, version, domain)
@@ -82,9 +85,51 @@ def with_fallbacks(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
                 out.opset_import.append(helper.make_opsetid(safe, versions.get(domain, 1)))
                 versions[safe] = versions.get(domain, 1)
         _register(safe, node.op_type, version)
-        _NODES[(safe, node.op_type, version, node.name)] = (original, list(proto.opset_import), proto.ir_version)
-        names.append(node.name)
-    return out, names
+        _NODES[(safe, node.op_type, version, node.name)] = (original, *context)
+    return out
+
+
+# Opset versions that only added element types (bfloat16, float8, int4...) to an op: onnx2torch's
+# converter of the version before still applies. Without it an export at opset 22 ran every Conv
+# in onnxruntime, where the pruning cannot reach its weights (only the Gemm groups were cut).
+TYPE_ONLY = {
+    **dict.fromkeys(("Conv", "ConvTranspose", "MaxPool", "GlobalAveragePool", "HardSigmoid", "HardSwish", "Elu",
+                     "Selu", "Softplus", "Softsign", "InstanceNormalization", "Dropout", "Round"), (22,)),
+    **dict.fromkeys(("Reshape", "Shape", "Identity", "Cast", "Constant"), (19, 21, 23, 24)),
+    **dict.fromkeys(("Flatten", "Transpose", "Unsqueeze"), (21, 23, 24)),
+    "Squeeze": (23, 24), "ConstantOfShape": (20, 21, 23, 24), "Equal": (19,),
+}
+
+
+def _alias(op_type: str, version: int) -> None:
+    """Register onnx2torch's converter of the op's newest earlier version for `version`; a node
+    it refuses (Reshape's allowzero=1, say) is run by onnxruntime as before."""
+    try:
+        get_converter(op_type, version, "")
+        return  # onnx2torch has one (a later release), or an alias was made before
+    except NotImplementedError:
+        pass
+    earlier = next((v for v in range(version - 1, 0, -1) if _converts(op_type, v)), None)
+    if earlier is None:
+        return
+    converter = get_converter(op_type, earlier, "")
+
+    def convert(node, graph) -> OperationConverterResult:
+        try:
+            return converter(node, graph)
+        except NotImplementedError:
+            return OperationConverterResult(torch_module=OrtNode(*_NODES[("", op_type, version, node.name)]),
+                                            onnx_mapping=onnx_mapping_from_node(node))
+
+    add_converter(operation_type=op_type, version=version, domain="")(convert)
+
+
+def _converts(op_type: str, version: int) -> bool:
+    try:
+        get_converter(op_type, version, "")
+        return True
+    except NotImplementedError:
+        return False
 
 
 def _fill_skipped_inputs(proto: onnx.ModelProto, node: NodeProto) -> None:

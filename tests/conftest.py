@@ -109,7 +109,8 @@ def export(model: nn.Module, path: Path, keep_bn: bool = True, opset: int = 17,
     return path
 
 
-def export_dynamo(model: nn.Module, path: Path, shape=(1, 1, 16, 16), dynamic_batch: bool = True) -> Path:
+def export_dynamo(model: nn.Module, path: Path, shape=(1, 1, 16, 16), dynamic_batch: bool = True,
+                  opset: int | None = None) -> Path:
     """torch.onnx.export as recent torch does by default (the dynamo exporter: opset 18+, weights
     in an external .data file beside the model); without dynamic_batch the batch is fixed at
     shape[0] and baked into Reshapes, as an export without dynamic shapes leaves it."""
@@ -119,7 +120,7 @@ def export_dynamo(model: nn.Module, path: Path, shape=(1, 1, 16, 16), dynamic_ba
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.cat([x, x]) if dynamic_batch else x,), str(path), dynamo=True,
                           input_names=["image"], output_names=["logits"], dynamic_shapes=dims,
-                          external_data=True, verbose=False)
+                          external_data=True, verbose=False, opset_version=opset)
     return path
 
 

@@ -152,3 +152,22 @@ def test_a_keras_model_exported_by_tf2onnx_compresses(tmp_path):
     assert all(np.isfinite(c["teacher_agreement"]) for c in checks) and "cutmix" in [c["transform"] for c in checks
                                                                                       if c["kept"]]
     assert signature(onnx.load(str(out))) == signature(onnx.load(str(model)))
+
+
+@pytest.mark.parametrize("opset", [22, 23])
+def test_opsets_that_only_added_types_convert_as_before(tmp_path, shots, opset):
+    """Conv-22 only added bfloat16: onnx2torch's Conv-11 converter still applies, so the convs
+    stay torch layers the pruning can reach (they ran in onnxruntime, and only the Gemms were cut)."""
+    torch.manual_seed(0)
+    reports = {}
+    for version in (20, opset):
+        path = export_dynamo(randomise_bn(TinyVGG()), tmp_path / f"vgg{version}.onnx", opset=version)
+        model = load_model(path)
+        assert model.opset == version
+        twin = to_torch(model.proto)
+        convs = {n.name for n in model.proto.graph.node if n.op_type == "Conv"}
+        assert convs and not convs & set(twin.fallbacks)
+        out, report = tmp_path / f"slim{version}.onnx", tmp_path / f"report{version}.json"
+        compress(path, shots, out, "--report", report, "--no-bench", "--method", "cross")
+        reports[version] = json.loads(report.read_text())
+    assert reports[opset]["totals"]["flops_after"] == reports[20]["totals"]["flops_after"] < reports[20]["totals"]["flops_before"] / 3
