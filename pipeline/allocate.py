@@ -51,7 +51,7 @@ class FlopsModel:
     """Linear-layer FLOPs as a function of each group's kept channels (bilinear per layer)."""
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup]):
-        self.layers: dict[str, dict] = {c.node: {"flops": c.flops, "in": [], "out": None}
+        self.layers: dict[str, dict] = {c.node: {"flops": c.flops, "in": [], "out": []}
                                         for c in layer_costs(view)}
         self.size = {g.id: g.size for g in groups}
         dims = lambda node: view.initializers[view.nodes[node].input[1]].dims  # the layer's weight shape
@@ -59,10 +59,10 @@ class FlopsModel:
             for c in g.consumers:
                 self.layers[c.node]["in"].append((g.id, dims(c.node)[c.in_axis] // c.block))
             for s in g.slices:
-                if s.index == 1 and s.node in self.layers and s.node not in g.group_attrs:
-                    self.layers[s.node]["out"] = (g.id, dims(s.node)[s.axis % len(dims(s.node))])
+                if s.index == 1 and s.node in self.layers and s.node not in g.group_attrs:  # (several after a Split)
+                    self.layers[s.node]["out"].append((g.id, dims(s.node)[s.axis % len(dims(s.node))]))
             for name in g.group_attrs:  # depthwise: cost follows its channels
-                self.layers[name]["out"] = (g.id, dims(name)[0])
+                self.layers[name]["out"] = [(g.id, dims(name)[0])]
 
     def fractions(self, keep: dict[int, int]) -> dict[str, tuple[float, float]]:
         """Per layer: the share of its input and of its output channels left."""
@@ -73,8 +73,8 @@ class FlopsModel:
                 width = layer["in"][0][1]
                 fin = (width - sum(self.size[g] - keep.get(g, self.size[g]) for g, _ in layer["in"])) / width
             if layer["out"]:
-                g, width = layer["out"]
-                fout = (width - (self.size[g] - keep.get(g, self.size[g]))) / width
+                width = layer["out"][0][1]
+                fout = (width - sum(self.size[g] - keep.get(g, self.size[g]) for g, _ in layer["out"])) / width
             out[name] = (fin, fout)
         return out
 

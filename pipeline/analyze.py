@@ -98,6 +98,14 @@ class _Frozen(Exception):
     """Raised inside a trace to freeze the group with a reason."""
 
 
+class _Divide(Exception):
+    """Raised when a producer's channels reach a Split: trace one group per part instead."""
+
+    def __init__(self, parts: list[tuple[int, int]]):
+        super().__init__(parts)
+        self.parts = parts  # (first channel, channels) of each part
+
+
 def find_groups(view: GraphView) -> list[ChannelGroup]:
     """Every channel group in order of its first producer, prunable or frozen with a reason."""
     groups: list[ChannelGroup] = []
@@ -105,19 +113,29 @@ def find_groups(view: GraphView) -> list[ChannelGroup]:
     for node in view.graph.node:
         if node.name in claimed or _producer_start(view, node) is None:
             continue
-        group = ChannelGroup(id=len(groups), producers=[], size=_producer_start(view, node)[0])
-        tracer = _Tracer(view, group)
+        size = _producer_start(view, node)[0]
         try:
-            tracer.run(node)
-        except _Frozen as why:
-            group.reason = str(why)
-        except (IndexError, KeyError, ValueError, TypeError) as exc:  # a malformed node the checker let by
-            group.reason = f"malformed graph near '{node.name}' ({type(exc).__name__}: {exc})"
-        if not group.producers:
-            group.producers.append(node.name)
-        claimed.update(group.producers)
-        groups.append(group)
+            traced = [_trace(view, node, len(groups), (0, size))]
+        except _Divide as split:  # a Split cuts these channels into parts: each part is a group
+            traced = [_trace(view, node, len(groups) + k, part, divisible=False) for k, part in enumerate(split.parts)]
+        for group in traced:
+            claimed.update(group.producers)
+            groups.append(group)
     return groups
+
+
+def _trace(view: GraphView, node: NodeProto, gid: int, window: tuple[int, int], divisible: bool = True) -> ChannelGroup:
+    """The group of channels window[0] .. window[0] + window[1] of `node`'s output."""
+    group = ChannelGroup(id=gid, producers=[], size=window[1])
+    try:
+        _Tracer(view, group, divisible).run(node, window[0])
+    except _Frozen as why:
+        group.reason = str(why)
+    except (IndexError, KeyError, ValueError, TypeError) as exc:  # a malformed node the checker let by
+        group.reason = f"malformed graph near '{node.name}' ({type(exc).__name__}: {exc})"
+    if not group.producers:
+        group.producers.append(node.name)
+    return group
 
 
 def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSlice]] | None:
@@ -164,15 +182,16 @@ class _Tracer:
     """Grows one group from a producer: forward to every reader of its channels, backward to
     every other layer that writes them (through residual Adds and gating Muls)."""
 
-    def __init__(self, view: GraphView, group: ChannelGroup):
+    def __init__(self, view: GraphView, group: ChannelGroup, divisible: bool = True):
         self.view, self.group = view, group
+        self.divisible = divisible  # a Split may still cut the group into parts (not when it is a part)
         self.layout: dict[str, _Place] = {}
         self.pending: list[str] = []
         self.seen: set[tuple[str, str]] = set()  # (node, role) already handled
         self.concats: list[NodeProto] = []
 
-    def run(self, producer: NodeProto) -> None:
-        self._produce(producer)
+    def run(self, producer: NodeProto, offset: int = 0) -> None:
+        self._produce(producer, offset)
         while self.pending:
             tensor = self.pending.pop()
             self.group.tensors.append(tensor)
@@ -201,18 +220,24 @@ class _Tracer:
         self.layout[tensor] = place
         self.pending.append(tensor)
 
-    def _produce(self, node: NodeProto) -> None:
+    def _produce(self, node: NodeProto, offset: int = 0) -> None:
+        """A layer writing the group's channels, from channel `offset` of its output (a part of
+        a Split's input) or all of them."""
         start = _producer_start(self.view, node)
         if start is None:
             raise _Frozen(f"{node.op_type} node '{node.name}' writes these channels but cannot be sliced")
         size, slices = start
-        if size != self.group.size:
-            raise _Frozen(f"{node.op_type} node '{node.name}' writes {size} channels, not {self.group.size}")
+        place = self.layout.get(node.output[0])  # known when reached backward from a reader
+        if place is not None:
+            offset = place.offset
+        width = place.width if place is not None else self.group.size if self.divisible else size  # a part: all
+        if size != width or offset + self.group.size > size:
+            raise _Frozen(f"{node.op_type} node '{node.name}' writes {size} channels, not {width}")
         self.seen.add((node.name, "out"))
         self.group.producers.append(node.name)
-        self.group.slices.extend(slices)
+        self.group.slices.extend(replace(s, offset=offset) for s in slices)
         last = node.op_type == "MatMul" and len(self.view.shape(node.input[0]) or ()) > 2
-        self._add(node.output[0], _Place(1, 0, size, last), node.name)
+        self._add(node.output[0], _Place(1, offset, size, last), node.name)
 
     def _visit(self, node: NodeProto, tensor: str, forward: bool) -> None:
         op, role = node.op_type, "in" if forward else "out"
@@ -241,6 +266,8 @@ class _Tracer:
             raise _Frozen(f"{op} node '{node.name}' writes these channels and is not understood by the analysis")
         elif op == "Concat":
             self._concat(node, tensor)
+        elif op == "Split":
+            self._split(node, tensor)
         else:
             self._forward_only(node, tensor)
 
@@ -280,6 +307,28 @@ class _Tracer:
         for t in data:
             self._add(t, place, name)
         self._add(node.output[0], place, name)
+
+    def _split(self, node: NodeProto, tensor: str) -> None:
+        """Split on the channel axis into parts of constant sizes (CSP and YOLO blocks): the group
+        goes on in the part that holds it, whose size is edited as its channels go. A group that
+        is the whole split tensor is divided: each part is traced as a group of its own."""
+        view, place, group = self.view, self.layout[tensor], self.group
+        shape = view.shape(tensor)
+        if node.input[0] != tensor or shape is None or len(shape) < 2 or shape[1] is None or place.block != 1 \
+                or view.attr(node, "axis", 0) % len(shape) != 1:
+            raise _Frozen(f"Split node '{node.name}' splits an axis other than the channels")
+        if len(node.input) < 2 or not node.input[1] or not view.is_const(node.input[1]):
+            raise _Frozen(f"Split node '{node.name}' has no constant part sizes to edit")
+        sizes = [int(v) for v in view.const(node.input[1]).ravel()]
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        first, end = place.offset, place.offset + group.size
+        part = next((k for k, (s, n) in enumerate(zip(starts, sizes)) if s <= first and end <= s + n), None)
+        if part is None and self.divisible and (first, end) == (0, shape[1]):
+            raise _Divide(list(zip(starts, sizes)))
+        if part is None:
+            raise _Frozen(f"Split node '{node.name}' cuts these channels across its parts")
+        group.shape_edits.append(ShapeEdit(node.name, 1, part, 1))
+        self._add(node.output[part], _Place(1, first - starts[part], sizes[part]), node.name)
 
     def _concat(self, node: NodeProto, tensor: str) -> None:
         """Concat on the channel axis: the same channels, shifted by the widths of earlier inputs."""

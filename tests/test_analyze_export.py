@@ -159,6 +159,36 @@ def test_squeezed_pools_and_reshapes_back_carry_channels(tmp_path):
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
+class SplitBlock(torch.nn.Module):
+    """A CSP / YOLO C2f block without its shortcut: one conv's channels split in two parts, one
+    part through a bottleneck, both concatenated for the next conv."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem, self.cv1, self.inner = conv(1, 8, 3, padding=1), conv(8, 16, 1), conv(6, 6, 3, padding=1)
+        self.cv2, self.fc = conv(16, 8, 1), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = torch.relu(self.cv1(torch.relu(self.stem(x)))).split((10, 6), 1)
+        y = torch.relu(self.cv2(torch.cat([a, torch.relu(self.inner(b))], 1)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_channel_split_divides_its_producer_into_one_group_per_part(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(SplitBlock(), tmp_path / "split.onnx"))
+    parts = [g for g in groups if g.producers == ["/cv1/Conv"]]
+    assert [(g.size, g.prunable) for g in parts] == [(10, True), (6, True)]
+    assert {s.offset for g in parts for s in g.slices if s.node == "/cv1/Conv"} == {0, 10}
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    split = next(n for n in out.graph.node if n.op_type == "Split")
+    assert list(GraphView(out).const(split.input[1])) == [len(result.kept[g.id]) for g in parts] == [5, 3]
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
