@@ -229,8 +229,9 @@ class _Tracer:
         size, slices = start
         place = self.layout.get(node.output[0])  # known when reached backward from a reader
         if place is not None:
-            offset = place.offset
-        width = place.width if place is not None else self.group.size if self.divisible else size  # a part: all
+            offset, width = place.offset, place.width
+        else:  # the first producer: the group is all its channels, or one Split part of them
+            width = self.group.size if self.divisible else size
         if size != width or offset + self.group.size > size:
             raise _Frozen(f"{node.op_type} node '{node.name}' writes {size} channels, not {width}")
         self.seen.add((node.name, "out"))
