@@ -46,7 +46,8 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
     for group in pruned:
         dropped = np.setdiff1d(np.arange(group.size), kept[group.id])
         for c in group.consumers:
-            drop(c.node, 1, c.in_axis, _expand(dropped + c.offset, c.block))
+            for offset in c.offsets:
+                drop(c.node, 1, c.in_axis, _expand(dropped + offset, c.block))
         for s in group.slices:
             drop(s.node, s.index, s.axis, _expand(dropped + s.offset, s.block))
         for e in group.shape_edits:

@@ -57,7 +57,7 @@ class FlopsModel:
         dims = lambda node: view.initializers[view.nodes[node].input[1]].dims  # the layer's weight shape
         for g in groups:
             for c in g.consumers:
-                self.layers[c.node]["in"].append((g.id, dims(c.node)[c.in_axis] // c.block))
+                self.layers[c.node]["in"] += [(g.id, dims(c.node)[c.in_axis] // c.block)] * len(c.offsets)
             for s in g.slices:
                 if s.index == 1 and s.node in self.layers and s.node not in g.group_attrs:  # (several after a Split)
                     self.layers[s.node]["out"].append((g.id, dims(s.node)[s.axis % len(dims(s.node))]))

@@ -51,6 +51,11 @@ class Consumer:
     in_axis: int
     block: int = 1
     offset: int = 0  # first input channel of the group (non-zero after a Concat)
+    extra: tuple[int, ...] = ()  # further offsets where a Concat repeats the group (C2f, SPPF)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return (self.offset, *self.extra)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,15 @@ class _Frozen(Exception):
     """Raised inside a trace to freeze the group with a reason."""
 
 
+class _Repeat(Exception):
+    """Raised when a Concat takes the group's channels more than once: trace again, knowing which
+    of its inputs carry them (Concat name -> those inputs)."""
+
+    def __init__(self, repeats: dict[str, list[str]]):
+        super().__init__(repeats)
+        self.repeats = repeats
+
+
 class _Divide(Exception):
     """Raised when a producer's channels reach a Split: trace one group per part instead."""
 
@@ -128,7 +142,11 @@ def _trace(view: GraphView, node: NodeProto, gid: int, window: tuple[int, int], 
     """The group of channels window[0] .. window[0] + window[1] of `node`'s output."""
     group = ChannelGroup(id=gid, producers=[], size=window[1])
     try:
-        _Tracer(view, group, divisible).run(node, window[0])
+        try:
+            _Tracer(view, group, divisible).run(node, window[0])
+        except _Repeat as again:
+            group = ChannelGroup(id=gid, producers=[], size=window[1])
+            _Tracer(view, group, divisible, again.repeats).run(node, window[0])
     except _Frozen as why:
         group.reason = str(why)
     except (IndexError, KeyError, ValueError, TypeError) as exc:  # a malformed node the checker let by
@@ -176,15 +194,18 @@ class _Place:
     offset: int
     width: int
     last: bool = False  # channels on the last axis (a MatMul over an N...C tensor), not axis 1
+    also: tuple[int, ...] = ()  # further offsets of the same channels (a Concat that repeats them)
 
 
 class _Tracer:
     """Grows one group from a producer: forward to every reader of its channels, backward to
     every other layer that writes them (through residual Adds and gating Muls)."""
 
-    def __init__(self, view: GraphView, group: ChannelGroup, divisible: bool = True):
+    def __init__(self, view: GraphView, group: ChannelGroup, divisible: bool = True,
+                 repeats: dict[str, list[str]] | None = None):
         self.view, self.group = view, group
         self.divisible = divisible  # a Split may still cut the group into parts (not when it is a part)
+        self.repeats = repeats or {}  # Concats known to take the group more than once, and from which inputs
         self.layout: dict[str, _Place] = {}
         self.pending: list[str] = []
         self.seen: set[tuple[str, str]] = set()  # (node, role) already handled
@@ -203,9 +224,12 @@ class _Tracer:
             self._visit(source, tensor, forward=False)
             for node in self.view.consumers.get(tensor, []):
                 self._visit(node, tensor, forward=True)
-        for node in self.concats:
-            if sum(i in self.layout for i in node.input) > 1:
-                raise _Frozen(f"Concat node '{node.name}' joins these channels with themselves")
+        repeats = {n.name: [i for i in n.input if i in self.layout] for n in self.concats
+                   if sum(i in self.layout for i in n.input) > 1}
+        if repeats and not self.repeats:
+            raise _Repeat(repeats)
+        if repeats != self.repeats:
+            raise _Frozen(f"Concat node '{next(iter(repeats))}' joins these channels with themselves")
         if len(self.group.producers) > 1:
             self.group.coupling = f"{len(self.group.producers)} producers ({', '.join(self.group.producers[:4])}" + \
                 ("..." if len(self.group.producers) > 4 else "") + ") joined by residual or gating ops"
@@ -244,6 +268,8 @@ class _Tracer:
         op, role = node.op_type, "in" if forward else "out"
         if node.domain not in ("", "ai.onnx"):
             raise _Frozen(f"{node.domain}.{op} node '{node.name}' is not understood by the channel analysis")
+        if forward and self.layout[tensor].also and (op not in LINEAR or _is_depthwise(self.view, node)):
+            raise _Frozen(f"{op} node '{node.name}' reads a Concat that holds these channels more than once")
         if op in LINEAR and not _is_depthwise(self.view, node):
             if (node.name, role) in self.seen:
                 return
@@ -338,15 +364,14 @@ class _Tracer:
         axis = view.attr(node, "axis", 1)
         if place.block != 1 or shape is None or len(shape) < 3 or axis % len(shape) != 1:
             raise _Frozen(f"Concat node '{node.name}' joins along an axis other than the channels")
-        if list(node.input).count(tensor) > 1:
-            raise _Frozen(f"Concat node '{node.name}' repeats these channels")
         widths = [(view.shape(i) or (None, None))[1] for i in node.input]
         if None in widths or shape[1] is None:
             raise _Frozen(f"channel counts unknown at Concat node '{node.name}'")
-        before = sum(widths[:list(node.input).index(tensor)])
+        carriers = self.repeats.get(node.name, [tensor])  # every input holding the group, once traced
+        offsets = [sum(widths[:k]) + place.offset for k, name in enumerate(node.input) if name in carriers]
         self.concats.append(node)
         self._coupled(f"concatenated with other channels at '{node.name}'")
-        self._add(node.output[0], _Place(1, before + place.offset, int(shape[1])), node.name)
+        self._add(node.output[0], _Place(1, offsets[0], int(shape[1]), also=tuple(offsets[1:])), node.name)
 
     def _coupled(self, why: str) -> None:
         if not self.group.coupling:
@@ -444,14 +469,15 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> C
             raise _Frozen(f"grouped Conv node '{name}' couples input and output channels")
         if len(w.dims) != 4 or block != 1:
             raise _Frozen(f"Conv node '{name}' is not a 2-D convolution on channels")
-        return Consumer(name, "conv", in_axis=1, offset=offset)
+        return Consumer(name, "conv", in_axis=1, offset=offset, extra=place.also)
     if node.op_type == "Gemm":
         if view.attr(node, "transA", 0):
             raise _Frozen(f"Gemm node '{name}' uses transA")
-        return Consumer(name, "gemm", in_axis=1 if view.attr(node, "transB", 0) else 0, block=block, offset=offset)
+        return Consumer(name, "gemm", in_axis=1 if view.attr(node, "transB", 0) else 0, block=block, offset=offset,
+                        extra=place.also)
     if len(view.initializers[node.input[1]].dims) != 2 or len(view.shape(tensor) or ()) < 2:
         raise _Frozen(f"MatMul node '{name}' does not multiply by a constant matrix")
-    return Consumer(name, "gemm", in_axis=0, block=block, offset=offset)
+    return Consumer(name, "gemm", in_axis=0, block=block, offset=offset, extra=place.also)
 
 
 def _spatial(view: GraphView, tensor: str, where: str) -> int:

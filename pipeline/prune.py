@@ -230,8 +230,8 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
     if node.op_type == "MatMul":  # no bias input to refit: its row stays zero
         bias_row_index = torch.tensor([len(mat)])
         fixed = bias_row_index if fixed is None else torch.unique(torch.cat([fixed, bias_row_index]))
-    first = (consumer.offset + torch.arange(channels)) * per
-    return Problem(weight, first[:, None] + torch.arange(per)[None, :], fixed=fixed)
+    columns = [((o + torch.arange(channels)) * per)[:, None] + torch.arange(per)[None, :] for o in consumer.offsets]
+    return Problem(weight, torch.cat(columns, dim=1), fixed=fixed)
 
 
 def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumers: list[Consumer],

@@ -189,6 +189,38 @@ def test_a_channel_split_divides_its_producer_into_one_group_per_part(tmp_path):
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
+class RepeatedConcat(torch.nn.Module):
+    """YOLOv8's C2f with its shortcut and an SPPF-style pool: one part of a split reaches the
+    final Concat three times (itself, plus the bottleneck's residual sum, plus that sum pooled)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem, self.cv1, self.cv2 = conv(1, 8, 3, padding=1), conv(8, 16, 1), conv(32, 8, 1)
+        self.inner = torch.nn.Sequential(conv(8, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 8, 3, padding=1))
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = torch.relu(self.cv1(torch.relu(self.stem(x)))).split((8, 8), 1)
+        b2 = b + self.inner(b)
+        y = torch.cat([a, b, b2, torch.nn.functional.max_pool2d(b2, 3, 1, 1)], 1)
+        return self.fc(torch.relu(self.cv2(y)).mean((2, 3)))
+
+
+def test_channels_a_concat_takes_several_times_are_cut_at_every_place(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(RepeatedConcat(), tmp_path / "c2f.onnx"))
+    repeated = next(g for g in groups if g.producers[0] == "/cv1/Conv" and g.slices[0].offset == 8)
+    assert repeated.prunable and len(repeated.producers) == 2  # cv1's second part and the bottleneck's last conv
+    assert next(c for c in repeated.consumers if c.node == "/cv2/Conv").offsets == (8, 16, 24)
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    cv2 = next(n for n in out.graph.node if n.name == "/cv2/Conv")
+    assert GraphView(out).const(cv2.input[1]).shape[1] == 4 + 3 * 4
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
