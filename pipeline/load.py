@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, ValueInfoProto
 
@@ -104,6 +105,7 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
     proto = _infer_shapes(path, proto)
     if normalise:
         _fold_channels_last_flatten(proto, notes)
+        _split_sizes_written_out(proto, notes)
     return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, original=original, notes=notes)
 
 
@@ -262,6 +264,36 @@ def _fold_channels_last_flatten(proto: ModelProto, notes: list[str]) -> None:
         folded += 1
     if folded:
         notes.append(f"{folded} channels-last flatten(s) before a matrix folded into its weights' row order")
+
+
+def _split_sizes_written_out(proto: ModelProto, notes: list[str]) -> None:
+    """Split with num_outputs (opset 18+, how the dynamo exporter writes torch.chunk) gets the
+    equivalent explicit sizes input, which the export can edit when a part loses channels."""
+    from pipeline.graph import GraphView
+
+    view, written = GraphView(proto), 0
+    for node in proto.graph.node:
+        parts = view.attr(node, "num_outputs")
+        shape = view.shape(node.input[0]) if node.op_type == "Split" else None
+        if parts is None or shape is None or (len(node.input) > 1 and node.input[1]):
+            continue
+        dim = shape[view.attr(node, "axis", 0) % len(shape)]
+        if dim is None:
+            continue
+        step = -(-dim // parts)  # as the operator defines it: equal parts, the last one smaller
+        sizes = np.array([min(step, dim - k * step) for k in range(parts)], np.int64)
+        name = f"{node.name}_sizes"
+        while name in view.initializers or name in view.producer:
+            name += "_"
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(sizes, name))
+        del node.input[1:]
+        node.input.append(name)
+        kept = [a for a in node.attribute if a.name != "num_outputs"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        written += 1
+    if written:
+        notes.append(f"{written} Split(s) given their part sizes explicitly (num_outputs)")
 
 
 def _reads_a_matrix(view, node, flat: str) -> bool:

@@ -171,3 +171,34 @@ def test_opsets_that_only_added_types_convert_as_before(tmp_path, shots, opset):
         compress(path, shots, out, "--report", report, "--no-bench", "--method", "cross")
         reports[version] = json.loads(report.read_text())
     assert reports[opset]["totals"]["flops_after"] == reports[20]["totals"]["flops_after"] < reports[20]["totals"]["flops_before"] / 3
+
+
+class ChunkBlock(nn.Module):
+    """YOLOv8's C2f as written (`cv1(x).chunk(2, 1)`): the dynamo exporter gives Split with
+    num_outputs and no sizes, which loading writes out so that the parts can be cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1, self.inner = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.cv2, self.fc = nn.Conv2d(24, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = torch.relu(self.cv1(x)).chunk(2, 1)
+        y = torch.cat([a, b, b + torch.relu(self.inner(b))], 1)
+        return self.fc(torch.relu(self.cv2(y)).mean((2, 3)))
+
+
+def test_a_chunk_exported_as_split_with_num_outputs_is_cut_per_part(tmp_path, shots):
+    torch.manual_seed(0)
+    path = export_dynamo(ChunkBlock(), tmp_path / "chunk.onnx")
+    assert any(a.name == "num_outputs" for n in onnx.load(str(path)).graph.node if n.op_type == "Split"
+               for a in n.attribute)
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--scope", "all", "--report", report, "--no-bench", "--method", "cross")
+    rep = json.loads(report.read_text())
+    parts = [g for g in rep["groups"] if g["producers"][0].endswith("conv2d") and g["channels_before"] == 8]
+    assert len(parts) == 2 and all(g["channels_after"] < 8 for g in parts)
+    split = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Split")
+    slim_view = GraphView(onnx.load(str(out)))
+    assert list(slim_view.const(split.input[1])) == [g["channels_after"] for g in parts]
+    assert rep["parity"]["slim_vs_masked_student"] < 1e-4
