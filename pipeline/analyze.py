@@ -295,6 +295,8 @@ class _Tracer:
             self._concat(node, tensor)
         elif op == "Split":
             self._split(node, tensor)
+        elif op == "Slice":
+            self._slice(node, tensor)
         else:
             self._forward_only(node, tensor)
 
@@ -356,6 +358,45 @@ class _Tracer:
             raise _Frozen(f"Split node '{node.name}' cuts these channels across its parts")
         group.shape_edits.append(ShapeEdit(node.name, 1, part, 1))
         self._add(node.output[part], _Place(1, first - starts[part], sizes[part]), node.name)
+
+    def _slice(self, node: NodeProto, tensor: str) -> None:
+        """A Slice of other axes passes the channels on. One of the channel axis (constant bounds,
+        step 1) takes a part of them, as a Split would (torch.chunk through the TorchScript
+        exporter): the group goes on if it lies in the part, is divided like a Split's input if
+        it is the whole tensor, and every channel Slice of the tensor after the group shifts."""
+        view, place, group = self.view, self.layout[tensor], self.group
+        bounds = _slice_bounds(view, node, tensor)
+        if node.input[0] != tensor:
+            raise _Frozen(f"Slice node '{node.name}' takes these channels as a parameter input")
+        if bounds is None:
+            self._add(node.output[0], place, node.name)
+            return
+        if place.block != 1 or place.last:
+            raise _Frozen(f"Slice node '{node.name}' takes part of flattened channels")
+        width, (start, stop, _) = view.shape(tensor)[1], bounds
+        first, end = place.offset, place.offset + group.size
+        if start <= first and end <= stop:
+            if (tensor, "slices") not in self.seen:  # every channel Slice of this tensor, once
+                self.seen.add((tensor, "slices"))
+                for other in self.view.consumers.get(tensor, []):
+                    other_bounds = _slice_bounds(view, other, tensor) if other.op_type == "Slice" else None
+                    if other_bounds is None:
+                        continue
+                    o_start, o_stop, pos = other_bounds
+                    o_end = int(view.const(other.input[2]).ravel()[pos])
+                    if o_start >= end:
+                        group.shape_edits.append(ShapeEdit(other.name, 1, pos, 1))
+                    if end <= o_end <= width:  # an end past the channel count stays "to the end"
+                        group.shape_edits.append(ShapeEdit(other.name, 2, pos, 1))
+            self._add(node.output[0], _Place(1, first - start, stop - start), node.name)
+            return
+        if stop <= first or end <= start:
+            return  # another part of the channels
+        cuts = sorted({0, width} | {b for other in self.view.consumers.get(tensor, []) if other.op_type == "Slice"
+                                    for b in (_slice_bounds(view, other, tensor) or (0, width, 0))[:2]})
+        if self.divisible and (first, end) == (0, width):
+            raise _Divide([(a, b - a) for a, b in zip(cuts, cuts[1:])])
+        raise _Frozen(f"Slice node '{node.name}' cuts these channels across its parts")
 
     def _concat(self, node: NodeProto, tensor: str) -> None:
         """Concat on the channel axis: the same channels, shifted by the widths of earlier inputs."""
@@ -576,6 +617,26 @@ def _channel_axis_untouched(view: GraphView, node: NodeProto, tensor: str) -> No
     values = view.const(scales).ravel()
     if len(values) < 2 or values[0] != 1 or values[1] != 1:
         raise _Frozen(f"{node.op_type} node '{node.name}' scales the batch or channel axis")
+
+
+def _slice_bounds(view: GraphView, node: NodeProto, tensor: str) -> tuple[int, int, int] | None:
+    """(first channel, end, position in the starts and ends inputs) of a Slice of the channel
+    axis; None if it leaves the channel axis alone."""
+    shape = view.shape(tensor)
+    if view.attr(node, "starts") is not None or any(i and not view.is_const(i) for i in node.input[1:]):
+        raise _Frozen(f"Slice node '{node.name}' has computed or attribute bounds")
+    value = lambda k, default: ([int(v) for v in view.const(node.input[k]).ravel()]  # noqa: E731
+                                if len(node.input) > k and node.input[k] else default)
+    starts, ends = value(1, []), value(2, [])
+    axes, steps = value(3, list(range(len(starts)))), value(4, [1] * len(starts))
+    if shape is None or shape[1] is None:
+        raise _Frozen(f"channel count unknown at Slice node '{node.name}'")
+    for pos, (start, end, axis, step) in enumerate(zip(starts, ends, axes, steps)):
+        if axis % len(shape) == 1:
+            if step != 1 or start < 0 or end < 0:
+                raise _Frozen(f"Slice node '{node.name}' takes channels backwards or from the end")
+            return start, min(end, shape[1]), pos
+    return None
 
 
 def _shape_batch_only(view: GraphView, node: NodeProto) -> list:

@@ -85,6 +85,21 @@ class TinyChannelsLast(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class ChunkBlock(nn.Module):
+    """YOLOv8's C2f as written (`cv1(x).chunk(2, 1)`): the dynamo exporter gives Split with
+    num_outputs, the TorchScript exporter two Slices of the channel axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1, self.inner = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.cv2, self.fc = nn.Conv2d(24, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = torch.relu(self.cv1(x)).chunk(2, 1)
+        y = torch.cat([a, b, b + torch.relu(self.inner(b))], 1)
+        return self.fc(torch.relu(self.cv2(y)).mean((2, 3)))
+
+
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that slicing them wrongly changes the outputs."""
     g = torch.Generator().manual_seed(seed)

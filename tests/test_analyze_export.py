@@ -15,7 +15,8 @@ from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, prune
 from pipeline.verify import check_slim
-from tests.conftest import TinyChannelsLast, TinyMobile, TinyResidual, TinyVGG, export, make_data, randomise_bn
+from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyMobile, TinyResidual, TinyVGG, export, make_data,
+                            randomise_bn)
 
 
 def groups_of(path):
@@ -218,6 +219,20 @@ def test_channels_a_concat_takes_several_times_are_cut_at_every_place(tmp_path):
     out = slim(model.proto, groups, result.kept, result.layers)
     cv2 = next(n for n in out.graph.node if n.name == "/cv2/Conv")
     assert GraphView(out).const(cv2.input[1]).shape[1] == 4 + 3 * 4
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
+def test_channel_slices_that_part_a_tensor_are_cut_like_a_split(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(ChunkBlock(), tmp_path / "chunk.onnx"))  # chunk -> two Slices
+    assert sum(n.op_type == "Slice" for n in model.proto.graph.node) == 2
+    parts = [g for g in groups if g.producers[0] == "/cv1/Conv"]
+    assert [(g.size, g.prunable) for g in parts] == [(8, True), (8, True)]
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    bounds = [[int(GraphView(out).const(n.input[i])[0]) for i in (1, 2)] for n in out.graph.node if n.op_type == "Slice"]
+    assert bounds == [[0, 4], [4, 8]]
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 

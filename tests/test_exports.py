@@ -24,7 +24,7 @@ from pipeline.cli import main
 from pipeline.convert import check_parity, to_torch
 from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
-from tests.conftest import TinyMobile, TinyVGG, export_dynamo, make_data, randomise_bn
+from tests.conftest import ChunkBlock, TinyMobile, TinyVGG, export_dynamo, make_data, randomise_bn
 
 
 class TinyConcatHead(nn.Module):
@@ -171,21 +171,6 @@ def test_opsets_that_only_added_types_convert_as_before(tmp_path, shots, opset):
         compress(path, shots, out, "--report", report, "--no-bench", "--method", "cross")
         reports[version] = json.loads(report.read_text())
     assert reports[opset]["totals"]["flops_after"] == reports[20]["totals"]["flops_after"] < reports[20]["totals"]["flops_before"] / 3
-
-
-class ChunkBlock(nn.Module):
-    """YOLOv8's C2f as written (`cv1(x).chunk(2, 1)`): the dynamo exporter gives Split with
-    num_outputs and no sizes, which loading writes out so that the parts can be cut."""
-
-    def __init__(self):
-        super().__init__()
-        self.cv1, self.inner = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.cv2, self.fc = nn.Conv2d(24, 8, 1), nn.Linear(8, 10)
-
-    def forward(self, x):
-        a, b = torch.relu(self.cv1(x)).chunk(2, 1)
-        y = torch.cat([a, b, b + torch.relu(self.inner(b))], 1)
-        return self.fc(torch.relu(self.cv2(y)).mean((2, 3)))
 
 
 def test_a_chunk_exported_as_split_with_num_outputs_is_cut_per_part(tmp_path, shots):
