@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import ModelProto, TensorProto, ValueInfoProto
+from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto
 
 from pipeline.errors import ModelError
+from pipeline.graph import GraphView
 from pipeline.runtime import first_line
 
 Dim = int | str | None
@@ -232,8 +233,6 @@ def _fold_channels_last_flatten(proto: ModelProto, notes: list[str]) -> None:
     Folding the order into the weights lets the channel analysis reach the classifier; the
     Transpose goes too. The conversion stage's parity check compares the result with the
     original file."""
-    from pipeline.graph import GraphView
-
     view, folded = GraphView(proto), 0
     for node in [n for n in proto.graph.node if n.op_type == "Transpose"]:
         shape, users = view.shape(node.input[0]), view.consumers.get(node.output[0], [])
@@ -269,8 +268,6 @@ def _fold_channels_last_flatten(proto: ModelProto, notes: list[str]) -> None:
 def _split_sizes_written_out(proto: ModelProto, notes: list[str]) -> None:
     """Split with num_outputs (opset 18+, how the dynamo exporter writes torch.chunk) gets the
     equivalent explicit sizes input, which the export can edit when a part loses channels."""
-    from pipeline.graph import GraphView
-
     view, written = GraphView(proto), 0
     for node in proto.graph.node:
         parts = view.attr(node, "num_outputs")
@@ -296,7 +293,7 @@ def _split_sizes_written_out(proto: ModelProto, notes: list[str]) -> None:
         notes.append(f"{written} Split(s) given their part sizes explicitly (num_outputs)")
 
 
-def _reads_a_matrix(view, node, flat: str) -> bool:
+def _reads_a_matrix(view: GraphView, node: NodeProto, flat: str) -> bool:
     """`node` multiplies `flat` by a constant matrix of its own (Gemm without transA, or MatMul)."""
     if node.op_type not in ("MatMul", "Gemm") or node.input[0] != flat or not view.is_const(node.input[1]):
         return False

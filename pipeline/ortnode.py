@@ -68,15 +68,14 @@ def with_fallbacks(proto: onnx.ModelProto) -> onnx.ModelProto:
         safe = domain.replace(".", "_")
         if not domain and version in TYPE_ONLY.get(node.op_type, ()):
             _alias(node.op_type, version)
-            _NODES[("", node.op_type, version, node.name)] = (NodeProto.FromString(node.SerializeToString()), *context)
+            _NODES[("", node.op_type, version, node.name)] = (_copy(node), *context)
         if (safe, node.op_type, version) not in _CONVERTERS:  # ours answer get_converter too
             try:
                 get_converter(node.op_type, version, domain)
                 continue
             except NotImplementedError:
                 pass
-        original = NodeProto()
-        original.CopyFrom(node)
+        original = _copy(node)
         if not all(node.input):
             _fill_skipped_inputs(out, node)
         if safe != domain:
@@ -130,6 +129,13 @@ def _converts(op_type: str, version: int) -> bool:
         return True
     except NotImplementedError:
         return False
+
+
+def _copy(node: NodeProto) -> NodeProto:
+    """The node as it is now, before the copy given to onnx2torch is changed."""
+    out = NodeProto()
+    out.CopyFrom(node)
+    return out
 
 
 def _fill_skipped_inputs(proto: onnx.ModelProto, node: NodeProto) -> None:
