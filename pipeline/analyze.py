@@ -11,6 +11,7 @@ unknown graph yields fewer pruned channels, never a wrong model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 from onnx import NodeProto
 
@@ -352,10 +353,8 @@ class _Tracer:
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
         first, end = place.offset, place.offset + group.size
         part = next((k for k, (s, n) in enumerate(zip(starts, sizes)) if s <= first and end <= s + n), None)
-        if part is None and self.divisible and (first, end) == (0, shape[1]):
-            raise _Divide(list(zip(starts, sizes)))
         if part is None:
-            raise _Frozen(f"Split node '{node.name}' cuts these channels across its parts")
+            self._divide(node, (first, end), shape[1], list(zip(starts, sizes)))
         group.shape_edits.append(ShapeEdit(node.name, 1, part, 1))
         self._add(node.output[part], _Place(1, first - starts[part], sizes[part]), node.name)
 
@@ -365,9 +364,9 @@ class _Tracer:
         exporter): the group goes on if it lies in the part, is divided like a Split's input if
         it is the whole tensor, and every channel Slice of the tensor after the group shifts."""
         view, place, group = self.view, self.layout[tensor], self.group
-        bounds = _slice_bounds(view, node, tensor)
         if node.input[0] != tensor:
             raise _Frozen(f"Slice node '{node.name}' takes these channels as a parameter input")
+        bounds = _slice_bounds(view, node, tensor)
         if bounds is None:
             self._add(node.output[0], place, node.name)
             return
@@ -394,9 +393,14 @@ class _Tracer:
             return  # another part of the channels
         cuts = sorted({0, width} | {b for other in self.view.consumers.get(tensor, []) if other.op_type == "Slice"
                                     for b in (_slice_bounds(view, other, tensor) or (0, width, 0))[:2]})
-        if self.divisible and (first, end) == (0, width):
-            raise _Divide([(a, b - a) for a, b in zip(cuts, cuts[1:])])
-        raise _Frozen(f"Slice node '{node.name}' cuts these channels across its parts")
+        self._divide(node, (first, end), width, [(a, b - a) for a, b in zip(cuts, cuts[1:])])
+
+    def _divide(self, node: NodeProto, span: tuple[int, int], width: int, parts: list[tuple[int, int]]) -> NoReturn:
+        """The group spans several parts of a Split or channel Slices: if it is the whole tensor
+        (and not itself a part), each part becomes a group; otherwise it stays whole."""
+        if self.divisible and span == (0, width):
+            raise _Divide(parts)
+        raise _Frozen(f"{node.op_type} node '{node.name}' cuts these channels across its parts")
 
     def _concat(self, node: NodeProto, tensor: str) -> None:
         """Concat on the channel axis: the same channels, shifted by the widths of earlier inputs."""
