@@ -546,8 +546,7 @@ def _reshape_block(view: GraphView, node: NodeProto, tensor: str, place: _Place,
     target = [int(v) for v in view.const(node.input[1]).ravel()]
     shape = view.shape(tensor) or (None, None)
     spatial = _spatial(view, tensor, node.name)
-    copies_batch = target[:1] == [0] and not view.attr(node, "allowzero", 0)  # with allowzero, 0 is a size
-    keeps_batch = copies_batch or (shape[0] is not None and target[:1] == [shape[0]])
+    keeps_batch = view.reshape_keeps_batch(node, target)
     trailing_ones = len(target) > 2 and spatial == 1 and all(d == 1 for d in target[2:])  # (N, C) -> (N, C, 1, 1)
     if (len(target) == 2 or trailing_ones) and not place.last:
         if keeps_batch and target[1] == -1:

@@ -52,3 +52,10 @@ class GraphView:
             if a.name == name:
                 return helper.get_attribute_value(a)
         return default
+
+    def reshape_keeps_batch(self, reshape: NodeProto, target: list[int]) -> bool:
+        """The Reshape's constant `target` leaves axis 0 as it was: 0 copies it (unless allowzero
+        makes 0 a size), or it names the input's own fixed batch."""
+        batch = (self.shape(reshape.input[0]) or (None,))[0]
+        copies = target[:1] == [0] and not self.attr(reshape, "allowzero", 0)
+        return copies or (batch is not None and target[:1] == [batch])

@@ -241,7 +241,7 @@ def _fold_channels_last_flatten(proto: ModelProto, notes: list[str]) -> None:
             continue
         reshape, (c, h, w) = users[0], shape[1:]
         target = view.const(reshape.input[1]).ravel().tolist() if view.is_const(reshape.input[1]) else []
-        keeps_batch = target[:1] == [shape[0]] or (target[:1] == [0] and not view.attr(reshape, "allowzero", 0))
+        keeps_batch = view.reshape_keeps_batch(reshape, target)
         flattens = len(target) == 2 and ((target[0] == -1 and target[1] == c * h * w)
                                          or (keeps_batch and target[1] in (-1, c * h * w)))
         layers = view.consumers.get(reshape.output[0], [])
@@ -299,7 +299,7 @@ def _reads_a_matrix(view: GraphView, node: NodeProto, flat: str) -> bool:
         return False
     if node.op_type == "Gemm" and view.attr(node, "transA", 0):
         return False
-    return len(view.consumers.get(node.input[1], [])) == 1 and node.input[1] not in {i.name for i in view.graph.input}
+    return len(view.consumers.get(node.input[1], [])) == 1
 
 
 def _infer_shapes(path: Path, proto: ModelProto) -> ModelProto:

@@ -36,7 +36,8 @@ class OrtNode(torch.nn.Module, OnnxToTorchModule):
         node = NodeProto.FromString(self.node_bytes)
         graph = helper.make_graph(
             [node], "single_node",
-            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None) for n, x in feeds.items()],
+            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None)
+             for n, x in feeds.items()],
             [onnx.ValueInfoProto(name=o) for o in node.output if o])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets],
                                   ir_version=self.ir_version)

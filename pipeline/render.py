@@ -117,14 +117,13 @@ def summary(report: dict) -> str:
 def _slower_links(timings: list[dict]) -> list[str]:
     """A model slower than the one timed before it (not the first: that is the speedup's 1.00x),
     e.g. an int8 model whose kernels cost more than they save on this provider and batch."""
-    notes, before = [], {}
+    notes, timed = [], {}
     for t in timings:
-        key = (t["provider"], t["batch"])
-        prev = before.get(key)
-        if prev is not None and prev.get("earlier") and t["p50_ms"] > prev["p50_ms"]:
-            notes.append(f"{t['model']} is slower than {prev['model']} on {t['provider']} at batch {t['batch']} "
-                         f"({t['p50_ms']:.3f} vs {prev['p50_ms']:.3f} ms)")
-        before[key] = {**t, "earlier": prev is not None}
+        before = timed.setdefault((t["provider"], t["batch"]), [])
+        if len(before) > 1 and t["p50_ms"] > before[-1]["p50_ms"]:
+            notes.append(f"{t['model']} is slower than {before[-1]['model']} on {t['provider']} at batch {t['batch']} "
+                         f"({t['p50_ms']:.3f} vs {before[-1]['p50_ms']:.3f} ms)")
+        before.append(t)
     return notes
 
 
