@@ -13,6 +13,7 @@ from onnx import ModelProto
 from onnx2torch import convert as onnx2torch_convert
 from onnx2torch.onnx_graph import OnnxGraph
 
+from pipeline import precision
 from pipeline.errors import ModelError
 from pipeline.load import LoadedModel
 from pipeline.ortnode import OrtNode, with_fallbacks
@@ -57,8 +58,9 @@ class TorchModel:
 
 
 def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None) -> TorchModel:
-    """Convert with onnx2torch; nodes it has no converter for are run by onnxruntime."""
-    proto = with_fallbacks(proto)
+    """Convert with onnx2torch, in float32 (precision.py); nodes it has no converter for are run by
+    onnxruntime."""
+    proto = with_fallbacks(precision.widened(proto))
     try:
         module = onnx2torch_convert(proto).eval()
     except Exception as exc:
@@ -75,22 +77,30 @@ def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int
 
     A model whose input fixes the batch may also bake it into the graph (a Reshape to (1, 512)
     from an export without dynamic axes); if the twin fails on larger batches, it is proven,
-    and from then on run, at the declared one."""
-    try:
-        reference = run_batched(make_session(model.original), x, batch)
-    except Exception as exc:
-        raise ModelError(f"{model.path}: onnxruntime cannot run it on the samples ({first_line(exc)})") from exc
-    fixed = declared_batch(model.inputs[0].shape)
-    if fixed is not None and twin.batch is None and fixed < min(batch, len(x)):
+    and from then on run, at the declared one. A float16 model is held to float16's rounding
+    against the twin, and the twin to the exact bound against the same graph widened."""
+    rounding = precision.rounding_tolerance(model.proto)
+    references = [(model.original, max(PARITY_RTOL, rounding), "onnxruntime")]
+    if rounding:
+        references.append((precision.widened(model.proto), PARITY_RTOL, "onnxruntime on the float32-widened graph"))
+    worst = 0.0
+    for source, tolerance, what in references:
         try:
-            return _worst_difference(model, reference, twin, x, batch)
-        except ModelError:
-            twin.batch = fixed
-    return _worst_difference(model, reference, twin, x, batch)
+            reference = run_batched(make_session(source), x, batch)
+        except Exception as exc:
+            raise ModelError(f"{model.path}: onnxruntime cannot run it on the samples ({first_line(exc)})") from exc
+        fixed = declared_batch(model.inputs[0].shape)
+        if fixed is not None and twin.batch is None and fixed < min(batch, len(x)):
+            try:
+                _worst_difference(model, reference, twin, x, batch, tolerance, what)
+            except ModelError:
+                twin.batch = fixed
+        worst = max(worst, _worst_difference(model, reference, twin, x, batch, tolerance, what))
+    return worst
 
 
 def _worst_difference(model: LoadedModel, reference: list[np.ndarray], twin: TorchModel, x: np.ndarray,
-                      batch: int) -> float:
+                      batch: int, tolerance: float, what: str) -> float:
     try:
         ours = run_torch(twin, x, batch)
     except Exception as exc:
@@ -99,9 +109,9 @@ def _worst_difference(model: LoadedModel, reference: list[np.ndarray], twin: Tor
     for name, ref, got in zip((o.name for o in model.outputs), reference, ours):
         err = relative_error(ref, got)
         worst = max(worst, err)
-        if not err <= PARITY_RTOL:
-            raise ModelError(f"{model.path}: the torch conversion differs from onnxruntime on output "
-                             f"'{name}' (relative error {err:.2e} > {PARITY_RTOL:.0e}); refusing to "
+        if not err <= tolerance:
+            raise ModelError(f"{model.path}: the torch conversion differs from {what} on output "
+                             f"'{name}' (relative error {err:.2e} > {tolerance:.0e}); refusing to "
                              f"prune a model we cannot reproduce")
     return worst
 

@@ -86,6 +86,7 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
         after = float(loss_on(everything))
     for p in params:
         p.requires_grad_(False)
+    _round_to_file(slim, twin, tuned)
     return FinetuneResult(_write_back(slim, twin, tuned), twin, tuned, before, after, len(pool),
                           time.perf_counter() - start)
 
@@ -131,6 +132,17 @@ def _trainable(proto: ModelProto, twin: TorchModel) -> tuple[list[torch.nn.Param
                 params.append(p)
         tuned.append(name)
     return params, tuned
+
+
+@torch.no_grad()
+def _round_to_file(proto: ModelProto, twin: TorchModel, tuned: list[str]) -> None:
+    """Trained parameters rounded as the file will store them (float16 models), so that the twin
+    the written model is checked against is the model written."""
+    view = GraphView(proto)
+    for name in tuned:
+        stored = view.const(view.nodes[name].input[1]).dtype
+        for p in twin.modules_by_node[name].parameters():
+            p.copy_(torch.from_numpy(p.numpy().astype(stored)).to(p.dtype))
 
 
 def _write_back(proto: ModelProto, twin: TorchModel, tuned: list[str]) -> ModelProto:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto
 
+from pipeline import precision
 from pipeline.errors import ModelError
 from pipeline.graph import GraphView
 from pipeline.runtime import first_line
@@ -107,6 +108,8 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
     if normalise:
         _fold_channels_last_flatten(proto, notes)
         _split_sizes_written_out(proto, notes)
+    if precision.is_half(proto):
+        notes.append("float16 model: computed in float32 by the torch engine, written back in float16")
     return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, original=original, notes=notes)
 
 

@@ -18,8 +18,8 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, limits, load, prune,
-                      quantize, report, target, verify)
+from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, limits, load,
+                      precision, prune, quantize, report, target, verify)
 from pipeline.errors import NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
 from pipeline.target import LatencyTarget
@@ -225,11 +225,15 @@ def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.Ben
     return failures
 
 
-def _open(model_path: Path, options: CompressOptions, output) -> tuple[load.LoadedModel, bytes]:
+def _open(model_path: Path, options: CompressOptions, output,
+          quantizing: bool = False) -> tuple[load.LoadedModel, bytes]:
     """The checked model and its file's bytes; never with -o pointing at the input."""
     if output is not None and Path(output).resolve() == model_path.resolve():
         raise UsageError(f"-o {output}: refusing to overwrite the input model; choose another path")
     model = load.load_model(model_path, max_tensor_bytes=options.max_memory)
+    if (options.int8 or quantizing) and precision.is_half(model.proto):
+        raise UsageError(f"{model_path}: a float16 model; onnxruntime's INT8 quantization takes float32 "
+                         f"models only: quantize the float32 export, or leave out --quantize")
     if len(model.inputs) != 1:
         raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
                          f"can be fed few-shot data")
@@ -323,7 +327,7 @@ def quantize_only(model_path: str | Path, options: CompressOptions, output: str 
     """INT8 for any model, no pruning: load -> data -> quantize -> compare -> bench."""
     stages: dict[str, float] = {}
     start = time.perf_counter()
-    model, original = _open(Path(model_path), options, output)
+    model, original = _open(Path(model_path), options, output, quantizing=True)
     shots, evalset, notes, pre = _data(model, options)
     stages["load_and_data"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()

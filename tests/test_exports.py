@@ -24,7 +24,10 @@ from pipeline.cli import main
 from pipeline.convert import check_parity, to_torch
 from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
-from tests.conftest import ChunkBlock, TinyMobile, TinyVGG, export_dynamo, make_data, randomise_bn
+from pipeline.errors import VerificationError
+from pipeline.verify import check_slim
+from tests.conftest import (ChunkBlock, TinyMobile, TinyResidual, TinyVGG, export, export_dynamo, make_data,
+                            randomise_bn)
 
 
 class TinyConcatHead(nn.Module):
@@ -187,3 +190,87 @@ def test_a_chunk_exported_as_split_with_num_outputs_is_cut_per_part(tmp_path, sh
     slim_view = GraphView(onnx.load(str(out)))
     assert list(slim_view.const(split.input[1])) == [g["channels_after"] for g in parts]
     assert rep["parity"]["slim_vs_masked_student"] < 1e-4
+
+
+class Float16Inside(nn.Module):
+    """float32 inputs and outputs around a float16 network, as converters that keep the I/O
+    types write it: Casts at the edges."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.half()
+
+    def forward(self, x):
+        return self.net(x.half()).float()
+
+
+def _float_types(proto: onnx.ModelProto) -> set[int]:
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    return {i.data_type for i in proto.graph.initializer if i.data_type in floats}
+
+
+def test_a_float16_model_is_pruned_as_its_float32_self_and_written_in_float16(tmp_path, shots):
+    torch.manual_seed(0)
+    net = randomise_bn(TinyResidual())
+    paths = {dtype: export(net.to(dtype), tmp_path / f"{dtype}.onnx".replace("torch.", ""), dtype=dtype)
+             for dtype in (torch.float32, torch.float16)}
+    reports, weight_bytes = {}, {}
+    for dtype, path in paths.items():
+        out, report = tmp_path / f"slim_{path.name}", tmp_path / f"{path.stem}.json"
+        compress(path, shots, out, "--scope", "all", "--ratio", 0.5, "--report", report, "--no-bench",
+                 "--finetune-steps", 3)  # the trained weights are checked as the file stores them
+        reports[dtype] = json.loads(report.read_text())
+        slim = onnx.load(str(out))
+        assert signature(slim) == signature(onnx.load(str(path)))
+        assert _float_types(slim) == {onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.FLOAT}
+        weight_bytes[dtype] = sum(onnx.numpy_helper.to_array(i).nbytes for i in slim.graph.initializer)
+    half, full = reports[torch.float16], reports[torch.float32]
+    assert half["parity"]["slim_vs_masked_student"] < 1e-4  # the widened graph, checked exactly
+    assert 1e-6 < half["parity"]["torch_vs_onnxruntime"] < 3e-2  # float16 rounding, and no more
+    assert half["totals"]["flops_after"] == full["totals"]["flops_after"] < full["totals"]["flops_before"]
+    assert weight_bytes[torch.float16] == weight_bytes[torch.float32] // 2
+    for a, b in zip(half["groups"], full["groups"]):
+        assert a["channels_after"] == b["channels_after"]
+        assert (a["loss"] is None) == (b["loss"] is None)
+        assert a["loss"] is None or a["loss"] == pytest.approx(b["loss"], rel=0.05, abs=1e-4)
+    assert any("float16" in note for note in half["input"]["normalisation"])
+
+
+def test_a_float16_network_inside_float32_casts_keeps_both(tmp_path, shots):
+    torch.manual_seed(0)
+    path = export(Float16Inside(randomise_bn(TinyMobile())), tmp_path / "mixed.onnx")
+    out = tmp_path / "slim.onnx"
+    compress(path, shots, out, "--scope", "all", "--ratio", 0.5, "--no-bench")
+    slim = onnx.load(str(out))
+    assert signature(slim) == signature(onnx.load(str(path)))  # float32 in and out
+    assert _float_types(slim) == {onnx.TensorProto.FLOAT16}
+    assert [n.op_type for n in slim.graph.node].count("Cast") == 2
+
+
+def test_float16_overflow_after_the_refit_fails_verification(tmp_path):
+    """The widened graph can agree with the student exactly while the float16 file overflows:
+    the second check must catch that."""
+    torch.manual_seed(0)
+    net = randomise_bn(TinyVGG()).half()
+    path = export(net, tmp_path / "half.onnx", keep_bn=False, dtype=torch.float16)
+    proto = load_model(path).proto
+    x = make_data(1)[0]
+    twin = to_torch(proto)
+    assert check_slim(proto, twin, x, ["logits"]) < 1e-4  # as written: both checks pass
+    last = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]  # writes the logits
+    for index, scale in ((1, 60000), (2, 60000)):  # float16 values; the logits they give are not
+        tensor = next(i for i in proto.graph.initializer if i.name == last.input[index])
+        value = onnx.numpy_helper.to_array(tensor).astype(np.float32)
+        big = value * (scale / np.abs(value).max()) if index == 1 else np.full_like(value, scale)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(big.astype(np.float16), tensor.name))
+    with pytest.raises(VerificationError, match="float16 slim model differs"):
+        check_slim(proto, to_torch(proto), x, ["logits"])
+
+
+def test_int8_on_a_float16_model_is_refused_before_any_work(tmp_path, shots):
+    path = export(randomise_bn(TinyVGG()).half(), tmp_path / "half.onnx", dtype=torch.float16)
+    out = tmp_path / "slim.onnx"
+    res = CliRunner().invoke(main, ["compress", str(path), "--data", str(shots), "--shots", "2", "-o", str(out),
+                                    "--quantize", "int8"])
+    assert res.exit_code != 0 and "float16 model" in res.output and "--quantize" in res.output
+    assert not out.exists()
