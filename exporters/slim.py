@@ -60,7 +60,8 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
         editor.set(node, index, np.compress(mask, editor.get(node, index), axis=axis))
     for name in dict.fromkeys(n for g in pruned for n in g.group_attrs):
         node = view.nodes[name]
-        _set_int_attr(node, "group", editor.get(node, 1).shape[0])
+        weight = editor.get(node, 1)  # (channels, channels per group, ...): as many in as out
+        _set_int_attr(node, "group", weight.shape[0] // weight.shape[1])
     editor.drop_unused()
     del out.graph.value_info[:]
     out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)

@@ -60,9 +60,9 @@ class FlopsModel:
                 self.layers[c.node]["in"] += [(g.id, dims(c.node)[c.in_axis] // c.block)] * len(c.offsets)
             for s in g.slices:
                 if s.index == 1 and s.node in self.layers and s.node not in g.group_attrs:  # (several after a Split)
-                    self.layers[s.node]["out"].append((g.id, dims(s.node)[s.axis % len(dims(s.node))]))
-            for name in g.group_attrs:  # depthwise: cost follows its channels
-                self.layers[name]["out"] = [(g.id, dims(name)[0])]
+                    self.layers[s.node]["out"].append((g.id, dims(s.node)[s.axis % len(dims(s.node))] // s.block))
+            for name in g.group_attrs:  # depthwise or grouped: cost follows its channels
+                self.layers[name]["out"] = [(g.id, dims(name)[0] // g.unit)]
 
     def fractions(self, keep: dict[int, int]) -> dict[str, tuple[float, float]]:
         """Per layer: the share of its input and of its output channels left."""
@@ -106,12 +106,12 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     floor, loss, step = {}, {}, {}
     grams = prune.TeacherGrams()
     for g in eligible:
-        step[g.id] = config.step(g.size)
+        step[g.id] = config.step(g.size, g.unit)
         floor[g.id] = min(g.size, max(step[g.id], math.ceil(MIN_SHARE * g.size)))
         problems = prune.group_problems(view, teacher, teacher, g, x, config, augmenter, cache=grams)
         loss[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
                       if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
-        progress(f"allocation: removal curve of group {g.id} ({g.size} channels)")
+        progress(f"allocation: removal curve of group {g.id} ({g.channels} channels)")
     if config.method != "l1":
         weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, grams,
                                   progress)
@@ -127,7 +127,7 @@ def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGr
     reference = run_torch(teacher, x)
     found = {}
     for g in eligible:
-        count = min(g.size - 1, max(floor[g.id], config.kept_count(g.size)))
+        count = min(g.size - 1, max(floor[g.id], config.kept_count(g.size, g.unit)))
         layer_loss = float(loss[g.id][g.size - count])
         if layer_loss <= 0:
             continue
@@ -136,7 +136,7 @@ def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGr
         out = run_torch(student, x)
         output_loss = np.mean([relative_squared_error(r, o) for r, o in zip(reference, out)])
         found[g.id] = float(output_loss) / layer_loss
-        progress(f"allocation: group {g.id} alone at {count}/{g.size}: output loss {output_loss:.4f}, "
+        progress(f"allocation: group {g.id} alone at {count * g.unit}/{g.channels}: output loss {output_loss:.4f}, "
                  f"{found[g.id]:.2f}x its layer loss")
     typical = float(np.median(list(found.values()))) if found else 1.0
     return {g.id: found.get(g.id, typical) for g in eligible}

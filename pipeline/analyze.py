@@ -86,7 +86,8 @@ class ChannelGroup:
     slices: list[ParamSlice] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     shape_edits: list[ShapeEdit] = field(default_factory=list)
-    group_attrs: list[str] = field(default_factory=list)  # depthwise Convs whose `group` = channels
+    group_attrs: list[str] = field(default_factory=list)  # depthwise or grouped Convs: `group` follows the width
+    unit: int = 1  # channels removed together: a grouped Conv's group width (ResNeXt, RegNet), else 1
     coupling: str = ""
     reason: str = ""  # why it is frozen; empty when prunable
 
@@ -94,8 +95,13 @@ class ChannelGroup:
     def prunable(self) -> bool:
         return not self.reason
 
+    @property
+    def channels(self) -> int:
+        """Channels in the group (`size` counts units of `unit` channels)."""
+        return self.size * self.unit
+
     def to_json(self) -> dict:
-        return {"id": self.id, "producers": self.producers, "channels": self.size,
+        return {"id": self.id, "producers": self.producers, "channels": self.channels, "unit": self.unit,
                 "consumers": [c.node for c in self.consumers], "prunable": self.prunable,
                 "coupling": self.coupling or None, "reason": self.reason or None, "tensors": len(self.tensors)}
 
@@ -211,6 +217,7 @@ class _Tracer:
         self.pending: list[str] = []
         self.seen: set[tuple[str, str]] = set()  # (node, role) already handled
         self.concats: list[NodeProto] = []
+        self.units: dict[int, str] = {}  # group widths of the grouped Convs met -> one such Conv
 
     def run(self, producer: NodeProto, offset: int = 0) -> None:
         self._produce(producer, offset)
@@ -236,6 +243,26 @@ class _Tracer:
                 ("..." if len(self.group.producers) > 4 else "") + ") joined by residual or gating ops"
         if not self.group.consumers:
             raise _Frozen("no linear layer consumes these channels")
+        if self.units:
+            self._in_units()
+
+    def _in_units(self) -> None:
+        """A grouped Conv reads and writes its channels a group at a time: the group is pruned in
+        whole groups of it, so every count and offset is restated in those units."""
+        group = self.group
+        if len(self.units) > 1:
+            raise _Frozen(f"grouped Convs with different group widths ({', '.join(self.units.values())}) "
+                          f"share these channels")
+        (unit, conv), = self.units.items()
+        offsets = [s.offset for s in group.slices] + [o for c in group.consumers for o in c.offsets]
+        if group.size % unit or any(o % unit for o in offsets):
+            raise _Frozen(f"the groups of {unit} channels of Conv node '{conv}' do not line up with these channels")
+        group.size //= unit
+        group.unit = unit
+        group.slices = [replace(s, offset=s.offset // unit, block=s.block * unit) for s in group.slices]
+        group.consumers = [replace(c, offset=c.offset // unit, extra=tuple(e // unit for e in c.extra),
+                                   block=c.block * unit) for c in group.consumers]
+        group.shape_edits = [replace(e, block=e.block * unit) for e in group.shape_edits]
 
     def _add(self, tensor: str, place: _Place, where: str) -> None:
         if tensor in self.layout:
@@ -269,9 +296,9 @@ class _Tracer:
         op, role = node.op_type, "in" if forward else "out"
         if node.domain not in ("", "ai.onnx"):
             raise _Frozen(f"{node.domain}.{op} node '{node.name}' is not understood by the channel analysis")
-        if forward and self.layout[tensor].also and (op not in LINEAR or _is_depthwise(self.view, node)):
+        if forward and self.layout[tensor].also and (op not in LINEAR or _conv_unit(self.view, node)):
             raise _Frozen(f"{op} node '{node.name}' reads a Concat that holds these channels more than once")
-        if op in LINEAR and not _is_depthwise(self.view, node):
+        if op in LINEAR and not _conv_unit(self.view, node):
             if (node.name, role) in self.seen:
                 return
             self.seen.add((node.name, role))
@@ -287,7 +314,7 @@ class _Tracer:
         self.seen.add((node.name, ""))
         if self.layout[tensor].last and op not in UNARY and op not in BINARY:
             raise _Frozen(f"{op} node '{node.name}' on channels-last data is not understood by the analysis")
-        if _is_depthwise(self.view, node) or op in UNARY or op in PER_CHANNEL_PARAMS or op in POOL \
+        if _conv_unit(self.view, node) or op in UNARY or op in PER_CHANNEL_PARAMS or op in POOL \
                 or op in BINARY or op in ("Pad", "Resize", "Upsample"):
             self._channelwise(node, tensor)
         elif not forward:
@@ -318,11 +345,13 @@ class _Tracer:
                     _per_channel_const(view, node, idx, tensor, group, place)
                 elif other == tensor or other in self.layout or _carries_channels(view, other, tensor, place, name):
                     data.append(other)
-        elif _is_depthwise(view, node):
+        elif unit := _conv_unit(view, node):
             if flat:
-                raise _Frozen(f"depthwise Conv node '{name}' on flattened channels")
+                raise _Frozen(f"depthwise or grouped Conv node '{name}' on flattened channels")
             group.slices += [ParamSlice(name, 1, 0, offset=place.offset), ParamSlice(name, 2, -1, offset=place.offset)]
             group.group_attrs.append(name)
+            if unit > 1:
+                self.units.setdefault(unit, name)
         elif op in UNARY or op in PER_CHANNEL_PARAMS:
             if any(not view.is_const(i) for i in node.input[1:] if i):
                 raise _Frozen(f"{op} node '{name}' takes a computed parameter")
@@ -447,13 +476,16 @@ class _Tracer:
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
-def _is_depthwise(view: GraphView, node: NodeProto) -> bool:
-    """A Conv with one filter per input channel: channel-wise, its weights sliced along axis 0."""
+def _conv_unit(view: GraphView, node: NodeProto) -> int:
+    """Channels per group of a grouped Conv that writes as many channels as it reads: 1 for a
+    depthwise Conv, the group width for ResNeXt's and RegNet's (C -> C in groups); 0 for any
+    other node. Such a Conv is channel-wise at the scale of its groups: removing a whole group
+    of inputs removes the matching outputs (its weights sliced along axis 0) and nothing else."""
     if node.op_type != "Conv" or len(node.input) < 2 or not view.is_const(node.input[1]):
-        return False
+        return 0
     w = view.initializers[node.input[1]].dims
     groups = view.attr(node, "group", 1)
-    return groups > 1 and len(w) >= 3 and w[0] == groups and w[1] == 1
+    return int(w[1]) if groups > 1 and len(w) >= 3 and w[0] == groups * w[1] else 0
 
 
 def _carries_channels(view: GraphView, other: str, tensor: str, place: _Place, where: str) -> bool:

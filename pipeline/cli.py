@@ -567,11 +567,11 @@ def inspect(model, as_json, max_memory):
                           "normalisation": loaded.notes}))
         return
     click.echo(table(["group", "producers", "channels", "consumers", "prunable"],
-                      [[str(g.id), _names(g.producers), str(g.size), _names([c.node for c in g.consumers]),
-                        _prunable(g)] for g in groups]))
-    prunable = sum(g.size for g in groups if g.prunable)
-    internal = sum(g.size for g in groups if g.prunable and not g.coupling)
-    total = sum(g.size for g in groups)
+                      [[str(g.id), _names(g.producers), str(g.channels) + (f" ({g.size}x{g.unit})" if g.unit > 1 else ""),
+                        _names([c.node for c in g.consumers]), _prunable(g)] for g in groups]))
+    prunable = sum(g.channels for g in groups if g.prunable)
+    internal = sum(g.channels for g in groups if g.prunable and not g.coupling)
+    total = sum(g.channels for g in groups)
     click.echo(f"\nchannels prunable: {internal} of {total} with --scope internal, {prunable} with --scope all")
     click.echo()
     click.echo(table(["layer", "op", "MFLOPs", "params"],

@@ -59,20 +59,20 @@ class PruneConfig:
         names = group.producers + [c.node for c in group.consumers]
         return next((n for n in names for pat in self.exclude if fnmatch.fnmatchcase(n, pat)), "")
 
-    def step(self, size: int) -> int:
-        """The multiple a group of `size` channels keeps. onnxruntime's CPU convolutions pad
-        every width to a multiple of their channel block (16 with AVX-512, else 8) and GPU
-        kernels favour multiples of 8, so a group keeps multiples of the block if it has four
-        blocks or more, of ALIGN if it has four of those; smaller groups are left unrounded, since
-        multiples of 8 would leave a 16-channel group only 8 or 16 (docs/BENCHMARKS.md: what that
-        costs on CPU)."""
-        if self.round_to:
-            return self.round_to
-        return next((s for s in (hardware.channel_block(), ALIGN) if size >= 4 * s), 1)
+    def step(self, size: int, unit: int = 1) -> int:
+        """The multiple a group of `size` units of `unit` channels keeps, in units. onnxruntime's
+        CPU convolutions pad every width to a multiple of their channel block (16 with AVX-512,
+        else 8) and GPU kernels favour multiples of 8, so a group keeps multiples of the block if
+        it has four blocks or more, of ALIGN if it has four of those; smaller groups are left
+        unrounded, since multiples of 8 would leave a 16-channel group only 8 or 16
+        (docs/BENCHMARKS.md: what that costs on CPU). Units of a grouped Conv are already
+        that many channels wide."""
+        channels = self.round_to or next((s for s in (hardware.channel_block(), ALIGN) if size * unit >= 4 * s), 1)
+        return max(1, channels // unit)
 
-    def kept_count(self, size: int) -> int:
+    def kept_count(self, size: int, unit: int = 1) -> int:
         keep = max(1, round(self.ratio * size))
-        step = self.step(size)
+        step = self.step(size, unit)
         if step > 1:
             keep = min(size, max(step, round(keep / step) * step))
         return keep
@@ -149,7 +149,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
     for group in groups:
         if not group.prunable:
             continue
-        count = config.kept_count(group.size) if keep is None else keep.get(group.id, group.size)
+        count = config.kept_count(group.size, group.unit) if keep is None else keep.get(group.id, group.size)
         why = skip_reason(teacher, group, config) or ("" if count < group.size else "nothing to remove")
         if why:
             result.skipped[group.id] = why
@@ -168,7 +168,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
         kept = sol.kept.numpy().astype(np.int64)
         result.outcomes.append(GroupOutcome(group.id, group.size, kept, sol.loss,
                                             time.perf_counter() - start))
-        progress(f"group {group.id}: {group.size} -> {len(kept)} channels")
+        progress(f"group {group.id}: {group.channels} -> {len(kept) * group.unit} channels")
     return result
 
 
@@ -218,7 +218,7 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
     if consumer.kind == "conv":
         out = w.shape[0]
         mat = w.reshape(out, -1).T
-        per = w.shape[2] * w.shape[3]
+        per = consumer.block * w.shape[2] * w.shape[3]  # a unit of `block` channels, each a kernel of columns
     else:
         mat = (w.T if consumer.in_axis == 1 else w) * view.attr(node, "alpha", 1.0)
         out = mat.shape[1]

@@ -243,14 +243,20 @@ def _pct(v) -> str:
 
 
 def _rounding(pruned: list[dict]) -> list[str]:
-    """One line naming the multiples the pruned groups' widths were rounded to, and how many of each."""
+    """One line naming the multiples the pruned groups' widths were rounded to, and how many of
+    each; one naming the groups cut in whole groups of a grouped Conv."""
     counts: dict[int, int] = {}
     for g in pruned:
-        if g.get("multiple") not in (None, 1):
+        if g.get("multiple") not in (None, 1, g.get("unit", 1)):
             counts[g["multiple"]] = counts.get(g["multiple"], 0) + 1
     parts = [f"of {step} in {n} group{'s' if n > 1 else ''}" for step, n in sorted(counts.items(), reverse=True)]
-    return [f"kept widths rounded to multiples {', '.join(parts)} (--round-to; onnxruntime runs a width "
-            f"between two multiples as slowly as the next)"] if parts else []
+    lines = [f"kept widths rounded to multiples {', '.join(parts)} (--round-to; onnxruntime runs a width "
+             f"between two multiples as slowly as the next)"] if parts else []
+    grouped = [g for g in pruned if g.get("unit", 1) > 1]
+    if grouped:
+        lines.append(f"{len(grouped)} group{'s' if len(grouped) > 1 else ''} cut in whole groups of a grouped Conv "
+                     f"({', '.join(sorted({str(g['unit']) for g in grouped}))} channels each)")
+    return lines
 
 
 def _speedup(timing: dict) -> str:

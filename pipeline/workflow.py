@@ -286,10 +286,10 @@ def _report(model, options, shots, evalset, data_notes, pre, parity, view, group
     group_rows = []
     for g in groups:
         o = outcomes.get(g.id)
-        group_rows.append({**g.to_json(), "channels_before": g.size,
-                           "channels_after": len(o.kept) if o else g.size,
-                           "kept": o.kept if o else None,
-                           "multiple": options.prune.step(g.size) if o else None,
+        group_rows.append({**g.to_json(), "channels_before": g.channels,
+                           "channels_after": len(o.kept) * g.unit if o else g.channels,
+                           "kept": o.kept if o else None,  # in units of g.unit channels
+                           "multiple": options.prune.step(g.size, g.unit) * g.unit if o else None,
                            "loss": None if o is None or np.isnan(o.loss) else o.loss,
                            "seconds": o.seconds if o else 0.0,
                            "reason": g.reason or result.skipped.get(g.id)})

@@ -70,6 +70,28 @@ class TinyMobile(nn.Module):
         return self.head(x + self.project(h * self.se(h)))
 
 
+class TinyGrouped(nn.Module):
+    """A ResNeXt bottleneck: 1x1, a grouped 3x3 (4 groups of 4 channels), 1x1, shortcut Add.
+    With `split`, the grouped conv reads two convs concatenated (6 + 10 channels), whose
+    channels do not line up with its groups."""
+
+    def __init__(self, split: bool = False):
+        super().__init__()
+        self.split = split
+        self.stem = nn.Sequential(*conv_bn(1, 8))
+        self.a = nn.Conv2d(8, 6, 1) if split else nn.Sequential(*conv_bn(8, 16))
+        self.a2 = nn.Conv2d(8, 10, 1) if split else None
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = torch.cat([self.a(x), self.a2(x)], 1) if self.split else self.a(x)
+        x = torch.relu(x + self.c(self.b(h)))
+        return self.fc(x.mean((2, 3)))
+
+
 class TinyChannelsLast(nn.Module):
     """A ConvNeXt-style MLP: Linear layers on an NHWC tensor export as MatMul + Add."""
 

@@ -15,8 +15,8 @@ from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, prune
 from pipeline.verify import check_slim
-from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyMobile, TinyResidual, TinyVGG, export, make_data,
-                            randomise_bn)
+from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyGrouped, TinyMobile, TinyResidual, TinyVGG, export,
+                            make_data, randomise_bn)
 
 
 def groups_of(path):
@@ -100,6 +100,35 @@ def test_depthwise_and_squeeze_excitation(tmp_path):
     dw = next(n for n in out.graph.node if any(a.name == "group" and a.i > 1 for a in n.attribute))
     assert next(a.i for a in dw.attribute if a.name == "group") == 12
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
+def test_a_grouped_conv_is_cut_in_whole_groups(tmp_path):
+    """ResNeXt/RegNet: the channels into a grouped 3x3 and out of it go a group at a time, the
+    conv keeps its group width and loses groups, and the 1x1 after it is refit on whole groups."""
+    torch.manual_seed(0)
+    path = export(randomise_bn(TinyGrouped()), tmp_path / "grouped.onnx")
+    model, view, groups = groups_of(path)
+    inner = next(g for g in groups if g.unit > 1)
+    assert inner.prunable and (inner.size, inner.unit, inner.channels) == (4, 4, 16)
+    assert [view.nodes[c.node].op_type for c in inner.consumers] == ["Conv"] and inner.consumers[0].block == 4
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
+    kept = dict((o.group, o.kept) for o in result.outcomes)[inner.id]
+    assert len(kept) == 2  # two of the four groups of 4
+    out = slim(model.proto, groups, result.kept, result.layers)
+    grouped = next(n for n in out.graph.node if any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert next(a.i for a in grouped.attribute if a.name == "group") == 2
+    assert tuple(next(i for i in out.graph.initializer if i.name == grouped.input[1]).dims) == (8, 4, 3, 3)
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+    before, after = (sum(c.flops for c in layer_costs(v)) for v in (view, GraphView(out)))
+    assert after < 0.75 * before
+
+
+def test_a_grouped_conv_whose_groups_straddle_two_producers_is_left_whole(tmp_path):
+    torch.manual_seed(0)
+    _, _, groups = groups_of(export(randomise_bn(TinyGrouped(split=True)), tmp_path / "straddle.onnx"))
+    six = next(g for g in groups if g.channels == 6)
+    assert not six.prunable and "groups of 4 channels" in six.reason and "do not line up" in six.reason
 
 
 class ScaledChannels(torch.nn.Module):

@@ -102,6 +102,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "shufflenet_v2": lambda: tvm.shufflenet_v2_x0_5(num_classes=10),
     "densenet121": lambda: tvm.densenet121(num_classes=10),
     "regnet_x_400mf": lambda: tvm.regnet_x_400mf(num_classes=10),
+    "resnext50": lambda: tvm.resnext50_32x4d(num_classes=10),
     "googlenet": lambda: tvm.googlenet(num_classes=10, aux_logits=False, init_weights=False),
     "convnext_tiny": lambda: tvm.convnext_tiny(num_classes=10),
     "unet": UNet,

@@ -34,11 +34,11 @@ def run(name: str, opset: int | None, folder: Path, data: Path, timed: bool, run
     path = export_zoo(name, folder / f"{name}_{opset}.onnx", opset)
     model = load_model(path)
     groups = find_groups(GraphView(model.proto))
-    total = sum(g.size for g in groups)
+    total = sum(g.channels for g in groups)
     row = {"model": name, "exporter": "torchscript" if opset else "dynamo", "opset": model.opset,
            "groups": len(groups), "channels": total,
-           "prunable_internal": sum(g.size for g in groups if g.prunable and not g.coupling) / total,
-           "prunable_all": sum(g.size for g in groups if g.prunable) / total}
+           "prunable_internal": sum(g.channels for g in groups if g.prunable and not g.coupling) / total,
+           "prunable_all": sum(g.channels for g in groups if g.prunable) / total}
     options = CompressOptions(data=data, samples=8, augment="none", prune=PruneConfig(ratio=0.3, scope="all"),
                               providers=["cpu"] if timed else [], batches=[1], bench_runs=runs)
     start = time.perf_counter()
