@@ -544,8 +544,8 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> C
         w = view.initializers[node.input[1]]
         if view.attr(node, "group", 1) != 1:
             raise _Frozen(f"grouped Conv node '{name}' couples input and output channels")
-        if len(w.dims) != 4 or block != 1:
-            raise _Frozen(f"Conv node '{name}' is not a 2-D convolution on channels")
+        if len(w.dims) not in (3, 4) or block != 1:
+            raise _Frozen(f"Conv node '{name}' is not a 1-D or 2-D convolution on channels")
         return Consumer(name, "conv", in_axis=1, offset=offset, extra=place.also)
     if node.op_type == "Gemm":
         if view.attr(node, "transA", 0):

@@ -24,6 +24,7 @@ from onnx import ModelProto, numpy_helper
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel, run_torch, to_torch
 from pipeline.graph import GraphView
+from pipeline.prune import CONVS
 
 POOL_BYTES = 256 << 20  # augmented inputs (and teacher outputs) kept for the whole fine-tune
 POOL_INPUTS = 1024
@@ -121,7 +122,7 @@ def _trainable(proto: ModelProto, twin: TorchModel) -> tuple[list[torch.nn.Param
     for name, node in view.nodes.items():
         module = twin.modules_by_node.get(name)
         slots = _SLOTS.get(node.op_type)
-        if slots is None or not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+        if slots is None or not isinstance(module, (*CONVS, torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             continue
         if any(i < len(node.input) and node.input[i] and (node.input[i] not in view.initializers
                                                           or uses[node.input[i]] > 1) for i in slots):

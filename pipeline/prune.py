@@ -30,6 +30,7 @@ from pipeline.solve import METHODS, SOLVERS, Problem, Stats, dropped_rows, solve
 SCOPES = ("internal", "all")
 GRAMS = {"cross": "tt,ss", "layerwise": "ss,st", "soft": "tt,ss,st"}  # (ss, st: student rows first)
 ALIGN = 8  # channel multiple that onnxruntime's CPU (without AVX-512) and CUDA float kernels are fastest at
+CONVS = (torch.nn.Conv1d, torch.nn.Conv2d)  # the convolutions a consumer refit handles (1-D as 2-D of height 1)
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,8 @@ def group_problems(view: GraphView, teacher: TorchModel, student: TorchModel, gr
 def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
     for c in group.consumers:
         module = teacher.modules_by_node.get(c.node)
-        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and type(module).__name__ != "OnnxMatMul":
-            return f"consumer '{c.node}' became {type(module).__name__} in torch, not Conv2d/Linear/MatMul"
+        if not isinstance(module, (*CONVS, torch.nn.Linear)) and type(module).__name__ != "OnnxMatMul":
+            return f"consumer '{c.node}' became {type(module).__name__} in torch, not Conv1d/Conv2d/Linear/MatMul"
     return ""
 
 
@@ -218,7 +219,7 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
     if consumer.kind == "conv":
         out = w.shape[0]
         mat = w.reshape(out, -1).T
-        per = consumer.block * w.shape[2] * w.shape[3]  # a unit of `block` channels, each a kernel of columns
+        per = consumer.block * int(np.prod(w.shape[2:]))  # a unit of `block` channels, each a kernel of columns
     else:
         mat = (w.T if consumer.in_axis == 1 else w) * view.attr(node, "alpha", 1.0)
         out = mat.shape[1]
@@ -322,11 +323,14 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
     node = view.nodes[consumer.node]
     if consumer.kind == "conv":
         w_shape = view.initializers[node.input[1]].dims
+        axes = len(w_shape) - 2
         kernel = tuple(view.attr(node, "kernel_shape", w_shape[2:]))
-        strides = tuple(view.attr(node, "strides", (1, 1)))
-        dil = tuple(view.attr(node, "dilations", (1, 1)))
-        top, left, bottom, right = _pads(view, node, inp.shape[2:], kernel, strides, dil)
-        inp = F.pad(inp, (left, right, top, bottom))
+        strides = tuple(view.attr(node, "strides", (1,) * axes))
+        dil = tuple(view.attr(node, "dilations", (1,) * axes))
+        pads = _pads(view, node, inp.shape[2:], kernel, strides, dil)
+        if axes == 1:  # a 1-D conv (audio, series) is a 2-D one over a height of 1
+            inp, kernel, strides, dil, pads = inp.unsqueeze(2), (1, *kernel), (1, *strides), (1, *dil), [(0, 0), *pads]
+        inp = F.pad(inp, (*pads[1], *pads[0]))
         cols = F.unfold(inp, kernel, dilation=dil, stride=strides)  # (N, C*kh*kw, L)
         flat = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     elif inp.dim() > 2:  # MatMul over N...C: every position is a row
@@ -336,7 +340,8 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
     return torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
 
 
-def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> tuple[int, int, int, int]:
+def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> list[tuple[int, int]]:
+    """(begin, end) padding of each spatial axis, auto_pad resolved."""
     auto = view.attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("SAME_UPPER", "SAME_LOWER"):
@@ -345,9 +350,10 @@ def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> tuple[int, in
             total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
             small, big = total // 2, total - total // 2
             pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
-        return pads[0][0], pads[1][0], pads[0][1], pads[1][1]
-    p = list(view.attr(node, "pads", (0, 0, 0, 0))) if auto == "NOTSET" else [0, 0, 0, 0]
-    return p[0], p[1], p[2], p[3]
+        return pads
+    n = len(kernel)
+    p = list(view.attr(node, "pads", (0,) * 2 * n)) if auto == "NOTSET" else [0] * (2 * n)
+    return [(p[i], p[i + n]) for i in range(n)]
 
 
 def _to_onnx_layout(view: GraphView, consumer: Consumer, w: torch.Tensor) -> LayerWeights:
@@ -373,7 +379,7 @@ def _write(student: TorchModel, layer: LayerWeights, view: GraphView, consumer: 
         weight = student.constant_input(consumer.node, 1)
         weight.copy_(torch.from_numpy(layer.weight).to(weight.dtype))
         return
-    if isinstance(module, torch.nn.Conv2d):
+    if isinstance(module, CONVS):
         weight = torch.from_numpy(layer.weight)
         bias = torch.from_numpy(layer.bias)
     else:

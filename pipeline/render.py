@@ -116,11 +116,12 @@ def summary(report: dict) -> str:
 
 def _slower_links(timings: list[dict]) -> list[str]:
     """A model slower than the one timed before it (not the first: that is the speedup's 1.00x),
-    e.g. an int8 model whose kernels cost more than they save on this provider and batch."""
+    e.g. an int8 model whose kernels cost more than they save on this provider and batch. Within
+    5% it is timing noise, not worth a line."""
     notes, timed = [], {}
     for t in timings:
         before = timed.setdefault((t["provider"], t["batch"]), [])
-        if len(before) > 1 and t["p50_ms"] > before[-1]["p50_ms"]:
+        if len(before) > 1 and t["p50_ms"] > SLOWER * before[-1]["p50_ms"]:
             notes.append(f"{t['model']} is slower than {before[-1]['model']} on {t['provider']} at batch {t['batch']} "
                          f"({t['p50_ms']:.3f} vs {before[-1]['p50_ms']:.3f} ms)")
         before.append(t)
@@ -169,6 +170,7 @@ def html(report: dict) -> str:
 
 
 COLOURS = ("#9aa5b1", "#1f77b4", "#2ca02c", "#d62728")
+SLOWER = 1.05  # a link of the chain this much slower than the one before is pointed out
 
 
 def latency_svg(lat: dict) -> str:

@@ -8,12 +8,12 @@ import torch
 
 from exporters.slim import slim
 from pipeline.analyze import find_groups
-from pipeline.convert import to_torch
+from pipeline.convert import relative_squared_error, run_torch, to_torch
 from pipeline.errors import VerificationError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
-from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, prune
+from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, _rows, prune
 from pipeline.verify import check_slim
 from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyGrouped, TinyMobile, TinyResidual, TinyVGG, export,
                             make_data, randomise_bn)
@@ -129,6 +129,51 @@ def test_a_grouped_conv_whose_groups_straddle_two_producers_is_left_whole(tmp_pa
     _, _, groups = groups_of(export(randomise_bn(TinyGrouped(split=True)), tmp_path / "straddle.onnx"))
     six = next(g for g in groups if g.channels == 6)
     assert not six.prunable and "groups of 4 channels" in six.reason and "do not line up" in six.reason
+
+
+class TinyAudio(torch.nn.Module):
+    """A 1-D CNN over a waveform or series: strided and dilated Conv1d, BatchNorm1d, a depthwise
+    Conv1d, pooling, mean over time, classifier."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.f = nn.Sequential(nn.Conv1d(1, 16, 9, padding=4), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+                               nn.Conv1d(16, 24, 5, padding=4, dilation=2), nn.BatchNorm1d(24), nn.ReLU(),
+                               nn.Conv1d(24, 24, 3, padding=1, groups=24), nn.ReLU(),
+                               nn.Conv1d(24, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.f(x).mean(-1))
+
+
+def test_one_dimensional_convs_are_pruned_and_refit(tmp_path):
+    """Conv1d consumers are refit as 2-D convs of height 1 (their patches unfolded the same way)."""
+    torch.manual_seed(0)
+    path = export(randomise_bn(TinyAudio()), tmp_path / "audio.onnx", shape=(1, 1, 64))
+    model, view, groups = groups_of(path)
+    assert sorted(g.size for g in groups if g.prunable) == [16, 24, 32]  # all but the classifier
+    twin = to_torch(model.proto)
+    for c in (c for g in groups for c in g.consumers if c.kind == "conv"):  # patches, as the conv sees them
+        conv = twin.layer(c.node)
+        inp = torch.randn(2, conv.in_channels, 32)
+        rows = _rows(view, c, inp)[:, :-1]
+        mat = conv.weight.detach().reshape(conv.out_channels, -1).T
+        expected = conv(inp).detach().transpose(1, 2).reshape(-1, conv.out_channels) - conv.bias.detach()
+        assert torch.allclose(rows @ mat, expected, atol=1e-5), c.node
+    x = np.random.default_rng(0).standard_normal((24, 1, 64)).astype(np.float32)
+    result = prune(view, twin, groups, x, PruneConfig(ratio=0.5))
+    assert len(result.outcomes) == 3
+    out = slim(model.proto, groups, result.kept, result.layers)
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+    before, after = (sum(c.flops for c in layer_costs(v)) for v in (view, GraphView(out)))
+    assert after < 0.4 * before
+    # the refit is a real fit: the consumer sees the teacher's outputs better than the plain cut
+    plain = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, method="l1"))
+    teacher = run_torch(to_torch(model.proto), x)[0]
+    assert relative_squared_error(teacher, run_torch(result.student, x)[0]) < \
+        relative_squared_error(teacher, run_torch(plain.student, x)[0])
 
 
 class ScaledChannels(torch.nn.Module):

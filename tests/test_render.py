@@ -53,7 +53,8 @@ def test_a_link_of_the_chain_slower_than_the_one_before_is_pointed_out():
         return asdict(_summarise(model, "cpu", batch, [[ms]], 0.0, [[0.6]]))
 
     rep = {"latency": {"timings": [timing("teacher", 32, 0.6), timing("slim", 32, 0.24), timing("slim-int8", 32, 0.53),
-                                   timing("teacher", 1, 0.05), timing("slim", 1, 0.03), timing("slim-int8", 1, 0.02)]}}
+                                   timing("teacher", 1, 0.05), timing("slim", 1, 0.03), timing("slim-int8", 1, 0.02),
+                                   timing("slim-finetuned", 1, 0.0204)]}}  # 2% slower: noise
     notes = [line for line in markdown(rep).splitlines() if "slower than" in line]
     assert len(notes) == 1 and "slim-int8 is slower than slim on cpu at batch 32 (0.530 vs 0.240 ms)" in notes[0]
 
