@@ -58,7 +58,9 @@ class BenchResult:
 
 def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], batches: list[int],
           runs: int = 50, warmup: int = 5, rounds: int = 5, threads: int = 0, seed: int = 0,
-          progress: Callable[[str], None] = lambda _: None) -> BenchResult:
+          progress: Callable[[str], None] = lambda _: None, shape: tuple[int, ...] | None = None) -> BenchResult:
+    """`shape`, one sample's shape, fills input dimensions the models leave symbolic (an image
+    size exported as dynamic): the data's own, or --shape."""
     unknown = [p for p in providers if p.partition(":")[0] not in PROVIDERS]
     if unknown:
         raise UsageError(f"--providers: unknown provider '{unknown[0]}' (choose from {', '.join(PROVIDERS)})")
@@ -69,13 +71,13 @@ def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], ba
         name, _, count = provider.partition(":")
         config = SessionConfig(provider=name, threads=int(count) if count else threads)
         try:
-            sessions = [(label, _open(model, config)) for label, model in models]
+            sessions = [(label, _open(model, config, shape)) for label, model in models]
         except ProviderUnavailable as exc:
             result.unavailable[provider] = str(exc)
             progress(f"{provider}: unavailable ({exc})")
             continue
         for batch in batches:
-            feeds = [(label, s, _feed(s, batch, seed)) for label, (s, _) in sessions]
+            feeds = [(label, s, _feed(s, batch, seed, shape)) for label, (s, _) in sessions]
             if any(f is None for _, _, f in feeds):
                 result.unavailable[f"{provider}@{batch}"] = f"a model has a fixed batch size other than {batch}"
                 continue
@@ -98,7 +100,7 @@ def bench(models: list[tuple[str, ModelProto | bytes]], providers: list[str], ba
     return result
 
 
-def _open(model, config: SessionConfig) -> tuple[ort.InferenceSession, float]:
+def _open(model, config: SessionConfig, shape: tuple[int, ...] | None) -> tuple[ort.InferenceSession, float]:
     """A session and its cold start: creation plus one run at batch 1. TensorRT engines are
     cached by the model's hash, so only the first run on a machine pays for the build."""
     options = None
@@ -110,22 +112,26 @@ def _open(model, config: SessionConfig) -> tuple[ort.InferenceSession, float]:
                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}
     t0 = time.perf_counter()
     session = make_session(model, config, options)
-    feed = _feed(session, declared_batch(session.get_inputs()[0].shape) or 1, 0)
+    feed = _feed(session, declared_batch(session.get_inputs()[0].shape) or 1, 0, shape)
     if feed is not None:
         feed()
     return session, (time.perf_counter() - t0) * 1e3
 
 
-def _feed(session: ort.InferenceSession, batch: int, seed: int) -> Callable[[], None] | None:
+def _feed(session: ort.InferenceSession, batch: int, seed: int,
+          shape: tuple[int, ...] | None) -> Callable[[], None] | None:
     """A closure running one batch; device providers bind inputs and outputs on the device."""
     fixed = declared_batch(session.get_inputs()[0].shape)
     if fixed is not None and fixed != batch:
         return None
     inp = session.get_inputs()[0]
-    dims = [batch] + [d if isinstance(d, int) and d > 0 else None for d in inp.shape[1:]]
+    dims = [d if isinstance(d, int) and d > 0 else None for d in inp.shape[1:]]
+    if None in dims and shape is not None and len(shape) == len(dims):
+        dims = [d or s for d, s in zip(dims, shape)]
+    dims = [batch, *dims]
     if None in dims:
-        raise UsageError(f"input '{inp.name}' has symbolic dimensions {inp.shape}; "
-                         f"benchmarking needs static ones apart from the batch")
+        raise UsageError(f"input '{inp.name}' has symbolic dimensions {inp.shape}; give one sample's shape "
+                         f"to time it (crossprune bench --shape, e.g. {','.join(str(d or 224) for d in dims[1:])})")
     x = np.random.default_rng(seed).standard_normal(dims).astype(input_dtype(session))
     device = session.get_providers()[0]
     if device == "CPUExecutionProvider":

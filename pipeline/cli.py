@@ -50,14 +50,18 @@ def guarded(fn):
     return click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")(wrapper)
 
 
-def _int_list(ctx, param, value: str) -> list[int]:
+def _int_list(ctx, param, value: str, what: str = "batch sizes") -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
     if not out or any(v < 1 for v in out):
-        raise click.BadParameter("batch sizes must be positive integers")
+        raise click.BadParameter(f"{what} must be positive integers")
     return out
+
+
+def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(_int_list(ctx, param, value, "dimensions"))
 
 
 def _providers(ctx, param, value: str) -> list[str]:
@@ -495,10 +499,13 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
               help="Models are timed in turn, this many rounds each, so drift hits all alike.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--shape", callback=_shape, metavar="C,H,W",
+              help="One sample's shape, for models whose input leaves dimensions other than the batch symbolic "
+                   "(e.g. an image size exported as dynamic).")
 @memory_option
 @bench_options
 @guarded
-def bench(models, warmup, rounds, report_path, as_json, max_memory, providers, batches, runs, threads):
+def bench(models, warmup, rounds, report_path, as_json, shape, max_memory, providers, batches, runs, threads):
     """Time MODELS on each execution provider and batch size; speedups are against the first.
 
     \b
@@ -512,7 +519,7 @@ def bench(models, warmup, rounds, report_path, as_json, max_memory, providers, b
     loaded = [(str(m), load_model(m, normalise=False, max_tensor_bytes=max_memory).original)
               for m in models]
     result = run(loaded, providers, batches, runs=runs, warmup=warmup, rounds=rounds, threads=threads,
-                 progress=_say(as_json))
+                 progress=_say(as_json), shape=shape)
     _emit({"latency": result.to_json()}, report_path, as_json, latency_table(result.to_json()))
     if not result.timings:  # a pipeline step asked for numbers and got none: say so, and fail
         raise UsageError(f"--providers {','.join(providers)}: nothing could be timed "

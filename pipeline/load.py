@@ -296,6 +296,22 @@ def _split_sizes_written_out(proto: ModelProto, notes: list[str]) -> None:
         notes.append(f"{written} Split(s) given their part sizes explicitly (num_outputs)")
 
 
+def sized(proto: ModelProto, sample: tuple[int, ...]) -> ModelProto:
+    """The model with the input dimensions it leaves symbolic (an image size exported as dynamic)
+    set to one sample's, shapes inferred again: what FLOPs and shape-dependent analysis read. The
+    batch stays free; the proto itself comes back where nothing else is symbolic."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim if proto.graph.input else []
+    if len(dims) != len(sample) + 1 or all(d.HasField("dim_value") for d in dims[1:]):
+        return proto
+    out = ModelProto()
+    out.CopyFrom(proto)
+    for dim, size in zip(out.graph.input[0].type.tensor_type.shape.dim[1:], sample):
+        if not dim.HasField("dim_value"):
+            dim.dim_value = int(size)
+    del out.graph.value_info[:]
+    return _infer_shapes(Path("model"), out)
+
+
 def _reads_a_matrix(view: GraphView, node: NodeProto, flat: str) -> bool:
     """`node` multiplies `flat` by a constant matrix of its own (Gemm without transA, or MatMul)."""
     if node.op_type not in ("MatMul", "Gemm") or node.input[0] != flat or not view.is_const(node.input[1]):

@@ -134,7 +134,7 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
                     break
         if config.speed_provider:
             _float_where_faster(result, lambda exclude: run(exclude, ops=ops),
-                                _shallow(proto, set(result.kept_float)), config, progress)
+                                _shallow(proto, set(result.kept_float)), config, progress, calib.shape[1:])
         return result
 
 
@@ -152,13 +152,13 @@ def _shallow(proto: onnx.ModelProto, skip: set[str]) -> list[str]:
 
 
 def _float_where_faster(result: QuantResult, run: Callable, candidates: list[str], config: QuantConfig,
-                        progress: Callable[[str], None]) -> None:
+                        progress: Callable[[str], None], shape: tuple[int, ...]) -> None:
     """Keep each shallow layer in float if the whole model then measures faster, shallowest first;
     the first that does not help ends the search (deeper ones gain even less from float)."""
     for layer in candidates:
         model, error, agreement = run(result.kept_float + [layer])
         timing = bench.bench([("int8", result.model), ("float", model)], [config.speed_provider],
-                             [config.speed_batch], runs=40, rounds=4)
+                             [config.speed_batch], runs=40, rounds=4, shape=shape)
         if len(timing.timings) < 2:
             progress(f"int8: speed check skipped ({'; '.join(timing.unavailable.values())})")
             return

@@ -91,6 +91,11 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
     if options.target_flops is not None and options.target is not None:
         raise UsageError("give one target: --target-flops or a latency target, not both")
+    symbolic = [d for d in (model.inputs[0].shape or (None,))[1:] if not isinstance(d, int)]
+    if options.target is not None and symbolic:
+        raise UsageError(f"{model_path}: input '{model.inputs[0].name}' leaves {symbolic} symbolic; a latency "
+                         f"target times each layer at the model's own input size: export it with a fixed size, "
+                         f"or give --target-flops")
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
         if options.max_accuracy_drop is not None and evalset.y is None:
@@ -103,7 +108,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             progress(f"no torch converter for {', '.join(teacher.fallbacks[:3])}"
                      f"{'...' if len(teacher.fallbacks) > 3 else ''}: onnxruntime evaluates them")
     with stage("analyze"):
-        view = GraphView(model.proto)
+        view = GraphView(load.sized(model.proto, shots.calib.x.shape[1:]))  # FLOPs need an input size
         groups = analyze.find_groups(view)
         if not any(g.prunable for g in groups):
             reasons = "; ".join(f"{g.producers[0]}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
@@ -182,7 +187,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         with stage("bench"):
             timed = bench.bench([("teacher", original)] + [(name, m) for name, m, _ in chain], options.providers,
                                   options.batches, runs=options.bench_runs, threads=options.threads,
-                                  seed=options.seed, progress=progress)
+                                  seed=options.seed, progress=progress, shape=shots.calib.x.shape[1:])
     failures = _gates(options, quality, timed)
     if output is not None and not failures:
         atomic_write(output, final)
@@ -280,7 +285,7 @@ def _data(model: load.LoadedModel, options: CompressOptions):
 def _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
             original, slim_bytes, verify_err, quality, latency, stages, output) -> dict:
     before = {c.node: c for c in flops.layer_costs(view)}
-    slim_view = GraphView(slim)
+    slim_view = GraphView(load.sized(slim, shots.calib.x.shape[1:]))
     after = {c.node: c for c in flops.layer_costs(slim_view)}
     outcomes = {o.group: o for o in result.outcomes}
     group_rows = []
@@ -338,7 +343,8 @@ def quantize_only(model_path: str | Path, options: CompressOptions, output: str 
     if options.providers and options.batches:
         start = time.perf_counter()
         latency = bench.bench([("float", original), ("int8", quant.model)], options.providers, options.batches,
-                              runs=options.bench_runs, threads=options.threads, seed=options.seed, progress=progress)
+                              runs=options.bench_runs, threads=options.threads, seed=options.seed, progress=progress,
+                              shape=shots.calib.x.shape[1:])
         stages["bench"] = round(time.perf_counter() - start, 3)
     failures = _gates(options, quality, latency)
     if output is not None and not failures:

@@ -135,14 +135,16 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def export(model: nn.Module, path: Path, keep_bn: bool = True, opset: int = 17,
-           shape=(1, 1, 16, 16), dtype: torch.dtype = torch.float32) -> Path:
-    """torch.onnx.export as a user would; keep_bn keeps BatchNormalization nodes unfused."""
+           shape=(1, 1, 16, 16), dtype: torch.dtype = torch.float32, dynamic_size: bool = False) -> Path:
+    """torch.onnx.export as a user would; keep_bn keeps BatchNormalization nodes unfused;
+    dynamic_size leaves the height and width free, as the batch."""
     kwargs = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.randn(*shape, dtype=dtype),), str(path), dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+                          dynamic_axes={"image": {0: "batch", **({2: "height", 3: "width"} if dynamic_size else {})},
+                                        "logits": {0: "batch"}}, **kwargs)
     return path
 
 

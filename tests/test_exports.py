@@ -274,3 +274,28 @@ def test_int8_on_a_float16_model_is_refused_before_any_work(tmp_path, shots):
                                     "--quantize", "int8"])
     assert res.exit_code != 0 and "float16 model" in res.output and "--quantize" in res.output
     assert not out.exists()
+
+
+def test_an_image_size_exported_as_dynamic_is_measured_at_the_datas(tmp_path, shots):
+    """dynamic_axes on height and width (segmentation, detection, many classifiers): FLOPs and
+    latency need a size, and the data has one; the slim model keeps the dynamic axes."""
+    torch.manual_seed(0)
+    path = export(randomise_bn(TinyVGG()), tmp_path / "dynamic.onnx", keep_bn=False, dynamic_size=True)
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--ratio", 0.5, "--report", report, "--batch", "2", "--runs", 3)
+    rep = json.loads(report.read_text())
+    assert 0 < rep["totals"]["flops_after"] < rep["totals"]["flops_before"]
+    assert {t["model"] for t in rep["latency"]["timings"]} == {"teacher", "slim"}
+    assert signature(onnx.load(str(out))) == signature(onnx.load(str(path)))  # height and width still free
+    x = make_data(1)[0][:2]
+    big = np.repeat(np.repeat(x, 2, axis=2), 2, axis=3)  # another size than the shots'
+    slim_out = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": big})[0]
+    assert slim_out.shape == (2, 10)
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", str(path), str(out), "--batch", "1", "--runs", "2"])
+    assert res.exit_code != 0 and "--shape" in res.output
+    res = runner.invoke(main, ["bench", str(path), str(out), "--batch", "1", "--runs", "2", "--shape", "1,24,24"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["compress", str(path), "--data", str(shots), "--shots", "2", "-o", str(tmp_path / "t.onnx"),
+                               "--target-speedup", "2"])
+    assert res.exit_code != 0 and "symbolic" in res.output and "--target-flops" in res.output
