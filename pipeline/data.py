@@ -88,13 +88,14 @@ def preprocess_for(model_path: Path, spec: IOSpec, config: Path | None = None,
 
 def _guess_from_shape(spec: IOSpec) -> Preprocess:
     shape = spec.shape or ()
+    scale = 1.0 if spec.takes_integers else Preprocess.scale  # a uint8 input takes pixels as they are
     if len(shape) == 4 and shape[1] in (1, 3):
         return Preprocess(size=_static_hw(shape[2], shape[3]), layout="NCHW",
-                          channels="gray" if shape[1] == 1 else "rgb")
+                          channels="gray" if shape[1] == 1 else "rgb", scale=scale)
     if len(shape) == 4 and shape[3] in (1, 3):
         return Preprocess(size=_static_hw(shape[1], shape[2]), layout="NHWC",
-                          channels="gray" if shape[3] == 1 else "rgb")
-    return Preprocess()
+                          channels="gray" if shape[3] == 1 else "rgb", scale=scale)
+    return Preprocess(scale=scale)
 
 
 def _static_hw(h, w) -> tuple[int, int] | None:
@@ -124,7 +125,7 @@ def load_samples(path: str | Path, spec: IOSpec, pre: Preprocess, max_bytes: int
     if path.is_dir():
         samples = _read_folder(path, pre)
     elif path.suffix == ".npz":
-        samples = _read_npz(path, max_bytes)
+        samples = _read_npz(path, max_bytes, spec.takes_integers)
         _check_range(samples, pre)
     else:
         raise DataError(f"{path}: expected a folder of images or an .npz file")
@@ -187,7 +188,9 @@ def _read_image(file: Path, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1) if pre.layout == "NCHW" else arr)
 
 
-def _read_npz(path: Path, max_bytes: int | None) -> Samples:
+def _read_npz(path: Path, max_bytes: int | None, integers: bool = False) -> Samples:
+    """x as float32 for the torch engine; integer x only for a model that takes integers (raw
+    pixels), whose values float32 holds exactly."""
     _check_declared_sizes(path, max_bytes)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -197,7 +200,7 @@ def _read_npz(path: Path, max_bytes: int | None) -> Samples:
             y = z["y"] if "y" in z.files else None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: unreadable .npz ({exc})") from exc
-    if not np.issubdtype(x.dtype, np.floating):
+    if not np.issubdtype(x.dtype, np.floating) and not (integers and np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{path}: x has dtype {x.dtype}; expected preprocessed floats (NCHW float32)")
     if y is not None:
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):

@@ -34,6 +34,12 @@ class IOSpec:
     def dtype_name(self) -> str:
         return TensorProto.DataType.Name(self.elem_type).lower()
 
+    @property
+    def takes_integers(self) -> bool:
+        """Raw pixels in (uint8 and the like): the model does its own preprocessing."""
+        return self.elem_type in (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
+                                  TensorProto.INT32)
+
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype_name,
                 "shape": list(self.shape) if self.shape is not None else None}

@@ -9,6 +9,7 @@ tf2onnx from Keras: NHWC input, batch norms as Mul/Add, Flatten as Transpose + R
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,38 @@ def test_an_image_size_exported_as_dynamic_is_measured_at_the_datas(tmp_path, sh
     res = runner.invoke(main, ["compress", str(path), "--data", str(shots), "--shots", "2", "-o", str(tmp_path / "t.onnx"),
                                "--target-speedup", "2"])
     assert res.exit_code != 0 and "symbolic" in res.output and "--target-flops" in res.output
+
+
+class RawPixels(nn.Module):
+    """A deployment export that takes uint8 NHWC pixels and does its own preprocessing."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = randomise_bn(TinyVGG())
+
+    def forward(self, img):
+        return torch.softmax(self.net((img.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25), dim=1)
+
+
+def test_a_model_taking_uint8_pixels_is_fed_them(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "raw.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(RawPixels().eval(), (torch.zeros(1, 16, 16, 1, dtype=torch.uint8),), str(path), dynamo=False,
+                          opset_version=17, input_names=["img"], output_names=["probs"],
+                          dynamic_axes={"img": {0: "batch"}, "probs": {0: "batch"}})
+    data = tmp_path / "pixels.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.integers(0, 256, (40, 16, 16, 1), dtype=np.uint8), y=np.repeat(np.arange(10), 4))
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, data, out, "--ratio", 0.5, "--report", report, "--no-bench")
+    rep = json.loads(report.read_text())
+    assert rep["input"]["inputs"][0]["dtype"] == "uint8" and rep["data"]["preprocess"]["scale"] == 1.0
+    assert rep["totals"]["flops_after"] < rep["totals"]["flops_before"]
+    assert signature(onnx.load(str(out))) == signature(onnx.load(str(path)))
+    floats = tmp_path / "floats.npz"  # a float model still refuses integer x: it wants preprocessed inputs
+    np.savez(floats, x=rng.integers(0, 256, (20, 1, 16, 16), dtype=np.uint8))
+    res = CliRunner().invoke(main, ["compress", str(export(randomise_bn(TinyVGG()), tmp_path / "f.onnx")), "--data",
+                                    str(floats), "--samples", "8", "-o", str(tmp_path / "f_slim.onnx")])
+    assert res.exit_code != 0 and "expected preprocessed floats" in res.output
