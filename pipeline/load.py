@@ -201,6 +201,9 @@ def _normalise(path: Path, proto: ModelProto, notes: list[str]) -> ModelProto:
         kept = [v for v in proto.graph.input if v.name not in inits]
         del proto.graph.input[:]
         proto.graph.input.extend(kept)
+        if proto.ir_version < 4:  # IR 3 (opset 8 and before) requires every initializer to be an input
+            notes.append(f"IR version {proto.ir_version} raised to 4, the first without that requirement")
+            proto.ir_version = 4
     n_const = sum(n.op_type == "Constant" for n in proto.graph.node)
     try:
         slim = onnxslim.slim(proto, skip_fusion_patterns=list(DEFAULT_FUSION_PATTERNS),

@@ -67,7 +67,7 @@ def with_fallbacks(proto: onnx.ModelProto) -> onnx.ModelProto:
         domain = "" if node.domain == "ai.onnx" else node.domain
         version = _since(node.op_type, domain, versions.get(domain, 1))
         safe = domain.replace(".", "_")
-        if not domain and version in TYPE_ONLY.get(node.op_type, ()):
+        if not domain and (version in TYPE_ONLY.get(node.op_type, ()) or (node.op_type, version) in OLDER):
             _alias(node.op_type, version)
             _NODES[("", node.op_type, version, node.name)] = (_copy(node), *context)
         if (safe, node.op_type, version) not in _CONVERTERS:  # ours answer get_converter too
@@ -101,21 +101,33 @@ TYPE_ONLY = {
 }
 
 
+# Versions older than onnx2torch's first converter of the op (opsets 7 and 8: the ONNX model zoo's
+# classic CNNs), where that first version changed nothing a float model uses: BatchNormalization-9
+# dropped `spatial` (1, its default, is the only value it kept), Gemm-9 and Flatten-9 added integer
+# types, MaxPool-8 an optional Indices output and storage_order. A node that sets what changed
+# (spatial=0) is refused and run by onnxruntime.
+OLDER = {("BatchNormalization", 7): 9, ("Gemm", 7): 9, ("Flatten", 1): 9, ("MaxPool", 1): 8}
+
+
 def _alias(op_type: str, version: int) -> None:
-    """Register onnx2torch's converter of the op's newest earlier version for `version`; a node
-    it refuses (Reshape's allowzero=1, say) is run by onnxruntime as before."""
+    """Register onnx2torch's converter of the op's newest earlier version for `version` (for the
+    OLDER ones, of the version after); a node it refuses (Reshape's allowzero=1, say) is run by
+    onnxruntime as before."""
     try:
         get_converter(op_type, version, "")
         return  # onnx2torch has one (a later release), or an alias was made before
     except NotImplementedError:
         pass
-    earlier = next((v for v in range(version - 1, 0, -1) if _converts(op_type, v)), None)
-    if earlier is None:
+    source = OLDER.get((op_type, version)) or next((v for v in range(version - 1, 0, -1) if _converts(op_type, v)),
+                                                   None)
+    if source is None or not _converts(op_type, source):
         return
-    converter = get_converter(op_type, earlier, "")
+    converter = get_converter(op_type, source, "")
 
     def convert(node, graph) -> OperationConverterResult:
         try:
+            if node.attributes.get("spatial", 1) != 1:
+                raise NotImplementedError("BatchNormalization with spatial=0")
             return converter(node, graph)
         except NotImplementedError:
             return OperationConverterResult(torch_module=OrtNode(*_NODES[("", op_type, version, node.name)]),

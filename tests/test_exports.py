@@ -335,3 +335,22 @@ def test_a_model_taking_uint8_pixels_is_fed_them(tmp_path):
     res = CliRunner().invoke(main, ["compress", str(export(randomise_bn(TinyVGG()), tmp_path / "f.onnx")), "--data",
                                     str(floats), "--samples", "8", "-o", str(tmp_path / "f_slim.onnx")])
     assert res.exit_code != 0 and "expected preprocessed floats" in res.output
+
+
+@pytest.mark.parametrize("opset", [7, 8])
+def test_the_oldest_opsets_convert_every_layer(tmp_path, shots, opset):
+    """Opsets 7 and 8 (IR version 3, the ONNX model zoo's classic CNNs): initializers are listed
+    as graph inputs, and BatchNormalization-7, Gemm-7, Flatten-1 and MaxPool-1 have no
+    onnx2torch converter of their own; the versions after them changed nothing these use."""
+    torch.manual_seed(0)
+    reports = {}
+    for version in (17, opset):
+        path = export(randomise_bn(TinyVGG()), tmp_path / f"vgg{version}.onnx", opset=version)
+        model = load_model(path)
+        assert to_torch(model.proto).fallbacks == []
+        out, report = tmp_path / f"slim{version}.onnx", tmp_path / f"report{version}.json"
+        compress(path, shots, out, "--report", report, "--no-bench", "--method", "cross")
+        reports[version] = json.loads(report.read_text())
+        assert signature(onnx.load(str(out))) == signature(onnx.load(str(path)))
+    assert onnx.load(str(tmp_path / f"vgg{opset}.onnx")).ir_version == 3
+    assert reports[opset]["totals"]["flops_after"] == reports[17]["totals"]["flops_after"] < reports[17]["totals"]["flops_before"] / 3
