@@ -83,13 +83,12 @@ def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int
     references = [(model.original, max(PARITY_RTOL, rounding), "onnxruntime")]
     if rounding:
         references.append((precision.widened(model.proto), PARITY_RTOL, "onnxruntime on the float32-widened graph"))
-    worst = 0.0
+    worst, fixed = 0.0, declared_batch(model.inputs[0].shape)
     for source, tolerance, what in references:
         try:
             reference = run_batched(make_session(source), x, batch)
         except Exception as exc:
             raise ModelError(f"{model.path}: onnxruntime cannot run it on the samples ({first_line(exc)})") from exc
-        fixed = declared_batch(model.inputs[0].shape)
         if fixed is not None and twin.batch is None and fixed < min(batch, len(x)):
             try:
                 _worst_difference(model, reference, twin, x, batch, tolerance, what)

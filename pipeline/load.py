@@ -318,7 +318,7 @@ def sized(proto: ModelProto, sample: tuple[int, ...]) -> ModelProto:
         if not dim.HasField("dim_value"):
             dim.dim_value = int(size)
     del out.graph.value_info[:]
-    return _infer_shapes(Path("model"), out)
+    return _infer_shapes(Path(f"at input size {'x'.join(map(str, sample))}"), out)
 
 
 def _reads_a_matrix(view: GraphView, node: NodeProto, flat: str) -> bool:
