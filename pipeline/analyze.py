@@ -41,7 +41,8 @@ class ParamSlice:
 
 @dataclass(frozen=True)
 class Consumer:
-    """A linear layer reading the group: Conv (kind 'conv') or Gemm/MatMul (kind 'gemm').
+    """A linear layer reading the group: Conv (kind 'conv'), a ConvTranspose whose patches do not
+    overlap (kind 'deconv') or Gemm/MatMul (kind 'gemm').
 
     `in_axis` is the axis of its ONNX weight that holds input channels, `block` how many
     consecutive input features one channel spans (H*W after a Flatten, else 1).
@@ -537,7 +538,7 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> C
     if node.input[0] != tensor or len(node.input) < 2 or not view.is_const(node.input[1]):
         raise _Frozen(f"{node.op_type} node '{name}' reads these channels other than as its data input")
     if node.op_type == "ConvTranspose":
-        raise _Frozen(f"ConvTranspose node '{name}' reads these channels; its refit is not supported")
+        return _deconv_consumer(view, node, place)
     if place.last != (node.op_type == "MatMul" and len(view.shape(tensor) or ()) > 2):
         raise _Frozen(f"{node.op_type} node '{name}' reads these channels on another axis")
     if node.op_type == "Conv":
@@ -555,6 +556,25 @@ def _consumer(view: GraphView, node: NodeProto, tensor: str, place: _Place) -> C
     if len(view.initializers[node.input[1]].dims) != 2 or len(view.shape(tensor) or ()) < 2:
         raise _Frozen(f"MatMul node '{name}' does not multiply by a constant matrix")
     return Consumer(name, "gemm", in_axis=0, block=block, offset=offset, extra=place.also)
+
+
+def _deconv_consumer(view: GraphView, node: NodeProto, place: _Place) -> Consumer:
+    """A ConvTranspose whose stride equals its kernel (U-Net's 2x2 upsampling): each input pixel
+    writes a patch of its own, so it is a matrix from input channels to (output channel, patch
+    position), refit as such; overlapping patches are not."""
+    w = view.initializers[node.input[1]].dims
+    kernel = list(view.attr(node, "kernel_shape", w[2:]))
+    plain = (len(w) == 4 and place.block == 1 and not place.last and view.attr(node, "group", 1) == 1
+             and list(view.attr(node, "strides", [1] * len(kernel))) == kernel
+             and not any(view.attr(node, "pads", [0]))
+             and all(d == 1 for d in view.attr(node, "dilations", [1]))
+             and not any(view.attr(node, "output_padding", [0]))
+             and view.attr(node, "output_shape") is None
+             and view.attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"))
+    if not plain:
+        raise _Frozen(f"ConvTranspose node '{node.name}' reads these channels with overlapping or padded "
+                      f"patches; only a stride equal to its kernel is refit")
+    return Consumer(node.name, "deconv", in_axis=0, offset=place.offset, extra=place.also)
 
 
 def _spatial(view: GraphView, tensor: str, where: str) -> int:

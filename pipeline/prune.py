@@ -206,8 +206,10 @@ def group_problems(view: GraphView, teacher: TorchModel, student: TorchModel, gr
 def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
     for c in group.consumers:
         module = teacher.modules_by_node.get(c.node)
-        if not isinstance(module, (*CONVS, torch.nn.Linear)) and type(module).__name__ != "OnnxMatMul":
-            return f"consumer '{c.node}' became {type(module).__name__} in torch, not Conv1d/Conv2d/Linear/MatMul"
+        if not isinstance(module, (*CONVS, torch.nn.ConvTranspose2d, torch.nn.Linear)) \
+                and type(module).__name__ != "OnnxMatMul":
+            return (f"consumer '{c.node}' became {type(module).__name__} in torch, not "
+                    f"Conv1d/Conv2d/ConvTranspose2d/Linear/MatMul")
     return ""
 
 
@@ -220,6 +222,9 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
         out = w.shape[0]
         mat = w.reshape(out, -1).T
         per = consumer.block * int(np.prod(w.shape[2:]))  # a unit of `block` channels, each a kernel of columns
+    elif consumer.kind == "deconv":  # each input pixel writes its own kernel-sized patch of outputs
+        mat = w.reshape(w.shape[0], -1)
+        out, per, bias = mat.shape[1], consumer.block, None  # its bias is per output channel, not per patch entry: kept
     else:
         mat = (w.T if consumer.in_axis == 1 else w) * view.attr(node, "alpha", 1.0)
         out = mat.shape[1]
@@ -228,7 +233,7 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
             bias = np.broadcast_to(bias * view.attr(node, "beta", 1.0), (out,))
     bias_row = np.zeros((1, out)) if bias is None else np.asarray(bias).reshape(1, out)
     weight = torch.from_numpy(np.concatenate([mat, bias_row]))
-    if node.op_type == "MatMul":  # no bias input to refit: its row stays zero
+    if node.op_type in ("MatMul", "ConvTranspose"):  # no bias input to refit: its row stays zero
         bias_row_index = torch.tensor([len(mat)])
         fixed = bias_row_index if fixed is None else torch.unique(torch.cat([fixed, bias_row_index]))
     columns = [((o + torch.arange(channels)) * per)[:, None] + torch.arange(per)[None, :] for o in consumer.offsets]
@@ -333,6 +338,8 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
         inp = F.pad(inp, (*pads[1], *pads[0]))
         cols = F.unfold(inp, kernel, dilation=dil, stride=strides)  # (N, C*kh*kw, L)
         flat = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    elif consumer.kind == "deconv":  # every input pixel is a row
+        flat = inp.movedim(1, -1).reshape(-1, inp.shape[1])
     elif inp.dim() > 2:  # MatMul over N...C: every position is a row
         flat = inp.reshape(-1, inp.shape[-1])
     else:
@@ -362,11 +369,13 @@ def _to_onnx_layout(view: GraphView, consumer: Consumer, w: torch.Tensor) -> Lay
     mat, bias = w[:-1].numpy(), w[-1].numpy()
     if consumer.kind == "conv":
         weight = mat.T.reshape(orig.shape)
+    elif consumer.kind == "deconv":
+        weight = mat.reshape(orig.shape)
     else:
         mat = mat / view.attr(node, "alpha", 1.0)
         weight = mat.T if consumer.in_axis == 1 else mat
         bias = bias / (view.attr(node, "beta", 1.0) or 1.0)
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "ConvTranspose"):
         return LayerWeights(weight.astype(orig.dtype), None)
     return LayerWeights(weight.astype(orig.dtype), bias.astype(orig.dtype))
 
@@ -378,6 +387,9 @@ def _write(student: TorchModel, layer: LayerWeights, view: GraphView, consumer: 
     if node.op_type == "MatMul":
         weight = student.constant_input(consumer.node, 1)
         weight.copy_(torch.from_numpy(layer.weight).to(weight.dtype))
+        return
+    if node.op_type == "ConvTranspose":  # same layout in torch; the bias stays
+        module.weight.copy_(torch.from_numpy(layer.weight).to(module.weight.dtype))
         return
     if isinstance(module, CONVS):
         weight = torch.from_numpy(layer.weight)

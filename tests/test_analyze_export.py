@@ -176,6 +176,44 @@ def test_one_dimensional_convs_are_pruned_and_refit(tmp_path):
         relative_squared_error(teacher, run_torch(plain.student, x)[0])
 
 
+class TinyUpsampler(torch.nn.Module):
+    """A U-Net decoder step: a ConvTranspose upsampling a conv's channels, then a head conv;
+    `overlap` makes the upsampler's patches overlap (kernel 4, stride 2, padding 1)."""
+
+    def __init__(self, overlap: bool = False):
+        super().__init__()
+        nn = torch.nn
+        self.down = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.up = nn.ConvTranspose2d(16, 8, 4, 2, 1) if overlap else nn.ConvTranspose2d(16, 8, 2, 2)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(self.down(x))))
+
+
+def test_a_convtranspose_with_separate_patches_is_refit(tmp_path):
+    torch.manual_seed(0)
+    path = export(randomise_bn(TinyUpsampler()), tmp_path / "up.onnx")
+    model, view, groups = groups_of(path)
+    down = next(g for g in groups if g.channels == 16)
+    assert down.prunable and [c.kind for c in down.consumers] == ["deconv"]
+    twin = to_torch(model.proto)
+    up = twin.layer(down.consumers[0].node)
+    inp = torch.randn(2, 16, 5, 7)
+    rows = _rows(view, down.consumers[0], inp)[:, :-1]  # each input pixel's patch, as the layer writes it
+    patches = (rows @ up.weight.detach().reshape(16, -1)).reshape(2, 5, 7, 8, 2, 2)
+    expected = (up(inp).detach() - up.bias.detach()[:, None, None]).reshape(2, 8, 5, 2, 7, 2)
+    assert torch.allclose(patches.permute(0, 3, 1, 4, 2, 5), expected, atol=1e-5)
+    x, _ = make_data(4)
+    result = prune(view, twin, groups, x, PruneConfig(ratio=0.5, scope="all"))
+    assert {g.channels: len(result.kept[g.id]) for g in groups if g.id in result.kept} == {16: 8, 8: 4}
+    out = slim(model.proto, groups, result.kept, result.layers)
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+    _, _, overlapping = groups_of(export(randomise_bn(TinyUpsampler(overlap=True)), tmp_path / "overlap.onnx"))
+    frozen = next(g for g in overlapping if g.channels == 16)
+    assert not frozen.prunable and "overlapping" in frozen.reason
+
+
 class ScaledChannels(torch.nn.Module):
     """Per-channel constants multiplied into NCHW activations, shaped (1, C, 1, 1) and (C, 1, 1):
     a batch norm written as Mul by Keras through tf2onnx, or a hand-written scale."""
