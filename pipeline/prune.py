@@ -233,7 +233,7 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
             bias = np.broadcast_to(bias * view.attr(node, "beta", 1.0), (out,))
     bias_row = np.zeros((1, out)) if bias is None else np.asarray(bias).reshape(1, out)
     weight = torch.from_numpy(np.concatenate([mat, bias_row]))
-    if node.op_type in ("MatMul", "ConvTranspose"):  # no bias input to refit: its row stays zero
+    if node.op_type in ("MatMul", "ConvTranspose"):  # no bias to refit (a ConvTranspose's is kept): its row stays zero
         bias_row_index = torch.tensor([len(mat)])
         fixed = bias_row_index if fixed is None else torch.unique(torch.cat([fixed, bias_row_index]))
     columns = [((o + torch.arange(channels)) * per)[:, None] + torch.arange(per)[None, :] for o in consumer.offsets]
