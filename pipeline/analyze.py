@@ -665,7 +665,9 @@ def _channel_axis_untouched(view: GraphView, node: NodeProto, tensor: str) -> No
     scales_idx = 2 if node.op_type == "Resize" else 1
     sizes_idx = 3
     if node.op_type == "Resize" and len(node.input) > sizes_idx and node.input[sizes_idx]:
-        raise _Frozen(f"Resize node '{node.name}' gives output sizes, which include the channels")
+        if not _sizes_keep_own_channels(view, node):
+            raise _Frozen(f"Resize node '{node.name}' gives output sizes, which include the channels")
+        return
     scales = node.input[scales_idx] if len(node.input) > scales_idx else ""
     if not scales or not view.is_const(scales):
         raise _Frozen(f"{node.op_type} node '{node.name}' has computed scales")
@@ -694,12 +696,43 @@ def _slice_bounds(view: GraphView, node: NodeProto, tensor: str) -> tuple[int, i
     return None
 
 
+def _sizes_of_own_resize(view: GraphView, node: NodeProto, tensor: str) -> bool:
+    """`node` slices leading dims off the shape of `tensor`, and what it gives only goes,
+    through Concats, into the `sizes` input of Resizes of `tensor`."""
+    if node.op_type != "Slice" or len(node.input) < 4 or not all(view.is_const(i) for i in node.input[1:4]) \
+            or view.const(node.input[1]).ravel().tolist() != [0] or view.const(node.input[3]).ravel().tolist() != [0]:
+        return False
+    concats = view.consumers.get(node.output[0], [])
+    return bool(concats) and all(
+        c.op_type == "Concat" and c.output[0] not in view.outputs and view.consumers.get(c.output[0]) and all(
+            r.op_type == "Resize" and len(r.input) > 3 and r.input[3] == c.output[0] and r.input[0] == tensor
+            and c.output[0] not in r.input[:3] for r in view.consumers[c.output[0]])
+        for c in concats)
+
+
+def _sizes_keep_own_channels(view: GraphView, resize: NodeProto) -> bool:
+    """The Resize's sizes start with its input's own batch and channel count, read at run time
+    (Concat(Slice(Shape(x), 0, k >= 2), ...)): they follow the pruned width."""
+    concat = view.producer.get(resize.input[3])
+    if concat is None or concat.op_type != "Concat" or not concat.input:
+        return False
+    first = view.producer.get(concat.input[0])
+    shape = view.producer.get(first.input[0]) if first is not None and first.op_type == "Slice" else None
+    return (shape is not None and shape.op_type == "Shape" and shape.input[0] == resize.input[0]
+            and not any(a.name == "start" for a in shape.attribute)
+            and _sizes_of_own_resize(view, first, resize.input[0])
+            and view.const(first.input[2]).ravel().tolist()[0] >= 2)
+
+
 def _shape_batch_only(view: GraphView, node: NodeProto) -> list:
-    """Shape -> Gather(index 0) reads only the batch size, which pruning leaves alone."""
+    """Shape -> Gather(index 0) reads only the batch size, which pruning leaves alone. Shape ->
+    Slice(0:k) -> Concat -> the sizes of a Resize of that same tensor (how the TorchScript
+    exporter writes F.interpolate(x, size=...)) reads the channel count at run time, from the
+    pruned tensor itself: the count it asks for is the one the tensor has."""
     for user in view.consumers.get(node.output[0], []):
         ok = (user.op_type == "Gather" and view.attr(user, "axis", 0) == 0
               and view.is_const(user.input[1]) and view.const(user.input[1]).ravel().tolist() == [0])
-        if not ok:
+        if not ok and not _sizes_of_own_resize(view, user, node.input[0]):
             raise _Frozen(f"Shape node '{node.name}' reads the channel count")
     if node.output[0] in view.outputs:
         raise _Frozen(f"Shape node '{node.name}' is a graph output")

@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as nn_f
 
 from exporters.slim import slim
 from pipeline.analyze import find_groups
@@ -212,6 +213,38 @@ def test_a_convtranspose_with_separate_patches_is_refit(tmp_path):
     _, _, overlapping = groups_of(export(randomise_bn(TinyUpsampler(overlap=True)), tmp_path / "overlap.onnx"))
     frozen = next(g for g in overlapping if g.channels == 16)
     assert not frozen.prunable and "overlapping" in frozen.reason
+
+
+class ImagePooling(torch.nn.Module):
+    """DeepLab's ASPP image pooling: pooled to 1x1, a conv, then interpolated back to the input's
+    size (the TorchScript exporter builds the Resize's sizes from the pooled tensor's own shape)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.ReLU())
+        self.project = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        pooled = nn_f.interpolate(self.b(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fc(torch.relu(self.project(torch.cat([self.a(x), pooled], 1))).mean((2, 3)))
+
+
+def test_a_resize_to_a_size_read_from_its_own_shape_follows_the_pruned_width(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(ImagePooling(), tmp_path / "aspp.onnx"))
+    assert any(n.op_type == "Shape" for n in model.proto.graph.node)  # the sizes are computed
+    pooled = next(g for g in groups if any("/b/" in p for p in g.producers))
+    assert pooled.prunable, pooled.reason
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    assert pooled.id in result.kept
+    out = slim(model.proto, groups, result.kept, result.layers)
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
 class ScaledChannels(torch.nn.Module):
