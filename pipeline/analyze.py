@@ -361,7 +361,7 @@ class _Tracer:
             if flat:
                 raise _Frozen(f"{op} node '{name}' on flattened channels")
         else:
-            _channel_axis_untouched(view, node, tensor)
+            _channel_axis_untouched(view, node, tensor, group)
         if tensor not in data and tensor != node.output[0]:
             raise _Frozen(f"{op} node '{name}' takes these channels as a parameter input")
         for t in data:
@@ -648,8 +648,9 @@ def _reduce(view: GraphView, node: NodeProto, tensor: str, block: int) -> int:
     return 1
 
 
-def _channel_axis_untouched(view: GraphView, node: NodeProto, tensor: str) -> None:
-    """Pad and Resize are channel-wise only if they leave axes 0 and 1 alone."""
+def _channel_axis_untouched(view: GraphView, node: NodeProto, tensor: str, group: ChannelGroup) -> None:
+    """Pad and Resize are channel-wise only if they leave axes 0 and 1 alone (a Resize to constant
+    sizes has its channel entry edited as the group loses channels)."""
     if node.op_type == "Pad":
         pads = view.attr(node, "pads")
         if pads is None:
@@ -665,7 +666,11 @@ def _channel_axis_untouched(view: GraphView, node: NodeProto, tensor: str) -> No
     scales_idx = 2 if node.op_type == "Resize" else 1
     sizes_idx = 3
     if node.op_type == "Resize" and len(node.input) > sizes_idx and node.input[sizes_idx]:
-        if not _sizes_keep_own_channels(view, node):
+        sizes, shape = node.input[sizes_idx], view.shape(tensor)
+        if view.is_const(sizes) and shape is not None and len(view.const(sizes).ravel()) == len(shape) \
+                and int(view.const(sizes).ravel()[1]) == shape[1] and len(view.consumers.get(sizes, [])) == 1:
+            group.shape_edits.append(ShapeEdit(node.name, sizes_idx, 1, 1))  # the dynamo exporter, fixed batch
+        elif not _sizes_keep_own_channels(view, node):
             raise _Frozen(f"Resize node '{node.name}' gives output sizes, which include the channels")
         return
     scales = node.input[scales_idx] if len(node.input) > scales_idx else ""
@@ -696,15 +701,27 @@ def _slice_bounds(view: GraphView, node: NodeProto, tensor: str) -> tuple[int, i
     return None
 
 
-def _sizes_of_own_resize(view: GraphView, node: NodeProto, tensor: str) -> bool:
-    """`node` slices leading dims off the shape of `tensor`, and what it gives only goes,
-    through Concats, into the `sizes` input of Resizes of `tensor`."""
-    if node.op_type != "Slice" or len(node.input) < 4 or not all(view.is_const(i) for i in node.input[1:4]) \
-            or view.const(node.input[1]).ravel().tolist() != [0] or view.const(node.input[3]).ravel().tolist() != [0]:
-        return False
-    concats = view.consumers.get(node.output[0], [])
+def _own_leading_dims(view: GraphView, value: str, tensor: str) -> int:
+    """How many leading dims of `tensor`'s run-time shape `value` holds: Shape(tensor) from 0
+    (up to its `end`; the dynamo exporter), or a Slice(0:k) of it (the TorchScript exporter);
+    0 for anything else."""
+    node = view.producer.get(value)
+    if node is not None and node.op_type == "Slice":
+        if len(node.input) < 4 or not all(view.is_const(i) for i in node.input[1:4]) \
+                or view.const(node.input[1]).ravel().tolist() != [0] or view.const(node.input[3]).ravel().tolist() != [0]:
+            return 0
+        return min(int(view.const(node.input[2]).ravel()[0]), _own_leading_dims(view, node.input[0], tensor))
+    if node is None or node.op_type != "Shape" or node.input[0] != tensor or view.attr(node, "start", 0) != 0:
+        return 0
+    return view.attr(node, "end", len(view.shape(tensor) or ()) or 2**31)
+
+
+def _feeds_own_resize_sizes(view: GraphView, value: str, tensor: str) -> bool:
+    """`value` goes only, as the first part of a Concat, into the `sizes` of Resizes of `tensor`."""
+    concats = view.consumers.get(value, [])
     return bool(concats) and all(
-        c.op_type == "Concat" and c.output[0] not in view.outputs and view.consumers.get(c.output[0]) and all(
+        c.op_type == "Concat" and c.input[0] == value and c.output[0] not in view.outputs
+        and view.consumers.get(c.output[0]) and all(
             r.op_type == "Resize" and len(r.input) > 3 and r.input[3] == c.output[0] and r.input[0] == tensor
             and c.output[0] not in r.input[:3] for r in view.consumers[c.output[0]])
         for c in concats)
@@ -712,27 +729,23 @@ def _sizes_of_own_resize(view: GraphView, node: NodeProto, tensor: str) -> bool:
 
 def _sizes_keep_own_channels(view: GraphView, resize: NodeProto) -> bool:
     """The Resize's sizes start with its input's own batch and channel count, read at run time
-    (Concat(Slice(Shape(x), 0, k >= 2), ...)): they follow the pruned width."""
+    (Concat(Shape(x)[0:k >= 2], target size)): they follow the pruned width."""
     concat = view.producer.get(resize.input[3])
-    if concat is None or concat.op_type != "Concat" or not concat.input:
-        return False
-    first = view.producer.get(concat.input[0])
-    shape = view.producer.get(first.input[0]) if first is not None and first.op_type == "Slice" else None
-    return (shape is not None and shape.op_type == "Shape" and shape.input[0] == resize.input[0]
-            and not any(a.name == "start" for a in shape.attribute)
-            and _sizes_of_own_resize(view, first, resize.input[0])
-            and view.const(first.input[2]).ravel().tolist()[0] >= 2)
+    return (concat is not None and concat.op_type == "Concat" and bool(concat.input)
+            and _own_leading_dims(view, concat.input[0], resize.input[0]) >= 2)
 
 
 def _shape_batch_only(view: GraphView, node: NodeProto) -> list:
-    """Shape -> Gather(index 0) reads only the batch size, which pruning leaves alone. Shape ->
-    Slice(0:k) -> Concat -> the sizes of a Resize of that same tensor (how the TorchScript
-    exporter writes F.interpolate(x, size=...)) reads the channel count at run time, from the
-    pruned tensor itself: the count it asks for is the one the tensor has."""
+    """Shape -> Gather(index 0) reads only the batch size, which pruning leaves alone. The leading
+    dims of the shape concatenated into the sizes of a Resize of that same tensor (how both
+    exporters write F.interpolate(x, size=...)) read the channel count at run time, from the
+    pruned tensor itself: the count they ask for is the one the tensor has."""
+    tensor = node.input[0]
     for user in view.consumers.get(node.output[0], []):
         ok = (user.op_type == "Gather" and view.attr(user, "axis", 0) == 0
               and view.is_const(user.input[1]) and view.const(user.input[1]).ravel().tolist() == [0])
-        if not ok and not _sizes_of_own_resize(view, user, node.input[0]):
+        sizes = user.output[0] if user.op_type == "Slice" else node.output[0]
+        if not ok and not (_own_leading_dims(view, sizes, tensor) and _feeds_own_resize_sizes(view, sizes, tensor)):
             raise _Frozen(f"Shape node '{node.name}' reads the channel count")
     if node.output[0] in view.outputs:
         raise _Frozen(f"Shape node '{node.name}' is a graph output")

@@ -17,7 +17,7 @@ from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, _rows, prune
 from pipeline.verify import check_slim
 from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyGrouped, TinyMobile, TinyResidual, TinyVGG, export,
-                            make_data, randomise_bn)
+                            export_dynamo, make_data, randomise_bn)
 
 
 def groups_of(path):
@@ -234,17 +234,29 @@ class ImagePooling(torch.nn.Module):
         return self.fc(torch.relu(self.project(torch.cat([self.a(x), pooled], 1))).mean((2, 3)))
 
 
-def test_a_resize_to_a_size_read_from_its_own_shape_follows_the_pruned_width(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "dynamo-batch-1"])
+def test_a_resize_to_the_size_of_another_tensor_follows_the_pruned_width(tmp_path, exporter):
+    """F.interpolate(x, size=...): the TorchScript exporter reads the channel count from the
+    pooled tensor's shape (Slice of Shape), the dynamo exporter too (Shape with start and end),
+    or, with the batch fixed, writes the sizes as a constant whose channel entry is edited."""
     torch.manual_seed(0)
-    model, view, groups = groups_of(export(ImagePooling(), tmp_path / "aspp.onnx"))
-    assert any(n.op_type == "Shape" for n in model.proto.graph.node)  # the sizes are computed
-    pooled = next(g for g in groups if any("/b/" in p for p in g.producers))
+    path = tmp_path / "aspp.onnx"
+    if exporter == "torchscript":
+        export(ImagePooling(), path)
+    else:
+        export_dynamo(ImagePooling(), path, dynamic_batch=exporter == "dynamo")
+    model, view, groups = groups_of(path)
+    resize = next(n for n in model.proto.graph.node if n.op_type == "Resize")
+    assert view.is_const(resize.input[3]) == (exporter == "dynamo-batch-1")
+    pooled = next(g for g in groups if resize.name in {e.node for e in g.shape_edits} or
+                  resize.input[0] in g.tensors)
     assert pooled.prunable, pooled.reason
     x, _ = make_data(4)
-    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    twin = to_torch(model.proto, batch=1 if exporter == "dynamo-batch-1" else None)
+    result = prune(view, twin, groups, x, PruneConfig(ratio=0.5, scope="all"))
     assert pooled.id in result.kept
     out = slim(model.proto, groups, result.kept, result.layers)
-    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+    assert check_slim(out, result.student, x, [o.name for o in model.proto.graph.output]) < 1e-5
 
 
 class ScaledChannels(torch.nn.Module):
