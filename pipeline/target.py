@@ -21,7 +21,7 @@ from pipeline import allocate, bench, choose, latency, prune, refine
 from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
-from pipeline.errors import UsageError
+from pipeline.errors import NothingToPruneError, UsageError
 from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig
 
@@ -54,6 +54,11 @@ class Problem:
     augmenter: Augmenter | None
     threads: int = 0
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape: the size models with a dynamic input are timed at."""
+        return self.x.shape[1:]
+
 
 @dataclass
 class Candidate:
@@ -80,23 +85,29 @@ def search(target: LatencyTarget, problem: Problem, curves: allocate.Curves, ori
         results = []
         for _ in range(target.attempts):
             alloc = steer.allocation()
-            if any(alloc.keep == earlier.keep for earlier, _, _ in results):
-                break  # the prediction cannot tell this share from one already measured
+            if not alloc.keep or any(alloc.keep == earlier.keep for earlier, _, _ in results):
+                break  # every group whole (bisecting toward the full width), or a share already measured
             results.append((alloc, *prune_and_export(alloc.keep)))
             with stage("allocate"):
-                if steer.record(alloc, *_timed(steer, original, results[-1][2].SerializeToString()), progress):
+                if steer.record(alloc, *_timed(steer, original, results[-1][2].SerializeToString(), problem.shape),
+                                progress):
                     break
-        tried[steer.name] = Candidate(*results[steer.best], steer.to_json())
+        if results:
+            tried[steer.name] = Candidate(*results[steer.best], steer.to_json())
+    if not tried:
+        raise NothingToPruneError(f"the latency target asks for no pruning: the teacher already runs at "
+                                  f"{steers[0].teacher_ms:.3f} ms for a goal of {steers[0].goal_ms:.3f} ms")
     known: dict[str, float] = {}
     refinement = None
-    if target.refine_evals and len(problem.x) >= choose.MIN_SAMPLES:
-        uniform = steers[-1]
+    uniform = steers[-1]
+    if target.refine_evals and len(problem.x) >= choose.MIN_SAMPLES and uniform.name in tried:
         with stage("refine"):
             refinement = _refine(target, uniform, tried[uniform.name].alloc.keep, original, timing_model, problem,
                                  progress)
         known = {uniform.name: refinement.start_score}
         if refinement.keep != refinement.start:
-            tried["refined"] = _refined(target, uniform, refinement, original, *prune_and_export(refinement.keep))
+            tried["refined"] = _refined(target, uniform, refinement, original, problem.shape,
+                                        *prune_and_export(refinement.keep))
             known["refined"] = refinement.score
     with stage("allocate"):
         picked = _pick(target, tried, original, problem, known, progress)
@@ -111,7 +122,7 @@ def _steering(target: LatencyTarget, problem: Problem, curves: allocate.Curves, 
     """The latency goal in milliseconds and the per-layer table that predicts it, for non-uniform
     widths and for one ratio for all."""
     session = SessionConfig(target.provider, problem.threads)
-    teacher_ms = _p50(original, session, target.batch)
+    teacher_ms = _p50(original, session, target.batch, problem.shape)
     goal = _goal(target, teacher_ms)
     table = latency.build(problem.view, allocate.FlopsModel(problem.view, problem.groups), teacher_ms, session,
                           target.batch, progress)
@@ -130,7 +141,7 @@ def _refine(target: LatencyTarget, start: latency.Steering, start_keep: Keep, or
     room = max(1.0, start.aim_ms / start.attempts[start.best]["measured_ms"])
 
     def measure(keep: Keep) -> float:
-        trial_ms, teacher_ms = _with_teacher(original, timing_model(keep), start.session, start.batch)
+        trial_ms, teacher_ms = _with_teacher(original, timing_model(keep), start.session, start.batch, problem.shape)
         return trial_ms / ((1 - start.margin) * _goal(target, teacher_ms))
 
     holdout, second = (choose.HoldOut(problem.view, problem.teacher, problem.groups, problem.x, seed,
@@ -145,11 +156,11 @@ def _goal(target: LatencyTarget, teacher_ms: float) -> float:
 
 
 def _refined(target: LatencyTarget, start: latency.Steering, refinement: refine.Refinement, original: bytes,
-             result: prune.PruneResult, slim: onnx.ModelProto) -> Candidate:
+             shape: tuple[int, ...], result: prune.PruneResult, slim: onnx.ModelProto) -> Candidate:
     sizes = start.curves.sizes
     keep = {k: v for k, v in refinement.keep.items() if v < sizes[k]}
     share = start.model.cost(refinement.keep) / start.model.cost(sizes)
-    measured, teacher_ms = _with_teacher(original, slim.SerializeToString(), start.session, start.batch)
+    measured, teacher_ms = _with_teacher(original, slim.SerializeToString(), start.session, start.batch, shape)
     goal = _goal(target, teacher_ms)
     attempt = {"predicted_share": share, "predicted_ms": share * teacher_ms, "measured_ms": measured,
                "teacher_ms": teacher_ms, "goal_ms": goal, "aim_ms": goal * (1 - start.margin)}
@@ -166,7 +177,8 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
     minutes apart on a busy machine drift by 10%, enough to decide which one met the goal."""
     session = SessionConfig(target.provider, problem.threads)
     timing = bench.bench([("teacher", original)] + [(n, c.slim.SerializeToString()) for n, c in tried.items()],
-                         [session.provider], [target.batch], runs=40, rounds=5, threads=session.threads)
+                         [session.provider], [target.batch], runs=40, rounds=5, threads=session.threads,
+                         shape=problem.shape)
     ms = {t.model: t.p50_ms for t in timing.timings}
     teacher_ms = ms.get("teacher") or next(iter(tried.values())).info["attempts"][0]["teacher_ms"]
     goal = _goal(target, teacher_ms)
@@ -187,34 +199,35 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
                 for name, c in tried.items()}}
 
 
-def _timed(steer: latency.Steering, original: bytes, model: bytes) -> tuple[float, float]:
+def _timed(steer: latency.Steering, original: bytes, model: bytes, shape: tuple[int, ...]) -> tuple[float, float]:
     """A steered attempt with the teacher in one run; a narrow miss is timed once more and the
     faster reading kept, as one reading at batch 1 drifts by a few per cent and a width given up
     for that is lost to the search (ResNet-18: 0.782 ms for an aim of 0.765 made it keep a ratio
     of 0.59 where 0.65 met the goal in the final timing). The final pick times every candidate
     together again, so an optimistic reading here cannot ship a model that misses."""
-    timing = _with_teacher(original, model, steer.session, steer.batch)
+    timing = _with_teacher(original, model, steer.session, steer.batch, shape)
     if steer.narrowly_missed(*timing):
-        again = _with_teacher(original, model, steer.session, steer.batch)
+        again = _with_teacher(original, model, steer.session, steer.batch, shape)
         timing = min(timing, again, key=lambda t: t[0] / t[1])
     return timing
 
 
-def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: int) -> tuple[float, float]:
+def _with_teacher(original: bytes, model: bytes, session: SessionConfig, batch: int,
+                  shape: tuple[int, ...]) -> tuple[float, float]:
     """Median latency of a candidate and of the teacher, timed in one run: what a latency target
     is steered by (the same teacher timed minutes apart drifts by 10-25% here). Twenty runs in a
     row per round: at batch 1 the models take 0.2-0.5 ms, and blocks of six were noisier."""
     timing = bench.bench([("teacher", original), ("model", model)], [session.provider], [batch], runs=60, rounds=3,
-                         threads=session.threads)
+                         threads=session.threads, shape=shape)
     ms = {t.model: t.p50_ms for t in timing.timings}
     return ms["model"], ms["teacher"]
 
 
-def _p50(model: bytes, session: SessionConfig, batch: int) -> float:
+def _p50(model: bytes, session: SessionConfig, batch: int, shape: tuple[int, ...]) -> float:
     """Median latency of the teacher alone, before anything is pruned: it scales the per-layer
     table, and a provider that cannot run stops the target here with a clear error."""
     timing = bench.bench([("model", model)], [session.provider], [batch], runs=30, rounds=3,
-                         threads=session.threads)
+                         threads=session.threads, shape=shape)
     if not timing.timings:
         raise UsageError(f"--target-speedup/--target-latency-ms: cannot time on {session.provider} "
                          f"({'; '.join(timing.unavailable.values())})")

@@ -91,11 +91,6 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
     if options.target_flops is not None and options.target is not None:
         raise UsageError("give one target: --target-flops or a latency target, not both")
-    symbolic = [d for d in (model.inputs[0].shape or (None,))[1:] if not isinstance(d, int)]
-    if options.target is not None and symbolic:
-        raise UsageError(f"{model_path}: input '{model.inputs[0].name}' leaves {symbolic} symbolic; a latency "
-                         f"target times each layer at the model's own input size: export it with a fixed size, "
-                         f"or give --target-flops")
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
         if options.max_accuracy_drop is not None and evalset.y is None:

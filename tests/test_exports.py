@@ -278,8 +278,9 @@ def test_int8_on_a_float16_model_is_refused_before_any_work(tmp_path, shots):
 
 
 def test_an_image_size_exported_as_dynamic_is_measured_at_the_datas(tmp_path, shots):
-    """dynamic_axes on height and width (segmentation, detection, many classifiers): FLOPs and
-    latency need a size, and the data has one; the slim model keeps the dynamic axes."""
+    """dynamic_axes on height and width (segmentation, detection, many classifiers): FLOPs,
+    latency and a latency target need a size, and the data has one; the slim model keeps the
+    dynamic axes."""
     torch.manual_seed(0)
     path = export(randomise_bn(TinyVGG()), tmp_path / "dynamic.onnx", keep_bn=False, dynamic_size=True)
     out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
@@ -297,9 +298,11 @@ def test_an_image_size_exported_as_dynamic_is_measured_at_the_datas(tmp_path, sh
     assert res.exit_code != 0 and "--shape" in res.output
     res = runner.invoke(main, ["bench", str(path), str(out), "--batch", "1", "--runs", "2", "--shape", "1,24,24"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["compress", str(path), "--data", str(shots), "--shots", "2", "-o", str(tmp_path / "t.onnx"),
-                               "--target-speedup", "2"])
-    assert res.exit_code != 0 and "symbolic" in res.output and "--target-flops" in res.output
+    target = tmp_path / "target.json"  # a latency target times every candidate at the data's size too
+    compress(path, shots, tmp_path / "t.onnx", "--target-speedup", 1.2, "--target-batch", 4, "--batch", "4",
+             "--runs", 3, "--method", "cross", "--report", target)
+    steered = json.loads(target.read_text())["allocation"]
+    assert steered["attempts"] and all(a["measured_ms"] > 0 for a in steered["attempts"])
 
 
 class RawPixels(nn.Module):

@@ -158,3 +158,18 @@ def test_a_narrow_miss_is_told_from_a_clear_one_against_the_teacher_of_that_run(
     assert not steer.narrowly_missed(aim, teacher)  # met
     assert steer.narrowly_missed(aim * 1.04, teacher)
     assert not steer.narrowly_missed(aim * 1.06, teacher)  # a clear miss
+
+
+def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg_path, npz_path, tmp_path,
+                                                                               monkeypatch):
+    """Bisecting toward the widest ratio that meets the goal reaches widths where every group
+    is whole; that is the teacher, not a candidate: the search stops there instead of pruning
+    nothing (which ended the command with 'every channel group was left whole')."""
+    monkeypatch.setenv("CROSSPRUNE_CACHE", str(tmp_path / "cache"))
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "2", "-o", str(out),
+                                    "--target-speedup", "1.001", "--target-batch", "4", "--target-refine", "0",
+                                    "--method", "cross", "--batch", "4", "--runs", "3", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    attempts = json.loads(report.read_text())["allocation"]["attempts"]
+    assert attempts and all(a["predicted_share"] < 1.0 for a in attempts)
