@@ -667,8 +667,9 @@ def _channel_axis_untouched(view: GraphView, node: NodeProto, tensor: str, group
     sizes_idx = 3
     if node.op_type == "Resize" and len(node.input) > sizes_idx and node.input[sizes_idx]:
         sizes, shape = node.input[sizes_idx], view.shape(tensor)
-        if view.is_const(sizes) and shape is not None and len(view.const(sizes).ravel()) == len(shape) \
-                and int(view.const(sizes).ravel()[1]) == shape[1] and len(view.consumers.get(sizes, [])) == 1:
+        values = view.const(sizes).ravel() if view.is_const(sizes) else None
+        if values is not None and shape is not None and len(values) == len(shape) and int(values[1]) == shape[1] \
+                and len(view.consumers.get(sizes, [])) == 1:
             group.shape_edits.append(ShapeEdit(node.name, sizes_idx, 1, 1))  # the dynamo exporter, fixed batch
         elif not _sizes_keep_own_channels(view, node):
             raise _Frozen(f"Resize node '{node.name}' gives output sizes, which include the channels")
