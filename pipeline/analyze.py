@@ -218,7 +218,8 @@ class _Tracer:
         self.pending: list[str] = []
         self.seen: set[tuple[str, str]] = set()  # (node, role) already handled
         self.concats: list[NodeProto] = []
-        self.units: dict[int, str] = {}  # group widths of the grouped Convs met -> one such Conv
+        self.units: dict[int, str] = {}  # channels removed together -> the node that asks it ("Conv node 'x'")
+        self.per_unit: list[tuple[int, ParamSlice | ShapeEdit]] = []  # (u, entry with one value per u channels)
 
     def run(self, producer: NodeProto, offset: int = 0) -> None:
         self._produce(producer, offset)
@@ -246,18 +247,26 @@ class _Tracer:
             raise _Frozen("no linear layer consumes these channels")
         if self.units:
             self._in_units()
+        for u, entry in self.per_unit:  # one value per u channels: group.unit // u values per unit removed
+            block = self.group.unit // u
+            if isinstance(entry, ShapeEdit):
+                self.group.shape_edits.append(replace(entry, block=block))
+            else:
+                self.group.slices.append(replace(entry, offset=entry.offset // self.group.unit, block=block))
 
     def _in_units(self) -> None:
-        """A grouped Conv reads and writes its channels a group at a time: the group is pruned in
-        whole groups of it, so every count and offset is restated in those units."""
+        """A grouped Conv reads and writes its channels a group at a time, and a GroupNorm
+        normalises them a group at a time: the group is pruned in whole groups of it, so every
+        count and offset is restated in those units."""
         group = self.group
         if len(self.units) > 1:
-            raise _Frozen(f"grouped Convs with different group widths ({', '.join(self.units.values())}) "
-                          f"share these channels")
-        (unit, conv), = self.units.items()
-        offsets = [s.offset for s in group.slices] + [o for c in group.consumers for o in c.offsets]
+            raise _Frozen(f"{' and '.join(self.units.values())} work on groups of different widths "
+                          f"({', '.join(map(str, self.units))} channels) of these channels")
+        (unit, where), = self.units.items()
+        offsets = [s.offset for s in group.slices] + [o for c in group.consumers for o in c.offsets] + \
+            [s.offset for _, s in self.per_unit if isinstance(s, ParamSlice)]
         if group.size % unit or any(o % unit for o in offsets):
-            raise _Frozen(f"the groups of {unit} channels of Conv node '{conv}' do not line up with these channels")
+            raise _Frozen(f"the groups of {unit} channels of {where} do not line up with these channels")
         group.size //= unit
         group.unit = unit
         group.slices = [replace(s, offset=s.offset // unit, block=s.block * unit) for s in group.slices]
@@ -297,6 +306,9 @@ class _Tracer:
         op, role = node.op_type, "in" if forward else "out"
         if node.domain not in ("", "ai.onnx"):
             raise _Frozen(f"{node.domain}.{op} node '{node.name}' is not understood by the channel analysis")
+        if op in ("Reshape", "InstanceNormalization") and (norm := _group_norm(self.view, node)):
+            self._group_norm(norm, tensor)
+            return
         if forward and self.layout[tensor].also and (op not in LINEAR or _conv_unit(self.view, node)):
             raise _Frozen(f"{op} node '{node.name}' reads a Concat that holds these channels more than once")
         if op in LINEAR and not _conv_unit(self.view, node):
@@ -352,7 +364,7 @@ class _Tracer:
             group.slices += [ParamSlice(name, 1, 0, offset=place.offset), ParamSlice(name, 2, -1, offset=place.offset)]
             group.group_attrs.append(name)
             if unit > 1:
-                self.units.setdefault(unit, name)
+                self.units.setdefault(unit, f"Conv node '{name}'")
         elif op in UNARY or op in PER_CHANNEL_PARAMS:
             if any(not view.is_const(i) for i in node.input[1:] if i):
                 raise _Frozen(f"{op} node '{name}' takes a computed parameter")
@@ -367,6 +379,26 @@ class _Tracer:
         for t in data:
             self._add(t, place, name)
         self._add(node.output[0], place, name)
+
+    def _group_norm(self, norm: _GroupNorm, tensor: str) -> None:
+        """Through a GroupNorm, either way: its input and output carry the same channels, removed
+        a whole normalisation group at a time so that the groups kept see the same statistics."""
+        place = self.layout[tensor]
+        if place.block != 1 or place.last or place.also or tensor not in (norm.split.input[0], norm.merge.output[0]):
+            raise _Frozen(f"GroupNorm at Reshape node '{norm.split.name}' on flattened or repeated channels")
+        if (norm.split.name, "") in self.seen:
+            return
+        self.seen.add((norm.split.name, ""))
+        unit = place.width // norm.groups
+        if unit > 1:
+            self.units.setdefault(unit, f"GroupNorm at Reshape node '{norm.split.name}'")
+        self.per_unit += [(unit, ShapeEdit(norm.split.name, 1, 1, 1)),
+                          (unit, ParamSlice(norm.norm.name, 1, 0, offset=place.offset)),
+                          (unit, ParamSlice(norm.norm.name, 2, 0, offset=place.offset))]
+        if self.view.is_const(norm.merge.input[1]):  # the shape back written out (a fixed batch)
+            self.group.shape_edits.append(ShapeEdit(norm.merge.name, 1, 1, 1))
+        self._add(norm.split.input[0], place, norm.split.name)
+        self._add(norm.merge.output[0], place, norm.merge.name)
 
     def _split(self, node: NodeProto, tensor: str) -> None:
         """Split on the channel axis into parts of constant sizes (CSP and YOLO blocks): the group
@@ -475,6 +507,55 @@ class _Tracer:
 
 
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass(frozen=True)
+class _GroupNorm:
+    """GroupNorm as both torch exporters write it: Reshape(x, (N, G, -1)), InstanceNormalization
+    of those G rows, Reshape back to x's shape (read at run time, or written out); the
+    per-channel scale and shift follow as a Mul and an Add."""
+
+    split: NodeProto
+    norm: NodeProto
+    merge: NodeProto
+    groups: int
+
+
+def _group_norm(view: GraphView, node: NodeProto) -> _GroupNorm | None:
+    """The GroupNorm that `node` (any of its three nodes) is part of, or None."""
+    split = node
+    while split is not None and _sole_reader(view, split.output[0], "InstanceNormalization") is None:
+        split = view.producer.get(split.input[0]) if split.op_type in ("Reshape", "InstanceNormalization") else None
+    if split is None or split.op_type != "Reshape":
+        return None
+    norm = _sole_reader(view, split.output[0], "InstanceNormalization")
+    merge = _sole_reader(view, norm.output[0], "Reshape")
+    x, shape = split.input[0], view.shape(split.input[0])
+    if merge is None or node.name not in (split.name, norm.name, merge.name) or len(norm.input) < 3 \
+            or not all(view.is_const(i) for i in norm.input[1:3]) or not view.is_const(split.input[1]) \
+            or shape is None or len(shape) < 3 or shape[1] is None:
+        return None
+    target = [int(v) for v in view.const(split.input[1]).ravel()]
+    if len(target) != 3 or target[2] != -1 or target[1] < 1 or shape[1] % target[1] \
+            or not view.reshape_keeps_batch(split, target) or view.const(norm.input[1]).shape != (target[1],):
+        return None
+    back = merge.input[1]
+    if view.is_const(back):  # written out (a fixed batch, or Shape folded at load): edited as channels go
+        written = [int(v) for v in view.const(back).ravel()]
+        if written[1:] != list(shape[1:]) or not (written[0] == -1 or view.reshape_keeps_batch(merge, written)) \
+                or len(view.consumers.get(back, [])) != 1:
+            return None
+    elif _own_leading_dims(view, back, x) < len(shape):
+        return None
+    return _GroupNorm(split, norm, merge, target[1])
+
+
+def _sole_reader(view: GraphView, tensor: str, op: str) -> NodeProto | None:
+    """The one node reading `tensor`, as its data input, if it is an `op`."""
+    readers = view.consumers.get(tensor, [])
+    if tensor in view.outputs or len(readers) != 1 or readers[0].op_type != op or readers[0].input[0] != tensor:
+        return None
+    return readers[0]
 
 
 def _conv_unit(view: GraphView, node: NodeProto) -> int:
@@ -737,7 +818,8 @@ def _sizes_keep_own_channels(view: GraphView, resize: NodeProto) -> bool:
 
 
 def _shape_batch_only(view: GraphView, node: NodeProto) -> list:
-    """Shape -> Gather(index 0) reads only the batch size, which pruning leaves alone. The leading
+    """Shape -> Gather(index 0) reads only the batch size, which pruning leaves alone; a GroupNorm
+    reshaping back to its input's shape reads the pruned shape at run time. The leading
     dims of the shape concatenated into the sizes of a Resize of that same tensor (how both
     exporters write F.interpolate(x, size=...)) read the channel count at run time, from the
     pruned tensor itself: the count they ask for is the one the tensor has."""
@@ -746,6 +828,9 @@ def _shape_batch_only(view: GraphView, node: NodeProto) -> list:
         ok = (user.op_type == "Gather" and view.attr(user, "axis", 0) == 0
               and view.is_const(user.input[1]) and view.const(user.input[1]).ravel().tolist() == [0])
         sizes = user.output[0] if user.op_type == "Slice" else node.output[0]
+        norm = _group_norm(view, user) if user.op_type == "Reshape" else None
+        ok = ok or (norm is not None and norm.merge is user and user.input[1] == node.output[0]
+                    and norm.split.input[0] == tensor)  # a GroupNorm reshaping back to its input's shape
         if not ok and not (_own_leading_dims(view, sizes, tensor) and _feeds_own_resize_sizes(view, sizes, tensor)):
             raise _Frozen(f"Shape node '{node.name}' reads the channel count")
     if node.output[0] in view.outputs:

@@ -246,7 +246,7 @@ def _pct(v) -> str:
 
 def _rounding(pruned: list[dict]) -> list[str]:
     """One line naming the multiples the pruned groups' widths were rounded to, and how many of
-    each; one naming the groups cut in whole groups of a grouped Conv."""
+    each; one naming the groups cut a whole group of a grouped Conv or a GroupNorm at a time."""
     counts: dict[int, int] = {}
     for g in pruned:
         if g.get("multiple") not in (None, 1, g.get("unit", 1)):
@@ -256,8 +256,8 @@ def _rounding(pruned: list[dict]) -> list[str]:
              f"between two multiples as slowly as the next)"] if parts else []
     grouped = [g for g in pruned if g.get("unit", 1) > 1]
     if grouped:
-        lines.append(f"{len(grouped)} group{'s' if len(grouped) > 1 else ''} cut in whole groups of a grouped Conv "
-                     f"({', '.join(sorted({str(g['unit']) for g in grouped}))} channels each)")
+        lines.append(f"{len(grouped)} group{'s' if len(grouped) > 1 else ''} cut in whole groups of a grouped Conv or GroupNorm "
+                     f"({', '.join(map(str, sorted({g['unit'] for g in grouped})))} channels each)")
     return lines
 
 

@@ -92,6 +92,32 @@ class TinyGrouped(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class TinyGroupNorm(nn.Module):
+    """GroupNorm where BiT and diffusion U-Nets put it: after a conv, on the branch of a residual
+    Add, over a Concat of two convs (8 + 8 channels, groups of 4), and in groups of 8 before the
+    classifier. With `straddle`, the Concat is 6 + 10 channels: its convs do not line up with
+    the groups."""
+
+    def __init__(self, straddle: bool = False):
+        super().__init__()
+        self.stem, self.n0 = nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.a, self.na = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.b1, self.b2 = nn.Conv2d(16, 6 if straddle else 8, 3, padding=1), nn.Conv2d(16, 10 if straddle else 8, 1)
+        self.nb = nn.GroupNorm(4, 16)
+        self.head, self.nh = nn.Conv2d(16, 24, 3, padding=1), nn.GroupNorm(3, 24)
+        self.fc = nn.Linear(24, 10)
+        g = torch.Generator().manual_seed(0)
+        for norm in (self.n0, self.na, self.nb, self.nh):  # slicing the wrong channels shows in the outputs
+            norm.weight.data.copy_(torch.rand(norm.num_channels, generator=g) + 0.5)
+            norm.bias.data.copy_(torch.randn(norm.num_channels, generator=g) * 0.3)
+
+    def forward(self, x):
+        s = torch.relu(self.n0(self.stem(x)))
+        s = torch.relu(s + self.na(self.a(s)))
+        c = torch.relu(self.nb(torch.cat([self.b1(s), self.b2(s)], 1)))
+        return self.fc(torch.relu(self.nh(self.head(c))).mean((2, 3)))
+
+
 class TinyChannelsLast(nn.Module):
     """A ConvNeXt-style MLP: Linear layers on an NHWC tensor export as MatMul + Add."""
 

@@ -16,7 +16,7 @@ from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
 from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, _rows, prune
 from pipeline.verify import check_slim
-from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyGrouped, TinyMobile, TinyResidual, TinyVGG, export,
+from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyGrouped, TinyGroupNorm, TinyMobile, TinyResidual, TinyVGG, export,
                             export_dynamo, make_data, randomise_bn)
 
 
@@ -130,6 +130,42 @@ def test_a_grouped_conv_whose_groups_straddle_two_producers_is_left_whole(tmp_pa
     _, _, groups = groups_of(export(randomise_bn(TinyGrouped(split=True)), tmp_path / "straddle.onnx"))
     six = next(g for g in groups if g.channels == 6)
     assert not six.prunable and "groups of 4 channels" in six.reason and "do not line up" in six.reason
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "torchscript-dynamic-size", "dynamo"])
+def test_group_norm_is_cut_in_whole_groups(tmp_path, exporter):
+    """GroupNorm (Reshape to groups, InstanceNormalization, Reshape back): channels go a whole
+    normalisation group at a time, so the groups kept see the statistics they had; the group
+    count, the norm's per-group parameters and a written-out shape back are edited."""
+    path = tmp_path / "gn.onnx"
+    if exporter == "dynamo":
+        export_dynamo(TinyGroupNorm(), path)
+    else:
+        export(TinyGroupNorm(), path, dynamic_size=exporter == "torchscript-dynamic-size")
+    model, view, groups = groups_of(path)
+    assert all(g.prunable for g in groups[:-1]), [g.reason for g in groups]
+    assert sorted((g.channels, g.unit) for g in groups[:-1]) == [(8, 4), (8, 4), (16, 4), (24, 8)]
+    x, _ = make_data(4)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    assert len(result.kept) == 4
+    out = slim(model.proto, groups, result.kept, result.layers)
+    out_view = GraphView(out)
+    norms = [(int(out_view.const(n.input[1])[1]), out_view.const(out_view.consumers[n.output[0]][0].input[1]).shape)
+             for n in out.graph.node if n.op_type == "Reshape" and out_view.consumers[n.output[0]][0].op_type
+             == "InstanceNormalization"]  # (group count, length of the norm's scale) per GroupNorm
+    kept: dict[int, list[int]] = {}  # channels before -> groups kept, per channel group of that width
+    for g in groups[:-1]:
+        kept.setdefault(g.channels, []).append(len(result.kept[g.id]))
+    residual, concat, head = kept[16][0], sum(kept[8]), kept[24][0]  # n0 and na share the residual's
+    assert sorted(norms) == sorted((k, (k,)) for k in (residual, residual, concat, head))
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
+def test_group_norm_groups_straddling_two_producers_are_left_whole(tmp_path):
+    _, _, groups = groups_of(export(TinyGroupNorm(straddle=True), tmp_path / "straddle.onnx"))
+    six = next(g for g in groups if g.channels == 6)
+    assert not six.prunable and "GroupNorm" in six.reason and "groups of 4 channels" in six.reason
+    assert next(g for g in groups if g.channels == 24).prunable  # the GroupNorm after it is whole
 
 
 class TinyAudio(torch.nn.Module):
