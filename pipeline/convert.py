@@ -17,7 +17,7 @@ from pipeline import precision
 from pipeline.errors import ModelError
 from pipeline.load import LoadedModel
 from pipeline.ortnode import OrtNode, with_fallbacks
-from pipeline.runtime import declared_batch, first_line, make_session, run_batched
+from pipeline.runtime import AS_WRITTEN, declared_batch, first_line, make_session, run_batched
 
 PARITY_RTOL = 1e-4
 
@@ -73,7 +73,7 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None)
 
 
 def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int = 64) -> float:
-    """Worst relative difference between onnxruntime on the original file and the twin.
+    """Worst relative difference between onnxruntime on the original file, as written, and the twin.
 
     A model whose input fixes the batch may also bake it into the graph (a Reshape to (1, 512)
     from an export without dynamic axes); if the twin fails on larger batches, it is proven,
@@ -86,7 +86,7 @@ def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int
     worst, fixed = 0.0, declared_batch(model.inputs[0].shape)
     for source, tolerance, what in references:
         try:
-            reference = run_batched(make_session(source), x, batch)
+            reference = run_batched(make_session(source, AS_WRITTEN), x, batch)
         except Exception as exc:
             raise ModelError(f"{model.path}: onnxruntime cannot run it on the samples ({first_line(exc)})") from exc
         if fixed is not None and twin.batch is None and fixed < min(batch, len(x)):
@@ -96,6 +96,17 @@ def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int
                 twin.batch = fixed
         worst = max(worst, _worst_difference(model, reference, twin, x, batch, tolerance, what))
     return worst
+
+
+def optimizer_drift(model: LoadedModel, x: np.ndarray, batch: int = 64) -> tuple[float, bool]:
+    """(relative difference, whether it exceeds the parity bound) between onnxruntime on the
+    original with its graph optimizations, as deployed, and on the graph as written, which the
+    twin is held to: past the bound the runtime, not the file, changes what the teacher computes,
+    and it will change the slim model the same way."""
+    deployed = run_batched(make_session(model.original), x, batch)
+    written = run_batched(make_session(model.original, AS_WRITTEN), x, batch)
+    drift = max(relative_error(w, d) for w, d in zip(written, deployed))
+    return drift, drift > max(PARITY_RTOL, precision.rounding_tolerance(model.proto))
 
 
 def _worst_difference(model: LoadedModel, reference: list[np.ndarray], twin: TorchModel, x: np.ndarray,

@@ -37,7 +37,12 @@ def sections(report: dict) -> list[Section]:
                      ["accuracy slim", _pct(q["student_accuracy"])],
                      ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
         title = f"Quality on {q['samples']} {q['split']} samples"
-        out.append(Section(title, [title.lower(), ""], rows))
+        parity = report.get("parity") or {}
+        drift = [f"onnxruntime's graph optimizations change the teacher's outputs by "
+                 f"{parity['onnxruntime_optimized_vs_as_written']:.2e} (relative) against its graph as written: "
+                 f"the slim model was verified as written, and is measured here as onnxruntime optimizes it, "
+                 f"as the teacher is"] if parity.get("optimizer_changes_outputs") else []
+        out.append(Section(title, [title.lower(), ""], rows, drift))
     chain = report.get("chain") or []
     if len(chain) > 2 or "groups" not in report:
         quant = report.get("quantization") or {}

@@ -31,15 +31,21 @@ class ProviderUnavailable(RuntimeError):
 class SessionConfig:
     provider: str = "cpu"
     threads: int = 0  # 0: onnxruntime's default (all physical cores)
-    opt_level: str = "all"  # basic | extended | all
+    opt_level: str = "all"  # none | basic | extended | all
 
     def to_json(self) -> dict:
         return {"provider": self.provider, "threads": self.threads, "graph_optimization": self.opt_level}
 
 
-_OPT = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+_OPT = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+# The graph as its file writes it. Checks of a file compare against this: onnxruntime's own
+# rewrites can change results (1.31 folds a zero Pad into a MaxPool, whose padding is -inf:
+# timm's BiT stem), and such a change belongs to the runtime, not to the file.
+AS_WRITTEN = SessionConfig(opt_level="none")
 
 
 def make_session(model: ModelProto | bytes | str, config: SessionConfig = SessionConfig(),

@@ -13,7 +13,7 @@ from onnx import ModelProto
 from pipeline import precision
 from pipeline.convert import TorchModel, relative_error, run_torch
 from pipeline.errors import VerificationError
-from pipeline.runtime import make_session, run_batched
+from pipeline.runtime import AS_WRITTEN, make_session, run_batched
 
 VERIFY_RTOL = 1e-4
 
@@ -26,10 +26,10 @@ def check_slim(slim: ModelProto, student: TorchModel, x: np.ndarray, output_name
     (a channel cut wrongly), then the file itself within float16's rounding of that graph (values
     the refit made too large for float16)."""
     exact = precision.widened(slim)
-    computed = run_batched(make_session(exact), x)
+    computed = run_batched(make_session(exact, AS_WRITTEN), x)
     worst = _worst(run_torch(student, x), computed, output_names, VERIFY_RTOL, f"slim model differs from {reference}")
     if exact is not slim:
-        _worst(computed, run_batched(make_session(slim), x), output_names, precision.HALF_RTOL,
+        _worst(computed, run_batched(make_session(slim, AS_WRITTEN), x), output_names, precision.HALF_RTOL,
                "the float16 slim model differs from its float32 computation")
     return worst
 

@@ -99,6 +99,11 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     with stage("convert"):
         teacher = convert.to_torch(model.proto, str(model_path))
         parity = convert.check_parity(model, teacher, shots.calib.x)
+        drift = convert.optimizer_drift(model, shots.calib.x)
+        if drift[1]:
+            progress(f"warning: onnxruntime's graph optimizations change the teacher's outputs by {drift[0]:.2e} "
+                     f"(relative) against its graph as written; checks use the graph as written, quality and "
+                     f"latency the optimized runtime, for the teacher and the slim model alike")
         if teacher.fallbacks:
             progress(f"no torch converter for {', '.join(teacher.fallbacks[:3])}"
                      f"{'...' if len(teacher.fallbacks) > 3 else ''}: onnxruntime evaluates them")
@@ -192,6 +197,8 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep["allocation"] = {**alloc.to_json(), **(picked or {})} if alloc else None
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
+    rep["parity"]["onnxruntime_optimized_vs_as_written"] = drift[0]
+    rep["parity"]["optimizer_changes_outputs"] = drift[1]
     rep["quantization"] = quant.to_json() if quant else None
     rep["finetune"] = {**asdict(options.finetune), **tuned.to_json()} if tuned else None
     teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}

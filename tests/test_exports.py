@@ -357,3 +357,44 @@ def test_the_oldest_opsets_convert_every_layer(tmp_path, shots, opset):
         assert signature(onnx.load(str(out))) == signature(onnx.load(str(path)))
     assert onnx.load(str(tmp_path / f"vgg{opset}.onnx")).ir_version == 3
     assert reports[opset]["totals"]["flops_after"] == reports[17]["totals"]["flops_after"] < reports[17]["totals"]["flops_before"] / 3
+
+
+class PaddedPoolStem(nn.Module):
+    """timm's BiT stem: conv, a zero Pad, MaxPool without padding, then GroupNorm blocks. The
+    conv's outputs are negative in places, where the zero padding wins the max."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.pool = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2))
+        self.body = nn.Sequential(nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                  nn.GroupNorm(8, 32), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(self.pool(self.stem(x) - 0.5)).mean((2, 3)))
+
+
+def test_a_runtime_rewrite_that_changes_outputs_is_reported_not_refused(tmp_path, shots):
+    """onnxruntime's optimizer folds a zero Pad into the next MaxPool, whose padding is -inf,
+    and so changes what the file computes. The twin is held to the graph as written, so is the
+    slim model; the report says how far the optimized runtime moves the teacher's outputs."""
+    torch.manual_seed(0)
+    path = export(PaddedPoolStem(), tmp_path / "padded.onnx")
+    x = make_data(1)[0]
+    written, optimized = (ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {
+        "image": x})[0] for opts in (_no_optimizations(), ort.SessionOptions()))
+    assert np.abs(written - optimized).max() > 1e-3 * np.abs(written).max()  # the rewrite is real
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--ratio", 0.5, "--report", report, "--no-bench", "--method", "cross")
+    parity = json.loads(report.read_text())["parity"]
+    assert parity["optimizer_changes_outputs"] and parity["onnxruntime_optimized_vs_as_written"] > 1e-3
+    assert parity["torch_vs_onnxruntime"] < 1e-5 and parity["slim_vs_masked_student"] < 1e-4
+    res = CliRunner().invoke(main, ["report", str(report)])
+    assert "graph optimizations change the teacher's outputs" in res.output
+
+
+def _no_optimizations() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
