@@ -6,6 +6,7 @@ Every failure the user can fix is one line on stderr and a documented exit code 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import tempfile
@@ -38,6 +39,9 @@ def guarded(fn):
         except KeyboardInterrupt:
             click.echo("crossprune: interrupted; no output was written", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader stopped early (| head): not an error to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at interpreter exit
+            sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
         except Exception as exc:
             if debug:
                 raise

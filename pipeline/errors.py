@@ -58,4 +58,5 @@ EXIT_CODES = {
     VerificationError.exit_code: "the slim model does not match the masked student",
     GateError.exit_code: "a quality gate failed",
     130: "interrupted (no output written)",
+    141: "the reader of the output stopped early (a pipe into head)",
 }

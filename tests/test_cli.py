@@ -172,6 +172,16 @@ def test_console_script_exit_code_and_one_line_error(tmp_path):
     assert proc.stderr.count("\n") == 1 and "junk.onnx" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_reader_that_stops_early_is_not_an_error(vgg_path):
+    """`crossprune inspect model | head`: the closed pipe ends the command quietly, with the
+    shell's code for it, not as an internal error."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "inspect", str(vgg_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes its table
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err.decode() == ""
+
+
 def test_demo_meets_its_quality_bar():
     """The embedded teacher at 5 shots, ratio 0.5: numbers that depend on the seed, not the machine."""
     res = run("demo", "--json", "--quiet")
