@@ -129,39 +129,62 @@ class _Divide(Exception):
 
 
 def find_groups(view: GraphView) -> list[ChannelGroup]:
-    """Every channel group in order of its first producer, prunable or frozen with a reason."""
+    """Every channel group in order of its first producer, prunable or frozen with a reason.
+
+    A producer's channels may be claimed a part at a time: a group traced from elsewhere can
+    reach one Slice of its output backward (DPN's residual part); the rest of its channels are
+    traced when the loop comes to it."""
     groups: list[ChannelGroup] = []
-    claimed: set[str] = set()
+    claimed: dict[str, list[tuple[int, int]]] = {}  # producer -> (first channel, channels) held by groups
     for node in view.graph.node:
-        if node.name in claimed or _producer_start(view, node) is None:
+        start = _producer_start(view, node)
+        if start is None:
             continue
-        size = _producer_start(view, node)[0]
-        try:
-            traced = [_trace(view, node, len(groups), (0, size))]
-        except _Divide as split:  # a Split cuts these channels into parts: each part is a group
-            traced = [_trace(view, node, len(groups) + k, part, divisible=False) for k, part in enumerate(split.parts)]
-        for group in traced:
-            claimed.update(group.producers)
-            groups.append(group)
+        for window in _unclaimed(start[0], claimed.get(node.name, [])):
+            try:
+                traced = [_trace(view, node, len(groups), window)]
+            except _Divide as split:  # a Split or channel Slices cut these channels into parts: a group each
+                parts = [p for p in split.parts if window[0] <= p[0] and p[0] + p[1] <= window[0] + window[1]]
+                if sum(p[1] for p in parts) != window[1]:  # parts straddling what others claimed
+                    parts = [window]
+                traced = [_trace(view, node, len(groups) + k, part, divisible=False) for k, part in enumerate(parts)]
+            for group, windows in traced:
+                for producer, held in windows.items():
+                    claimed.setdefault(producer, []).append(held)
+                groups.append(group)
     return groups
 
 
-def _trace(view: GraphView, node: NodeProto, gid: int, window: tuple[int, int], divisible: bool = True) -> ChannelGroup:
-    """The group of channels window[0] .. window[0] + window[1] of `node`'s output."""
+def _unclaimed(size: int, held: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs of channels 0 .. size - 1 outside every (first, count) in `held`."""
+    free, at = [], 0
+    for first, count in sorted(held):
+        if first > at:
+            free.append((at, first - at))
+        at = max(at, first + count)
+    return free + [(at, size - at)] * (at < size)
+
+
+def _trace(view: GraphView, node: NodeProto, gid: int, window: tuple[int, int],
+           divisible: bool = True) -> tuple[ChannelGroup, dict[str, tuple[int, int]]]:
+    """The group of channels window[0] .. window[0] + window[1] of `node`'s output, and the
+    channels of each producer it holds."""
     group = ChannelGroup(id=gid, producers=[], size=window[1])
+    tracer = _Tracer(view, group, window, divisible)
     try:
         try:
-            _Tracer(view, group, divisible).run(node, window[0])
+            tracer.run(node)
         except _Repeat as again:
             group = ChannelGroup(id=gid, producers=[], size=window[1])
-            _Tracer(view, group, divisible, again.repeats).run(node, window[0])
+            tracer = _Tracer(view, group, window, divisible, again.repeats)
+            tracer.run(node)
     except _Frozen as why:
         group.reason = str(why)
     except (IndexError, KeyError, ValueError, TypeError) as exc:  # a malformed node the checker let by
         group.reason = f"malformed graph near '{node.name}' ({type(exc).__name__}: {exc})"
     if not group.producers:
         group.producers.append(node.name)
-    return group
+    return group, {node.name: window, **tracer.windows}
 
 
 def _producer_start(view: GraphView, node: NodeProto) -> tuple[int, list[ParamSlice]] | None:
@@ -209,10 +232,12 @@ class _Tracer:
     """Grows one group from a producer: forward to every reader of its channels, backward to
     every other layer that writes them (through residual Adds and gating Muls)."""
 
-    def __init__(self, view: GraphView, group: ChannelGroup, divisible: bool = True,
+    def __init__(self, view: GraphView, group: ChannelGroup, window: tuple[int, int], divisible: bool = True,
                  repeats: dict[str, list[str]] | None = None):
-        self.view, self.group = view, group
+        self.view, self.group, self.window = view, group, window  # window: the first producer's channels traced
         self.divisible = divisible  # a Split may still cut the group into parts (not when it is a part)
+        self.windows: dict[str, tuple[int, int]] = {}  # producer -> (first channel, channels) in the group
+        self.first_width = 0  # channels the first producer writes
         self.repeats = repeats or {}  # Concats known to take the group more than once, and from which inputs
         self.layout: dict[str, _Place] = {}
         self.pending: list[str] = []
@@ -221,8 +246,8 @@ class _Tracer:
         self.units: dict[int, str] = {}  # channels removed together -> the node that asks it ("Conv node 'x'")
         self.per_unit: list[tuple[int, ParamSlice | ShapeEdit]] = []  # (u, entry with one value per u channels)
 
-    def run(self, producer: NodeProto, offset: int = 0) -> None:
-        self._produce(producer, offset)
+    def run(self, producer: NodeProto) -> None:
+        self._produce(producer, self.window[0])
         while self.pending:
             tensor = self.pending.pop()
             self.group.tensors.append(tensor)
@@ -292,12 +317,13 @@ class _Tracer:
         place = self.layout.get(node.output[0])  # known when reached backward from a reader
         if place is not None:
             offset, width = place.offset, place.width
-        else:  # the first producer: the group is all its channels, or one Split part of them
-            width = self.group.size if self.divisible else size
+        else:  # the first producer: the group is all its channels, or a part of them
+            width = self.first_width = size
         if size != width or offset + self.group.size > size:
             raise _Frozen(f"{node.op_type} node '{node.name}' writes {size} channels, not {width}")
         self.seen.add((node.name, "out"))
         self.group.producers.append(node.name)
+        self.windows[node.name] = (offset, self.group.size)
         self.group.slices.extend(replace(s, offset=offset) for s in slices)
         last = node.op_type == "MatMul" and len(self.view.shape(node.input[0]) or ()) > 2
         self._add(node.output[0], _Place(1, offset, size, last), node.name)
@@ -330,6 +356,8 @@ class _Tracer:
         if _conv_unit(self.view, node) or op in UNARY or op in PER_CHANNEL_PARAMS or op in POOL \
                 or op in BINARY or op in ("Pad", "Resize", "Upsample"):
             self._channelwise(node, tensor)
+        elif op == "Slice" and not forward:
+            self._slice_back(node, tensor)
         elif not forward:
             raise _Frozen(f"{op} node '{node.name}' writes these channels and is not understood by the analysis")
         elif op == "Concat":
@@ -457,10 +485,24 @@ class _Tracer:
                                     for b in (_slice_bounds(view, other, tensor) or (0, width, 0))[:2]})
         self._divide(node, (first, end), width, [(a, b - a) for a, b in zip(cuts, cuts[1:])])
 
+    def _slice_back(self, node: NodeProto, tensor: str) -> None:
+        """Reached from its output: the channels are a part of the Slice's input (DPN adds one
+        part of a conv's output to the residual stream and concatenates the other), placed at
+        the Slice's start; from the input on, the Slice is traced as any other."""
+        place, source = self.layout[tensor], node.input[0]
+        bounds = _slice_bounds(self.view, node, source)
+        if bounds is not None:
+            if place.block != 1 or place.last or place.also or place.width != bounds[1] - bounds[0]:
+                raise _Frozen(f"Slice node '{node.name}' writes flattened or repeated channels")
+            place = _Place(1, bounds[0] + place.offset, self.view.shape(source)[1])
+        self._add(source, place, node.name)
+        if bounds is not None:
+            self._slice(node, source)
+
     def _divide(self, node: NodeProto, span: tuple[int, int], width: int, parts: list[tuple[int, int]]) -> NoReturn:
         """The group spans several parts of a Split or channel Slices: if it is the whole tensor
         (and not itself a part), each part becomes a group; otherwise it stays whole."""
-        if self.divisible and span == (0, width):
+        if self.divisible and span == (self.window[0], sum(self.window)) and width == self.first_width:
             raise _Divide(parts)
         raise _Frozen(f"{node.op_type} node '{node.name}' cuts these channels across its parts")
 

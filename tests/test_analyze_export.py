@@ -429,6 +429,43 @@ def test_channel_slices_that_part_a_tensor_are_cut_like_a_split(tmp_path):
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
+class DualPath(torch.nn.Module):
+    """DPN's dual-path block: a projection and the block's last conv are each sliced in two; the
+    first parts are added (the residual path), the second parts concatenated (the dense path).
+    The projection comes first, so the residual group reaches the last conv's Slice backward."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.proj = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 20, 1)
+        self.b, self.c = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 20, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        p, out = self.proj(s), self.c(torch.relu(self.b(s)))
+        residual, dense = p[:, :16] + out[:, :16], torch.cat([p[:, 16:], out[:, 16:]], 1)
+        return self.fc(torch.relu(torch.cat([residual, dense], 1)).mean((2, 3)))
+
+
+def test_a_slice_reached_from_its_output_claims_only_its_part_of_the_producer(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(DualPath(), tmp_path / "dpn.onnx"))
+    assert all(g.prunable for g in groups[:-1]), [g.reason for g in groups]
+    residual = next(g for g in groups if len(g.producers) == 2)
+    assert sorted(residual.producers) == ["/c/Conv", "/proj/Conv"] and residual.channels == 16
+    parts = sorted((g.producers[0], g.channels, g.slices[0].offset) for g in groups if len(g.producers) == 1
+                   and g.producers[0] in ("/c/Conv", "/proj/Conv"))
+    assert parts == [("/c/Conv", 4, 16), ("/proj/Conv", 4, 16)]  # the rest of each, a group of its own
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    assert residual.id in result.kept
+    out = slim(model.proto, groups, result.kept, result.layers)
+    c = next(n for n in out.graph.node if n.name == "/c/Conv")
+    assert GraphView(out).const(c.input[1]).shape[0] == 8 + 2
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
