@@ -292,6 +292,8 @@ class _Tracer:
             [s.offset for _, s in self.per_unit if isinstance(s, ParamSlice)]
         if group.size % unit or any(o % unit for o in offsets):
             raise _Frozen(f"the groups of {unit} channels of {where} do not line up with these channels")
+        if group.size == unit:  # GroupNorm(1, C), as PoolFormer normalises: nothing can go alone
+            raise _Frozen(f"{where} takes all {unit} of these channels as one group")
         group.size //= unit
         group.unit = unit
         group.slices = [replace(s, offset=s.offset // unit, block=s.block * unit) for s in group.slices]

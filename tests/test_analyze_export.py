@@ -168,6 +168,18 @@ def test_group_norm_groups_straddling_two_producers_are_left_whole(tmp_path):
     assert next(g for g in groups if g.channels == 24).prunable  # the GroupNorm after it is whole
 
 
+def test_a_group_norm_of_one_group_leaves_its_channels_whole(tmp_path):
+    """GroupNorm(1, C) (PoolFormer's norm) computes its statistics over every channel: none can go
+    without changing the rest, so the group is frozen, not listed as prunable and then skipped."""
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.ReLU(), nn.Conv2d(16, 8, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    _, _, groups = groups_of(export(model, tmp_path / "gn1.onnx"))
+    one = next(g for g in groups if g.producers == ["/0/Conv"])
+    assert not one.prunable and "takes all 16 of these channels as one group" in one.reason
+    assert next(g for g in groups if g.producers == ["/3/Conv"]).prunable
+
+
 class TinyAudio(torch.nn.Module):
     """A 1-D CNN over a waveform or series: strided and dilated Conv1d, BatchNorm1d, a depthwise
     Conv1d, pooling, mean over time, classifier."""
