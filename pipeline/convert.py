@@ -72,8 +72,23 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None)
     return TorchModel(module, by_node, fallbacks, batch)
 
 
-def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int = 64) -> float:
-    """Worst relative difference between onnxruntime on the original file, as written, and the twin.
+@dataclass(frozen=True)
+class Parity:
+    """How the twin and onnxruntime agree on the samples."""
+
+    worst: float  # the twin against onnxruntime on the original as written (float16: also widened)
+    optimizer_drift: float  # onnxruntime's optimized session, as deployed, against the same graph as written
+    bound: float  # what the twin is held to
+
+    @property
+    def optimizer_changes_outputs(self) -> bool:
+        """Past the bound the runtime, not the file, changes what the teacher computes, and it
+        will change the slim model the same way."""
+        return self.optimizer_drift > self.bound
+
+
+def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int = 64) -> Parity:
+    """The twin against onnxruntime on the original file, as written.
 
     A model whose input fixes the batch may also bake it into the graph (a Reshape to (1, 512)
     from an export without dynamic axes); if the twin fails on larger batches, it is proven,
@@ -83,30 +98,22 @@ def check_parity(model: LoadedModel, twin: TorchModel, x: np.ndarray, batch: int
     references = [(model.original, max(PARITY_RTOL, rounding), "onnxruntime")]
     if rounding:
         references.append((precision.widened(model.proto), PARITY_RTOL, "onnxruntime on the float32-widened graph"))
-    worst, fixed = 0.0, declared_batch(model.inputs[0].shape)
+    worst, fixed, written = 0.0, declared_batch(model.inputs[0].shape), None
     for source, tolerance, what in references:
         try:
             reference = run_batched(make_session(source, AS_WRITTEN), x, batch)
         except Exception as exc:
             raise ModelError(f"{model.path}: onnxruntime cannot run it on the samples ({first_line(exc)})") from exc
+        written = written or reference
         if fixed is not None and twin.batch is None and fixed < min(batch, len(x)):
             try:
                 _worst_difference(model, reference, twin, x, batch, tolerance, what)
             except ModelError:
                 twin.batch = fixed
         worst = max(worst, _worst_difference(model, reference, twin, x, batch, tolerance, what))
-    return worst
-
-
-def optimizer_drift(model: LoadedModel, x: np.ndarray, batch: int = 64) -> tuple[float, bool]:
-    """(relative difference, whether it exceeds the parity bound) between onnxruntime on the
-    original with its graph optimizations, as deployed, and on the graph as written, which the
-    twin is held to: past the bound the runtime, not the file, changes what the teacher computes,
-    and it will change the slim model the same way."""
     deployed = run_batched(make_session(model.original), x, batch)
-    written = run_batched(make_session(model.original, AS_WRITTEN), x, batch)
     drift = max(relative_error(w, d) for w, d in zip(written, deployed))
-    return drift, drift > max(PARITY_RTOL, precision.rounding_tolerance(model.proto))
+    return Parity(worst, drift, references[0][1])
 
 
 def _worst_difference(model: LoadedModel, reference: list[np.ndarray], twin: TorchModel, x: np.ndarray,

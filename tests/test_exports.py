@@ -88,7 +88,7 @@ def test_every_node_without_a_converter_gets_its_own_fallback(tmp_path):
     means = [n.name for n in model.proto.graph.node if n.op_type == "ReduceMean"]
     twin = to_torch(model.proto)
     assert len(means) == 2 and set(means) <= set(twin.fallbacks)
-    assert check_parity(model, twin, make_data(1)[0]) < 1e-5
+    assert check_parity(model, twin, make_data(1)[0]).worst < 1e-5
 
 
 def test_a_fixed_batch_baked_into_a_reshape_is_honoured(tmp_path, shots):
