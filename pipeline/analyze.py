@@ -360,6 +360,8 @@ class _Tracer:
             self._channelwise(node, tensor)
         elif op == "Slice" and not forward:
             self._slice_back(node, tensor)
+        elif op == "Concat" and not forward:
+            self._concat_back(node, tensor)
         elif not forward:
             raise _Frozen(f"{op} node '{node.name}' writes these channels and is not understood by the analysis")
         elif op == "Concat":
@@ -523,6 +525,26 @@ class _Tracer:
         self.concats.append(node)
         self._coupled(f"concatenated with other channels at '{node.name}'")
         self._add(node.output[0], _Place(1, offsets[0], int(shape[1]), also=tuple(offsets[1:])), node.name)
+
+    def _concat_back(self, node: NodeProto, tensor: str) -> None:
+        """Reached from its output (a residual Add whose branch ends in a Concat of convs: MixNet's
+        split pointwise convs): the channels come from the one input that holds them, or, where
+        they span several, the first producer's channels are divided along the Concat's inputs."""
+        view, place = self.view, self.layout[tensor]
+        shape, axis = view.shape(tensor), view.attr(node, "axis", 1)
+        widths = [(view.shape(i) or (None, None))[1] for i in node.input]
+        if place.block != 1 or place.last or place.also or shape is None or len(shape) < 3 \
+                or axis % len(shape) != 1 or None in widths:
+            raise _Frozen(f"Concat node '{node.name}' writes these channels and is not understood by the analysis")
+        starts = [sum(widths[:k]) for k in range(len(widths))]
+        first, end = place.offset, place.offset + self.group.size
+        k = next((k for k, (s, w) in enumerate(zip(starts, widths)) if s <= first and end <= s + w), None)
+        if k is None:
+            self._divide(node, (first, end), place.width, list(zip(starts, widths)))
+        if list(node.input).count(node.input[k]) > 1:
+            raise _Frozen(f"Concat node '{node.name}' writes these channels twice")
+        self._add(node.input[k], _Place(1, first - starts[k], widths[k]), node.name)
+        self._concat(node, node.input[k])
 
     def _coupled(self, why: str) -> None:
         if not self.group.coupling:

@@ -478,6 +478,37 @@ def test_a_slice_reached_from_its_output_claims_only_its_part_of_the_producer(tm
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
+class ConcatBranch(torch.nn.Module):
+    """A residual Add whose branch ends in a Concat of two convs (MixNet's split pointwise convs);
+    the stream's own conv comes first, so its group reaches the Concat from its output."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem, self.a, self.b = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+        self.head, self.fc = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        h = torch.relu(s)
+        y = torch.relu(s + torch.cat([self.a(h), self.b(h)], 1))
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+def test_a_concat_reached_from_its_output_divides_the_stream_along_its_inputs(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(ConcatBranch(), tmp_path / "concat_branch.onnx"))
+    assert all(g.prunable for g in groups[:-1]), [g.reason for g in groups]
+    halves = sorted((g.producers, g.slices[0].offset) for g in groups if "/stem/Conv" in g.producers)
+    assert halves == [(["/stem/Conv", "/a/Conv"], 0), (["/stem/Conv", "/b/Conv"], 8)]
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    stem = next(n for n in out.graph.node if n.name == "/stem/Conv")
+    assert GraphView(out).const(stem.input[1]).shape[0] == 4 + 4
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
