@@ -71,14 +71,13 @@ def accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(run_batched(make_session(model), x)[0].argmax(1) == y))
 
 
-def torch_pruned(model: Path, x: np.ndarray, y: np.ndarray, ratio: float, importance: str,
+def torch_pruned(teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, ratio: float, importance: str,
                  exclude: list[str]) -> torch.nn.Module:
-    """Torch-Pruning's MetaPruner on the twin, every prunable layer to `ratio` of its channels;
-    Linear layers (the classifier) and layers matching `exclude` left as they are."""
+    """Torch-Pruning's MetaPruner on a copy of the twin, every prunable layer to `ratio` of its
+    channels; Linear layers (the classifier) and layers matching `exclude` left as they are."""
     import torch_pruning as tp
 
-    twin = to_torch(load_model(model).proto)
-    net = copy.deepcopy(twin.module).eval()
+    net = copy.deepcopy(teacher).eval()
     named = dict(net.named_modules())
     ignored = [m for n, m in named.items() if isinstance(m, torch.nn.Linear)
                or any(fnmatch.fnmatchcase("/" + n, p) for p in exclude)]
@@ -154,7 +153,7 @@ def run_seed(args, seed: int, folder: Path) -> tuple[dict[str, float], dict[str,
     torch.manual_seed(seed)
     for importance in ("l2", "taylor"):
         start = time.perf_counter()
-        net = torch_pruned(args.model, x, y, args.ratio, importance, args.exclude)
+        net = torch_pruned(teacher_twin.module, x, y, args.ratio, importance, args.exclude)
         models[f"torch-pruning {importance}"] = to_onnx(net, args.model, x)
         seconds[f"torch-pruning {importance}"] = time.perf_counter() - start
         net = finetune(net, teacher_logits, x, transforms, args.ft_steps, args.ft_lr, seed)
