@@ -337,7 +337,7 @@ class _Tracer:
         if op in ("Reshape", "InstanceNormalization") and (norm := _group_norm(self.view, node)):
             self._group_norm(norm, tensor)
             return
-        if forward and self.layout[tensor].also and (op not in LINEAR or _conv_unit(self.view, node)):
+        if forward and self.layout[tensor].also and (op not in LINEAR | {"Slice"} or _conv_unit(self.view, node)):
             raise _Frozen(f"{op} node '{node.name}' reads a Concat that holds these channels more than once")
         if op in LINEAR and not _conv_unit(self.view, node):
             if (node.name, role) in self.seen:
@@ -468,7 +468,9 @@ class _Tracer:
             raise _Frozen(f"Slice node '{node.name}' takes part of flattened channels")
         width, (start, stop, _) = view.shape(tensor)[1], bounds
         first, end = place.offset, place.offset + group.size
-        if start <= first and end <= stop:
+        places = (first, *place.also)  # where a Concat that took these channels more than once holds them
+        inside = [start <= p and p + group.size <= stop for p in places]
+        if all(inside):
             if (tensor, "slices") not in self.seen:  # every channel Slice of this tensor, once
                 self.seen.add((tensor, "slices"))
                 for other in self.view.consumers.get(tensor, []):
@@ -477,12 +479,17 @@ class _Tracer:
                         continue
                     o_start, o_stop, pos = other_bounds
                     o_end = int(view.const(other.input[2]).ravel()[pos])
-                    if o_start >= end:
-                        group.shape_edits.append(ShapeEdit(other.name, 1, pos, 1))
-                    if end <= o_end <= width:  # an end past the channel count stays "to the end"
-                        group.shape_edits.append(ShapeEdit(other.name, 2, pos, 1))
-            self._add(node.output[0], _Place(1, first - start, stop - start), node.name)
+                    before_start = sum(p + group.size <= o_start for p in places)
+                    if before_start:
+                        group.shape_edits.append(ShapeEdit(other.name, 1, pos, before_start))
+                    before_end = sum(p + group.size <= o_end for p in places)
+                    if before_end and o_end <= width:  # an end past the channel count stays "to the end"
+                        group.shape_edits.append(ShapeEdit(other.name, 2, pos, before_end))
+            self._add(node.output[0], _Place(1, first - start, stop - start,
+                                             also=tuple(p - start for p in place.also)), node.name)
             return
+        if place.also and (any(inside) or not all(p + group.size <= start or stop <= p for p in places)):
+            raise _Frozen(f"Slice node '{node.name}' keeps only some of the places of these channels")
         if stop <= first or end <= start:
             return  # another part of the channels
         cuts = sorted({0, width} | {b for other in self.view.consumers.get(tensor, []) if other.op_type == "Slice"

@@ -509,6 +509,41 @@ def test_a_concat_reached_from_its_output_divides_the_stream_along_its_inputs(tm
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
 
 
+class GhostModule(torch.nn.Module):
+    """GhostNet's module: a conv, a depthwise conv of its output, both concatenated and sliced to
+    `out` channels. The Concat holds the conv's channels twice (directly and through the
+    depthwise conv); with `out` the full width the Slice keeps both places, else it cuts one."""
+
+    def __init__(self, out: int = 16):
+        super().__init__()
+        nn = torch.nn
+        self.out = out
+        self.primary = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+        self.head, self.fc = nn.Conv2d(out, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        p = self.primary(x)
+        g = torch.cat([p, self.cheap(p)], 1)[:, :self.out]
+        return self.fc(torch.relu(self.head(g)).mean((2, 3)))
+
+
+def test_a_slice_that_keeps_every_place_of_repeated_channels_passes_them_on(tmp_path):
+    torch.manual_seed(0)
+    model, view, groups = groups_of(export(GhostModule(), tmp_path / "ghost.onnx"))
+    primary = next(g for g in groups if g.producers == ["/primary/primary.0/Conv"])
+    assert primary.prunable and next(c for c in primary.consumers if c.node == "/head/Conv").offsets == (0, 8)
+    x, _ = make_data(2)
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    out = slim(model.proto, groups, result.kept, result.layers)
+    head = next(n for n in out.graph.node if n.name == "/head/Conv")
+    assert GraphView(out).const(head.input[1]).shape[1] == 2 * 4
+    assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+    _, _, groups = groups_of(export(GhostModule(out=15), tmp_path / "ghost15.onnx"))  # cuts the second place
+    cut = next(g for g in groups if g.producers == ["/primary/primary.0/Conv"])
+    assert not cut.prunable and "keeps only some of the places" in cut.reason
+
+
 def test_unknown_operator_freezes_instead_of_failing(vgg_path, tmp_path):
     proto = onnx.load(str(vgg_path))
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
