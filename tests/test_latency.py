@@ -171,5 +171,6 @@ def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg
                                     "--target-speedup", "1.001", "--target-batch", "4", "--target-refine", "0",
                                     "--method", "cross", "--batch", "4", "--runs", "3", "--report", str(report)])
     assert res.exit_code == 0, res.output
-    attempts = json.loads(report.read_text())["allocation"]["attempts"]
-    assert attempts and all(a["predicted_share"] < 1.0 for a in attempts)
+    rep = json.loads(report.read_text())  # (an attempt may ask for a share of 1.0 and still prune: rounding)
+    assert rep["allocation"]["attempts"] and rep["allocation"]["keep"]
+    assert rep["totals"]["flops_after"] < rep["totals"]["flops_before"]
