@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 
@@ -57,14 +58,6 @@ def shots_and_eval(model: Path, data_path: Path, eval_path: Path, k: int, seed: 
     np.savez(path, x=shots.x, y=shots.y)
     evalset = data.load_samples(eval_path, loaded.inputs[0], pre)
     return path, shots.x, shots.y, evalset.x, evalset.y
-
-
-def load_model_bytes(model: bytes):
-    """A model held in memory, through the same loader as a file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(model)
-        return load_model(path).proto
 
 
 def accuracy(model: bytes, x: np.ndarray, y: np.ndarray) -> float:
@@ -171,7 +164,7 @@ def run_seed(args, seed: int, folder: Path) -> tuple[dict[str, float], dict[str,
         models[name] = result.models.get("slim-int8", result.slim) if int8 else result.slim
         seconds[name] = time.perf_counter() - start
     start = time.perf_counter()  # the same fine-tune from crossprune's refit instead of from magnitude pruning
-    net = finetune(copy.deepcopy(to_torch(load_model_bytes(models["crossprune"])).module), teacher_logits, x,
+    net = finetune(to_torch(onnx.load_from_string(models["crossprune"])).module, teacher_logits, x,
                    transforms, args.ft_steps, args.ft_lr, seed)
     models["crossprune +ft"] = to_onnx(net, args.model, x)
     seconds["crossprune +ft"] = seconds["crossprune"] + time.perf_counter() - start
