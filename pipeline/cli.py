@@ -199,6 +199,9 @@ def prune_options(fn):
                      "channel block (16 on AVX-512 CPUs, else 8) for groups of four blocks or more, 8 for "
                      "groups of 32 or more, none for smaller ones (a width between two multiples runs as "
                      "slowly as the next). TensorRT in fp16/int8 prefers 16."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where torch runs the model's twin, the layer statistics and the solver (onnxruntime's "
+                     "checks and timings are unaffected); auto: a CUDA GPU where torch sees one, else the CPU."),
         click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
         click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
@@ -360,6 +363,7 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
 
 
 def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to,
+             device,
              target_flops, target_speedup, target_latency_ms, target_provider, target_batch, target_refine,
              pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
@@ -391,7 +395,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
         max_memory=max_memory, augment=augment, augment_factor=augment_factor, target_flops=target_flops,
-        target=target)
+        target=target, device=device)
 
 
 def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:

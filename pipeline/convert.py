@@ -30,6 +30,7 @@ class TorchModel:
     modules_by_node: dict[str, torch.nn.Module]
     fallbacks: list[str] = field(default_factory=list)  # nodes onnxruntime evaluates (no torch converter)
     batch: int | None = None  # samples per forward pass, where the graph bakes a fixed batch in
+    device: torch.device = torch.device("cpu")  # where its weights live (pipeline/engine.py)
 
     def layer(self, node_name: str) -> torch.nn.Module:
         return self.modules_by_node[node_name]
@@ -48,6 +49,7 @@ class TorchModel:
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every output for any number of samples (in passes of `batch` where it is fixed)."""
+        x = x.to(self.device)
         parts = [self.module(piece) for piece in (x.split(self.batch) if self.batch else [x])]
         parts = [list(p) if isinstance(p, (tuple, list)) else [p] for p in parts]
         return [torch.cat(chunks) for chunks in zip(*parts)]
@@ -57,19 +59,20 @@ class TorchModel:
         return self.forward(x)
 
 
-def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None) -> TorchModel:
-    """Convert with onnx2torch, in float32 (precision.py); nodes it has no converter for are run by
-    onnxruntime."""
+def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None,
+             device: torch.device = torch.device("cpu")) -> TorchModel:
+    """Convert with onnx2torch, in float32 (precision.py), onto `device`; nodes it has no converter
+    for are run by onnxruntime."""
     proto = with_fallbacks(precision.widened(proto))
     try:
-        module = onnx2torch_convert(proto).eval()
+        module = onnx2torch_convert(proto).eval().to(device)
     except Exception as exc:
         raise ModelError(f"{source}: onnx2torch failed ({type(exc).__name__}: {exc})") from exc
     named = dict(module.named_modules())
     by_node = {n.name: named[OnnxGraph.generate_node_name(n)] for n in proto.graph.node
                if OnnxGraph.generate_node_name(n) in named}
     fallbacks = [name for name, layer in by_node.items() if isinstance(layer, OrtNode)]
-    return TorchModel(module, by_node, fallbacks, batch)
+    return TorchModel(module, by_node, fallbacks, batch, device)
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def _worst_difference(model: LoadedModel, reference: list[np.ndarray], twin: Tor
 @torch.no_grad()
 def run_torch(twin: TorchModel, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
     chunks = [twin.outputs(torch.from_numpy(x[i:i + batch])) for i in range(0, len(x), batch)]
-    return [torch.cat([c[k] for c in chunks]).numpy() for k in range(len(chunks[0]))]
+    return [torch.cat([c[k] for c in chunks]).cpu().numpy() for k in range(len(chunks[0]))]
 
 
 def relative_error(reference: np.ndarray, value: np.ndarray) -> float:

@@ -57,18 +57,19 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
              augmenter: Augmenter | None, progress=lambda _: None) -> FinetuneResult:
     start = time.perf_counter()
     pool = _pool(x, augmenter)
-    targets = [torch.from_numpy(t) for t in run_torch(teacher, pool)]
+    targets = [torch.from_numpy(t).to(teacher.device) for t in run_torch(teacher, pool)]
     scales = [float(t.pow(2).mean().clamp_min(1e-30)) for t in targets]
-    twin = to_torch(slim, "slim model", batch=teacher.batch)
+    twin = to_torch(slim, "slim model", batch=teacher.batch, device=teacher.device)
     params, tuned = _trainable(slim, twin)
     if not params:
         progress("fine-tune: no Conv, Gemm or BatchNormalization layer with its own weights; skipped")
     twin.module.eval()  # BatchNorm uses its running statistics; Dropout is off
     opt = torch.optim.Adam(params, lr=config.lr) if params else None
     gen = torch.Generator().manual_seed(seed)
-    pool_t = torch.from_numpy(pool)
+    pool_t = torch.from_numpy(pool).to(teacher.device)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(teacher.device)
         out = twin.forward(pool_t[idx])
         return sum(torch.mean((o - t[idx]) ** 2) / s for o, t, s in zip(out, targets, scales)) / len(out)
 
@@ -143,7 +144,7 @@ def _round_to_file(proto: ModelProto, twin: TorchModel, tuned: list[str]) -> Non
     for name in tuned:
         stored = view.const(view.nodes[name].input[1]).dtype
         for p in twin.modules_by_node[name].parameters():
-            p.copy_(torch.from_numpy(p.numpy().astype(stored)).to(p.dtype))
+            p.copy_(torch.from_numpy(p.cpu().numpy().astype(stored)))
 
 
 def _write_back(proto: ModelProto, twin: TorchModel, tuned: list[str]) -> ModelProto:
@@ -154,8 +155,8 @@ def _write_back(proto: ModelProto, twin: TorchModel, tuned: list[str]) -> ModelP
     inits = {i.name: i for i in out.graph.initializer}
     for name in tuned:
         node, module = view.nodes[name], twin.modules_by_node[name]
-        weight = module.weight.detach().numpy()
-        bias = None if module.bias is None else module.bias.detach().numpy()
+        weight = module.weight.detach().cpu().numpy()
+        bias = None if module.bias is None else module.bias.detach().cpu().numpy()
         if node.op_type == "Gemm":  # onnx2torch folded alpha, beta and transB into the Linear
             weight = weight / view.attr(node, "alpha", 1.0)
             weight = weight if view.attr(node, "transB", 0) else weight.T

@@ -48,7 +48,8 @@ class OrtNode(torch.nn.Module, OnnxToTorchModule):
         if self._session is None:
             self._session = self._open(feeds)
         outs = self._session.run(None, feeds)
-        tensors = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        tensors = [torch.from_numpy(np.ascontiguousarray(o)).to(device) for o in outs]
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import hardware, limits
+from pipeline import engine, hardware
 from pipeline.analyze import ChannelGroup, Consumer
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
@@ -83,11 +83,11 @@ class TeacherGrams:
     """G_tt of each consumer over one set of samples and their variants. The teacher never
     changes, so every student pruned from the same samples (the candidates of --method auto,
     the widths a target tries) can share them: one cache per set of samples, holding what fits
-    in `budget` bytes (an eighth of memory by default; a full-width VGG-16's twelve 3x3
-    conv consumers take about 1 GB)."""
+    in `budget` bytes (an eighth of the memory of the device they are on by default; a
+    full-width VGG-16's twelve 3x3 conv consumers take about 1 GB)."""
 
     def __init__(self, budget: int | None = None):
-        self.budget = limits.total_memory() // 8 if budget is None else budget
+        self.budget = budget
         self._grams: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
         self._bytes = 0
 
@@ -96,6 +96,8 @@ class TeacherGrams:
 
     def put(self, consumer: str, chunk: int, gram: torch.Tensor, rows: int) -> None:
         size = gram.numel() * gram.element_size()
+        if self.budget is None:
+            self.budget = engine.memory(gram.device) // 8
         if (consumer, chunk) not in self._grams and self._bytes + size <= self.budget:
             self._grams[consumer, chunk] = gram, rows
             self._bytes += size
@@ -141,7 +143,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
     """Prune every eligible group to `config.ratio`, or to `keep[group id]` channels when an
     allocation is given (groups it leaves out stay whole). Pass one `cache` to every call on
     the same samples."""
-    student = TorchModel(copy.deepcopy(teacher.module), {}, batch=teacher.batch)
+    student = TorchModel(copy.deepcopy(teacher.module), {}, batch=teacher.batch, device=teacher.device)
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
     student.modules_by_node = {k: named[teacher_names[m]] for k, m in teacher.modules_by_node.items()}
@@ -166,7 +168,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
             layer = _to_onnx_layout(view, consumer, w)
             result.layers[consumer.node] = layer
             _write(student, layer, view, consumer)
-        kept = sol.kept.numpy().astype(np.int64)
+        kept = sol.kept.cpu().numpy().astype(np.int64)
         result.outcomes.append(GroupOutcome(group.id, group.size, kept, sol.loss,
                                             time.perf_counter() - start))
         progress(f"group {group.id}: {group.channels} -> {len(kept) * group.unit} channels")
@@ -196,7 +198,7 @@ def group_problems(view: GraphView, teacher: TorchModel, student: TorchModel, gr
                    fixed: dict[str, torch.Tensor] | None = None, cache: TeacherGrams | None = None) -> list[Problem]:
     """One least-squares problem per consumer, with its statistics over the samples (none for l1)."""
     fixed = fixed or {}
-    problems = [_problem(view, c, group.size, fixed.get(c.node)) for c in group.consumers]
+    problems = [_problem(view, c, group.size, fixed.get(c.node), teacher.device) for c in group.consumers]
     if config.method != "l1":
         _collect(view, teacher, student, group.consumers, problems, x, config.chunk, augmenter,
                  "tt" if student is teacher else GRAMS[config.method], cache)
@@ -213,8 +215,9 @@ def _unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
     return ""
 
 
-def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Tensor | None) -> Problem:
-    """Teacher weights in solver layout (inputs x outputs, bias row last) and channel rows."""
+def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Tensor | None,
+             device: torch.device) -> Problem:
+    """Teacher weights in solver layout (inputs x outputs, bias row last) and channel rows, on `device`."""
     node = view.nodes[consumer.node]
     w = view.const(node.input[1]).astype(np.float64)
     bias = view.const(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else None
@@ -232,11 +235,12 @@ def _problem(view: GraphView, consumer: Consumer, channels: int, fixed: torch.Te
         if bias is not None:
             bias = np.broadcast_to(bias * view.attr(node, "beta", 1.0), (out,))
     bias_row = np.zeros((1, out)) if bias is None else np.asarray(bias).reshape(1, out)
-    weight = torch.from_numpy(np.concatenate([mat, bias_row]))
+    weight = torch.from_numpy(np.concatenate([mat, bias_row])).to(device)
     if node.op_type in ("MatMul", "ConvTranspose"):  # no bias to refit (a ConvTranspose's is kept): its row stays zero
-        bias_row_index = torch.tensor([len(mat)])
+        bias_row_index = torch.tensor([len(mat)], device=device)
         fixed = bias_row_index if fixed is None else torch.unique(torch.cat([fixed, bias_row_index]))
-    columns = [((o + torch.arange(channels)) * per)[:, None] + torch.arange(per)[None, :] for o in consumer.offsets]
+    arange = lambda n: torch.arange(n, device=device)
+    columns = [((o + arange(channels)) * per)[:, None] + arange(per)[None, :] for o in consumer.offsets]
     return Problem(weight, torch.cat(columns, dim=1), fixed=fixed)
 
 
@@ -252,11 +256,11 @@ def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumer
     cached = all(h is not None for h in hits)
     todo = [g for g in grams.split(",") if not (cached and g == "tt")]
     dims = [len(p.weight) for p in problems]
-    sums = [{g: torch.zeros(d, d, dtype=torch.float64) for g in todo} for d in dims]
+    sums = [{g: torch.zeros(d, d, dtype=torch.float64, device=teacher.device) for g in todo} for d in dims]
     rows = [0] * len(problems)
     for ci, i in enumerate(range(0, len(x), chunk) if todo else ()):
         for variant in (augmenter.variants(x[i:i + chunk], ci) if augmenter else [x[i:i + chunk]]):
-            batch = torch.from_numpy(variant)
+            batch = torch.from_numpy(variant).to(teacher.device)
             xt = _capture(teacher, consumers, batch) if any("t" in g for g in todo) else None
             xs = xt if grams == "tt" else _capture(student, consumers, batch)
             for k, c in enumerate(consumers):
@@ -344,7 +348,7 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
         flat = inp.reshape(-1, inp.shape[-1])
     else:
         flat = inp.reshape(inp.shape[0], -1)
-    return torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
+    return torch.cat([flat, flat.new_ones(len(flat), 1)], dim=1)
 
 
 def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> list[tuple[int, int]]:
@@ -366,7 +370,7 @@ def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> list[tuple[in
 def _to_onnx_layout(view: GraphView, consumer: Consumer, w: torch.Tensor) -> LayerWeights:
     node = view.nodes[consumer.node]
     orig = view.const(node.input[1])
-    mat, bias = w[:-1].numpy(), w[-1].numpy()
+    mat, bias = w[:-1].cpu().numpy(), w[-1].cpu().numpy()
     if consumer.kind == "conv":
         weight = mat.T.reshape(orig.shape)
     elif consumer.kind == "deconv":
@@ -386,10 +390,10 @@ def _write(student: TorchModel, layer: LayerWeights, view: GraphView, consumer: 
     node, module = view.nodes[consumer.node], student.layer(consumer.node)
     if node.op_type == "MatMul":
         weight = student.constant_input(consumer.node, 1)
-        weight.copy_(torch.from_numpy(layer.weight).to(weight.dtype))
+        weight.copy_(torch.from_numpy(layer.weight))
         return
     if node.op_type == "ConvTranspose":  # same layout in torch; the bias stays
-        module.weight.copy_(torch.from_numpy(layer.weight).to(module.weight.dtype))
+        module.weight.copy_(torch.from_numpy(layer.weight))
         return
     if isinstance(module, CONVS):
         weight = torch.from_numpy(layer.weight)
@@ -399,6 +403,6 @@ def _write(student: TorchModel, layer: LayerWeights, view: GraphView, consumer: 
         w = layer.weight if consumer.in_axis == 1 else layer.weight.T
         weight = torch.from_numpy(alpha * w)
         bias = torch.from_numpy(beta * layer.bias)
-    module.weight.copy_(weight.to(module.weight.dtype))
+    module.weight.copy_(weight)
     # a new Parameter: the layer may have had no bias, or a broadcast one of another shape
-    module.bias = torch.nn.Parameter(bias.to(module.weight.dtype), requires_grad=False)
+    module.bias = torch.nn.Parameter(bias.to(module.weight.device, module.weight.dtype), requires_grad=False)

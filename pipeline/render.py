@@ -63,7 +63,7 @@ def sections(report: dict) -> list[Section]:
             [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
             _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
-                                 if frozen else [])))
+                                 if frozen else []) + _engine(report.get("engine"))))
     lat = report.get("latency")
     if lat:
         out.append(Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
@@ -103,6 +103,10 @@ def _refine_note(refinement: dict | None) -> list[str]:
         moves += " (not confirmed on a second split of the shots: one ratio for all kept)"
     return [f"refined by local search ({refinement['evaluations']} held-out prunings, "
             f"{len(refinement['misses'])} trades over the time allowed): {moves}"]
+
+
+def _engine(engine: dict | None) -> list[str]:
+    return [f"statistics and solves: torch on {engine['device']} ({engine['name']})"] if engine else []
 
 
 def _met_note(alloc: dict) -> str:

@@ -75,7 +75,7 @@ def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
     else:
         raise ValueError(f"no quadratic objective for method '{method}'")
     ridge = damp * _scale(h)
-    h = h + ridge * torch.eye(len(h), dtype=h.dtype)
+    h = h + ridge * _eye(h)
     return h, torch.linalg.solve(h, cross @ weight + ridge * weight)
 
 
@@ -84,7 +84,11 @@ def _scale(h: torch.Tensor) -> torch.Tensor:
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    return h + damp * _scale(h) * torch.eye(len(h), dtype=h.dtype)
+    return h + damp * _scale(h) * _eye(h)
+
+
+def _eye(h: torch.Tensor) -> torch.Tensor:
+    return torch.eye(len(h), dtype=h.dtype, device=h.device)
 
 
 def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
@@ -97,7 +101,7 @@ def solve_closed(problems: list[Problem], keep: int, method: str, mu: float,
     changes little between neighbouring steps.
     """
     quads = [objective(p.stats, p.weight, method, mu, damp) for p in problems]
-    alive = torch.ones(len(problems[0].columns), dtype=torch.bool)
+    alive = torch.ones(len(problems[0].columns), dtype=torch.bool, device=problems[0].weight.device)
     for drop, _ in _greedy_removal(problems, quads, keep):
         alive[drop] = False
     kept = torch.nonzero(alive).squeeze(1)
@@ -118,8 +122,8 @@ def removal_curve(problems: list[Problem], min_keep: int, method: str, mu: float
 
 def _greedy_removal(problems: list[Problem], quads, keep: int):
     """Yield (channels removed this round, their summed OBS loss increase) until `keep` remain."""
-    channels = len(problems[0].columns)
-    alive = torch.ones(channels, dtype=torch.bool)
+    channels, device = len(problems[0].columns), problems[0].weight.device
+    alive = torch.ones(channels, dtype=torch.bool, device=device)
     hinv = [_inverse(h) for h, _ in quads]
     cur = [w.clone() for _, w in quads]
     for p, hi, w in zip(problems, hinv, cur):
@@ -128,7 +132,7 @@ def _greedy_removal(problems: list[Problem], quads, keep: int):
     step = -(-(channels - keep) // MAX_ROUNDS)
     while int(alive.sum()) > keep:
         idx = torch.nonzero(alive).squeeze(1)
-        cost = torch.zeros(len(idx), dtype=torch.float64)
+        cost = torch.zeros(len(idx), dtype=torch.float64, device=device)
         for p, hi, w in zip(problems, hinv, cur):
             cols = p.columns[idx]  # (A, k)
             block = hi[cols[:, :, None], cols[:, None, :]]  # (A, k, k)
@@ -177,7 +181,7 @@ def dropped_rows(problem: Problem, kept: torch.Tensor) -> torch.Tensor:
 
 
 def _dropped_mask(problem: Problem, kept: torch.Tensor, size: int) -> torch.Tensor:
-    mask = torch.zeros(size, dtype=torch.bool)
+    mask = torch.zeros(size, dtype=torch.bool, device=problem.weight.device)
     mask[problem.columns.reshape(-1)] = True
     mask[problem.columns[kept].reshape(-1)] = False
     if problem.fixed is not None:
@@ -218,8 +222,8 @@ def solve_pgd(problems: list[Problem], keep: int, method: str, mu: float, damp: 
     fast = [(h.float() * (2 / scale), ws.float()) for h, ws in quads]
     params = [p.weight.float().clone() for p in problems]
     opt = torch.optim.Adam(params, lr=lr)
-    channels = len(problems[0].columns)
-    alive = torch.ones(channels, dtype=torch.bool)
+    channels, device = len(problems[0].columns), problems[0].weight.device
+    alive = torch.ones(channels, dtype=torch.bool, device=device)
     prox_end = max(1, iters // 3)
     for it in range(iters):
         dropped = [_dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w)) for w, p in zip(params, problems)]
@@ -234,7 +238,7 @@ def solve_pgd(problems: list[Problem], keep: int, method: str, mu: float, damp: 
             target = channels - round((channels - keep) * (it + 1) / prox_end)
             norms = sum((w[p.columns] ** 2).sum(dim=(1, 2)) for w, p in zip(params, problems))
             norms[~alive] = -1
-            alive = torch.zeros(channels, dtype=torch.bool)
+            alive = torch.zeros(channels, dtype=torch.bool, device=device)
             alive[torch.topk(norms, target).indices] = True
         for w, p in zip(params, problems):
             rows = _dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w))

@@ -18,9 +18,9 @@ import torch
 
 from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import (allocate, analyze, augment, bench, choose, convert, data, finetune, flops, limits, load,
-                      precision, prune, quantize, report, target, verify)
-from pipeline.errors import NothingToPruneError, UsageError, VerificationError
+from pipeline import (allocate, analyze, augment, bench, choose, convert, data, engine, finetune, flops, limits,
+                      load, precision, prune, quantize, report, target, verify)
+from pipeline.errors import ModelError, NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
 from pipeline.target import LatencyTarget
 
@@ -54,6 +54,7 @@ class CompressOptions:
     finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
+    device: str = "auto"  # where torch computes (pipeline/engine.py)
 
 
 @dataclass
@@ -97,8 +98,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
             raise UsageError("--max-accuracy-drop needs labeled evaluation data (class folders, y in the "
                              ".npz, or --eval-data); use --min-fidelity for unlabeled data")
     with stage("convert"):
-        teacher = convert.to_torch(model.proto, str(model_path))
-        parity = convert.check_parity(model, teacher, shots.calib.x)
+        teacher, parity = _twin(model, options.device, shots.calib.x, progress)
         if parity.optimizer_changes_outputs:
             progress(f"warning: onnxruntime's graph optimizations change the teacher's outputs by "
                      f"{parity.optimizer_drift:.2e} (relative) against its graph as written; checks use the graph "
@@ -193,6 +193,7 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
                   original, final, verify_err, quality, timed, stages, output)
     rep["augmentation"] = augmenter.to_json()
+    rep["engine"] = engine.describe(teacher.device)
     rep["allocation"] = {**alloc.to_json(), **(picked or {})} if alloc else None
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
@@ -208,6 +209,22 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
     rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
                     "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
     return CompressResult(slim_bytes, rep, failures, {name: m for name, m, _ in chain})
+
+
+def _twin(model: load.LoadedModel, device: str, x: np.ndarray,
+          progress: Progress) -> tuple[convert.TorchModel, convert.Parity]:
+    """The teacher's torch twin on the chosen device, proven equal to onnxruntime. A converter
+    that builds its tensors on the CPU fails on a GPU: `auto` then falls back to the CPU."""
+    where = engine.resolve(device)
+    try:
+        teacher = convert.to_torch(model.proto, str(model.path), device=where)
+        return teacher, convert.check_parity(model, teacher, x)
+    except ModelError as exc:
+        if device != "auto" or where.type == "cpu":
+            raise
+        progress(f"warning: the torch twin fails on {where.type} ({exc}); running torch on the CPU")
+    teacher = convert.to_torch(model.proto, str(model.path))
+    return teacher, convert.check_parity(model, teacher, x)
 
 
 def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.BenchResult | None) -> list[str]:
