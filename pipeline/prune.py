@@ -271,10 +271,10 @@ def _collect(view: GraphView, teacher: TorchModel, student: TorchModel, consumer
                     _add_gram(total, a[g[0]], a[g[1]])
                 rows[k] += len(a["s"])
     for c, hit, p, s, n in zip(consumers, hits, problems, sums, rows if todo else [h[1] for h in hits]):
-        if not all(torch.isfinite(g).all() for g in s.values()):
+        if not all(torch.isfinite(g.sum()) for g in s.values()):  # an Inf or NaN anywhere makes the sum one
             raise ModelError(f"layer '{c.node}' receives NaN or Inf on the samples (teacher or student); "
                              f"check the model and the data's preprocessing")
-        mean = {g: (_mirror(total) if g[0] == g[1] else total) / n for g, total in s.items()}
+        mean = {g: (_mirror(total) if g[0] == g[1] else total).div_(n) for g, total in s.items()}
         if cached:
             mean["tt"] = hit[0]
         elif cache is not None and "tt" in mean:
@@ -297,8 +297,11 @@ def _add_gram(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, blocks: int
 
 
 def _mirror(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle `_add_gram` accumulated."""
-    return upper.triu() + upper.triu(1).T
+    """The symmetric matrix whose upper triangle `_add_gram` accumulated (`upper` is consumed)."""
+    upper = upper.triu_()
+    full = upper + upper.T
+    full.diagonal().sub_(upper.diagonal())
+    return full
 
 
 @torch.no_grad()
