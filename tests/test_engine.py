@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline import engine
 from pipeline.cli import main
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here")
@@ -70,3 +71,20 @@ def test_a_gpu_prunes_as_the_cpu_does(vgg_path, npz_path, tmp_path, extra):
     again = compress(vgg_path, npz_path, tmp_path / "again.onnx", "cuda", *extra)
     assert again["output"]["sha256"] == gpu["output"]["sha256"], "not deterministic on the GPU"
     onnx.checker.check_model(onnx.load(str(tmp_path / "gpu.onnx")))
+
+
+@pytest.mark.parametrize("device, code", [("auto", 0), ("cuda", 3)])
+def test_a_twin_that_fails_on_the_chosen_device_falls_back_to_the_cpu_only_under_auto(
+        vgg_path, npz_path, tmp_path, monkeypatch, device, code):
+    """Stand-in for a converter that builds its tensors on the CPU: on the meta device every
+    module converts and no forward pass gives numbers, so the parity check fails there."""
+    monkeypatch.setattr(engine, "resolve", lambda name="auto": torch.device("meta"))
+    report = tmp_path / "r.json"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx", "--report", report,
+              "--no-bench", "--method", "cross", "--device", device)
+    assert res.exit_code == code, res.output
+    if code == 0:
+        assert "warning: the torch twin fails on meta" in res.output and "running torch on the CPU" in res.output
+        assert json.loads(report.read_text())["engine"]["device"] == "cpu"
+    else:
+        assert "Traceback" not in res.output and not (tmp_path / "s.onnx").exists()
