@@ -1,8 +1,8 @@
 """Stage 7: latency per execution provider and batch size, every model timed in the same run.
 
-Sessions are timed one at a time with spinning off, in interleaved rounds, so slow drifts
-of the machine hit every model alike; the speedup of each round is kept as a range beside the
-overall one, since on a shared machine one batch-1 pair can read 2.3x in one round and 2.8x in
+Sessions are timed one at a time (their threads spin only while a run lasts: runtime.py), in
+interleaved rounds, so slow drifts of the machine hit every model alike; the speedup of each
+round is kept as a range beside the overall one, since on a shared machine one batch-1 pair can read 2.3x in one round and 2.8x in
 the next. A provider that is missing or would silently fall back to the CPU is reported as
 unavailable with the reason, never timed as if it were there.
 """
@@ -161,6 +161,6 @@ def _summarise(label: str, provider: str, batch: int, rounds: list[list[float]],
 
 def _settings(threads: int, runs: int, warmup: int, rounds: int) -> dict:
     return {"onnxruntime": ort.__version__, "available_providers": ort.get_available_providers(),
-            "intra_op_threads": threads or "default (all cores)", "spinning": "off",
+            "intra_op_threads": threads or "default (all cores)", "spinning": "during a run only",
             "graph_optimization": "all", "runs": runs, "warmup": warmup, "rounds": rounds,
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}

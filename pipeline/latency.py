@@ -175,7 +175,7 @@ def build(view: GraphView, widths: FlopsModel, whole_ms: float, config: SessionC
     """Time every layer alone at the grid widths (or read them from the cache)."""
     cache_file = cache_path()
     cache = _read(cache_file)
-    setting = f"{config.provider}|{config.threads}|{batch}|{ort.__version__}|{hardware.cpu_name()}"
+    setting = f"{config.provider}|{config.threads}|{batch}|{ort.__version__}|{hardware.cpu_name()}|spin-during-run"
     tables, measured = {}, 0
     for node_name, layer in widths.layers.items():
         node = view.nodes[node_name]
