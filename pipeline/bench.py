@@ -2,8 +2,8 @@
 
 Sessions are timed one at a time (their threads spin only while a run lasts: runtime.py), in
 interleaved rounds, so slow drifts of the machine hit every model alike; the speedup of each
-round is kept as a range beside the overall one, since on a shared machine one batch-1 pair can read 2.3x in one round and 2.8x in
-the next. A provider that is missing or would silently fall back to the CPU is reported as
+round is kept as a range beside the overall one, since on a shared machine one batch-1 pair
+can read 2.3x in one round and 2.8x in the next. A provider that is missing or would silently fall back to the CPU is reported as
 unavailable with the reason, never timed as if it were there.
 """
 from __future__ import annotations
