@@ -47,6 +47,10 @@ def guarded(fn):
                 raise
             from pipeline.runtime import first_line
 
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, from a GPU too small for this model or data
+                click.echo(f"crossprune: error: the GPU ran out of memory ({first_line(exc)}); nothing was written; "
+                           f"run again with --device cpu", err=True)
+                sys.exit(1)
             click.echo(f"crossprune: internal error: {type(exc).__name__}: {first_line(exc)} "
                        f"(run again with --debug for the traceback)", err=True)
             sys.exit(1)

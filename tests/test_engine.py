@@ -88,3 +88,18 @@ def test_a_twin_that_fails_on_the_chosen_device_falls_back_to_the_cpu_only_under
         assert json.loads(report.read_text())["engine"]["device"] == "cpu"
     else:
         assert "Traceback" not in res.output and not (tmp_path / "s.onnx").exists()
+
+
+def test_a_gpu_out_of_memory_is_one_line_with_the_way_out(vgg_path, npz_path, tmp_path, monkeypatch):
+    """Failure injected where a GPU would run out: in the solver, after every check passed."""
+    from pipeline import prune
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(prune, "prune", exhausted)
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx", "--no-bench",
+              "--method", "cross")
+    assert res.exit_code == 1
+    assert "ran out of memory" in res.output and "--device cpu" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "s.onnx").exists()
