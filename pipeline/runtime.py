@@ -5,7 +5,7 @@ for a while after it, stealing cores from the next session timed or from torch. 
 stops that but makes every hand-off between threads a wake-up: the demo teacher read 0.224 ms
 at batch 1 against 0.127 ms with onnxruntime's defaults (docs/BENCHMARKS.md). So threads spin
 while a run lasts and stop when it returns (`session.force_spinning_stop`), which measured
-within 10% of a session timed alone. The provider actually used is checked, never assumed.
+within 7% of a session timed alone on the teachers. The provider actually used is checked, never assumed.
 """
 from __future__ import annotations
 
