@@ -62,6 +62,7 @@ class QuantResult:
     sensitivity: dict[str, float] = field(default_factory=dict)  # error with only that layer quantized
     speed_trials: list[dict] = field(default_factory=list)  # shallow layers timed in float vs int8
     activations: str = ""  # the activation type used (uint8 / int8)
+    against_float: dict | None = None  # the whole int8 model timed against the float one it came from
 
     @property
     def float_for_speed(self) -> list[str]:
@@ -71,7 +72,8 @@ class QuantResult:
         return {"activations": self.activations, "relative_error_vs_float": self.error,
                 "top1_agreement_vs_float": self.agreement,
                 "kept_float": self.kept_float, "sensitivity": self.sensitivity,
-                "speed_trials": self.speed_trials, "bytes": len(self.model)}
+                "speed_trials": self.speed_trials, "timed_against_float": self.against_float,
+                "bytes": len(self.model)}
 
 
 class _Reader(CalibrationDataReader):
@@ -135,7 +137,23 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
         if config.speed_provider:
             _float_where_faster(result, lambda exclude: run(exclude, ops=ops),
                                 _shallow(proto, set(result.kept_float)), config, progress, calib.shape[1:])
+            result.against_float = _against_float(model, result.model, config, progress, calib.shape[1:])
         return result
+
+
+def _against_float(float_model: bytes, int8_model: bytes, config: QuantConfig, progress: Callable[[str], None],
+                   shape: tuple[int, ...]) -> dict | None:
+    """On some CPUs every int8 kernel is slower than its float twin (a 16-core Xeon under a
+    hypervisor: 0.23x, docs/BENCHMARKS.md); said here, so that a run without --bench learns it too."""
+    timing = bench.bench([("float", float_model), ("int8", int8_model)], [config.speed_provider],
+                         [config.speed_batch], runs=40, rounds=4, shape=shape)
+    if len(timing.timings) < 2:
+        return None
+    float_ms, int8_ms = (t.p50_ms for t in timing.timings)
+    if int8_ms * SPEED_MARGIN > float_ms:
+        progress(f"warning: the int8 model runs slower than the float one on {config.speed_provider} at batch "
+                 f"{config.speed_batch} ({int8_ms:.3f} vs {float_ms:.3f} ms): this CPU's int8 kernels do not pay")
+    return {"provider": config.speed_provider, "batch": config.speed_batch, "float_ms": float_ms, "int8_ms": int8_ms}
 
 
 def _shallow(proto: onnx.ModelProto, skip: set[str]) -> list[str]:

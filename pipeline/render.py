@@ -52,6 +52,11 @@ def sections(report: dict) -> list[Section]:
         notes += ["kept in float for fidelity after the INT8 check: " + ", ".join(for_error)] if for_error else []
         notes += [f"kept in float for speed: {t['layer']} ({t['float_ms']:.3f} ms vs {t['int8_ms']:.3f} ms "
                   f"all int8, {t['provider']} batch {t['batch']})" for t in faster]
+        against = quant.get("timed_against_float")
+        if against and not report.get("latency") and against["int8_ms"] > SLOWER * against["float_ms"]:
+            notes.append(f"the int8 model ran slower than the float one in the quantize stage's timing "
+                         f"({against['int8_ms']:.3f} vs {against['float_ms']:.3f} ms, {against['provider']} batch "
+                         f"{against['batch']})")
         out.append(Section("Chain", ["model", "accuracy", "agreement", "size"], [
             [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"]
             for c in chain], notes))

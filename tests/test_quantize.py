@@ -120,3 +120,15 @@ def test_quantize_command_without_pruning(vgg_path, npz_path, tmp_path):
         [i.dims for i in onnx.load(str(vgg_path)).graph.initializer if len(i.dims) == 4]  # nothing pruned
     res = CliRunner().invoke(main, ["quantize", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_without_a_bench_the_int8_model_is_still_timed_against_its_float_one(vgg_path, npz_path, tmp_path):
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o",
+                                    str(tmp_path / "q.onnx"), "--report", str(report), "--quantize", "int8",
+                                    "--no-bench", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["latency"] is None
+    timed = rep["quantization"]["timed_against_float"]
+    assert timed["provider"] == "cpu" and timed["batch"] == 32 and timed["float_ms"] > 0 and timed["int8_ms"] > 0

@@ -117,3 +117,15 @@ def test_an_unconfirmed_refinement_says_one_ratio_for_all_was_kept():
     assert "not confirmed" in _refine_note(refinement)[0]
     refinement["confirmation"]["kept"] = True
     assert "not confirmed" not in _refine_note(refinement)[0] and "group 2 narrowed to 24" in _refine_note(refinement)[0]
+
+
+@pytest.mark.parametrize("int8_ms, timed, said", [(2.0, False, True), (2.0, True, False), (0.5, False, False)])
+def test_an_int8_model_slower_than_its_float_one_is_said_without_a_bench(int8_ms, timed, said):
+    against = {"provider": "cpu", "batch": 32, "float_ms": 1.0, "int8_ms": int8_ms}
+    rep = {"chain": [{"model": m, "accuracy": None, "top1_agreement": 1.0, "bytes": 1000}
+                     for m in ("teacher", "slim", "slim-int8")],
+           "quantization": {"activations": "uint8", "kept_float": [], "speed_trials": [],
+                            "timed_against_float": against},
+           "latency": {"timings": []} if timed else None}
+    assert ("ran slower than the float one in the quantize stage's timing (2.000 vs 1.000 ms, cpu batch 32)"
+            in markdown(rep)) == said
