@@ -22,6 +22,7 @@ from pipeline import (allocate, analyze, augment, bench, choose, convert, data, 
                       load, precision, prune, quantize, report, target, verify)
 from pipeline.errors import ModelError, NothingToPruneError, UsageError, VerificationError
 from pipeline.graph import GraphView
+from pipeline.runtime import first_line
 from pipeline.target import LatencyTarget
 
 MAX_EVAL = 5000  # held-out samples used for quality and verification at most
@@ -74,7 +75,20 @@ Progress = Callable[[str], None]
 
 def compress(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
              progress: Progress = lambda _: None) -> CompressResult:
-    """Run every stage; write `output` only after verification passed."""
+    """Run every stage; write `output` only after verification passed. Under `--device auto` a GPU
+    that runs out of memory hands the whole job to the CPU: nothing has been written by then."""
+    try:
+        return _compress(model_path, options, output, progress)
+    except torch.OutOfMemoryError as exc:
+        if options.device != "auto":
+            raise
+        progress(f"warning: the GPU ran out of memory ({first_line(exc)}); starting again with torch on the CPU")
+        torch.cuda.empty_cache()
+        return _compress(model_path, replace(options, device="cpu"), output, progress)
+
+
+def _compress(model_path: str | Path, options: CompressOptions, output: str | Path | None,
+              progress: Progress) -> CompressResult:
     model_path = Path(model_path)
     torch.manual_seed(options.seed)
     stages: dict[str, float] = {}

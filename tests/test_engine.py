@@ -90,14 +90,34 @@ def test_a_twin_that_fails_on_the_chosen_device_falls_back_to_the_cpu_only_under
         assert "Traceback" not in res.output and not (tmp_path / "s.onnx").exists()
 
 
-def test_a_gpu_out_of_memory_is_one_line_with_the_way_out(vgg_path, npz_path, tmp_path, monkeypatch):
-    """Failure injected where a GPU would run out: in the solver, after every check passed."""
+def out_of_memory(monkeypatch, times: int) -> None:
+    """Failure injected where a GPU would run out: in the solver, after every check passed, the
+    first `times` calls."""
     from pipeline import prune
 
-    def exhausted(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    real, calls = prune.prune, []
 
-    monkeypatch.setattr(prune, "prune", exhausted)
+    def solver(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= times:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune, "prune", solver)
+
+
+def test_a_gpu_out_of_memory_under_auto_starts_again_on_the_cpu(vgg_path, npz_path, tmp_path, monkeypatch):
+    out_of_memory(monkeypatch, 1)
+    report = tmp_path / "r.json"
+    res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx", "--report", report,
+              "--no-bench", "--method", "cross")
+    assert res.exit_code == 0, res.output
+    assert "the GPU ran out of memory" in res.output and "starting again with torch on the CPU" in res.output
+    assert json.loads(report.read_text())["engine"]["device"] == "cpu" and (tmp_path / "s.onnx").exists()
+
+
+def test_a_gpu_out_of_memory_is_one_line_with_the_way_out(vgg_path, npz_path, tmp_path, monkeypatch):
+    out_of_memory(monkeypatch, 2)  # on the GPU, and again: nothing left to fall back to
     res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", tmp_path / "s.onnx", "--no-bench",
               "--method", "cross")
     assert res.exit_code == 1
