@@ -85,11 +85,12 @@ class HoldOut:
         self.view, self.teacher, self.groups, self.augmenter = view, teacher, groups, augmenter
         self.reference = run_torch(teacher, self.check)
         self.grams = prune.TeacherGrams()
+        self.prefixes = prune.Prefixes()  # the refinement's trials share most of their groups
 
     def score(self, config: prune.PruneConfig, keep: dict[int, int] | None = None) -> float:
         """Relative squared output error on the held-out inputs (the worst output's)."""
         student = prune.prune(self.view, self.teacher, self.groups, self.fit, config, augmenter=self.augmenter,
-                              keep=keep, cache=self.grams).student
+                              keep=keep, cache=self.grams, reuse=self.prefixes).student
         return max(relative_squared_error(r, s) for r, s in zip(self.reference, run_torch(student, self.check)))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import engine, hardware
+from pipeline import engine, hardware, limits
 from pipeline.analyze import ChannelGroup, Consumer
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
@@ -132,6 +132,41 @@ class PruneResult:
         return {o.group: o.kept for o in self.outcomes}
 
 
+@dataclass
+class _Solved:
+    """One group's result on the student the groups before it left: its consumers' new weights
+    and held rows, in the order of `group.consumers`."""
+
+    outcome: GroupOutcome
+    layers: list[LayerWeights]
+    fixed: list[torch.Tensor]
+
+
+class Prefixes:
+    """Groups already solved on one set of samples, by configuration and the widths of every group
+    pruned up to and including them: that is all the student a group sees depends on. A trial
+    that differs from an earlier one only from some group on (the refinement narrows or widens
+    one or two groups at a time) then redoes only that far, with results equal to the last bit.
+    Holds what fits in `budget` bytes (an eighth of memory by default)."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = limits.total_memory() // 8 if budget is None else budget
+        self._solved: dict[tuple, _Solved] = {}
+        self._bytes = 0
+        self.hits = 0
+
+    def get(self, key: tuple) -> _Solved | None:
+        found = self._solved.get(key)
+        self.hits += found is not None
+        return found
+
+    def put(self, key: tuple, solved: _Solved) -> None:
+        size = sum(a.nbytes for layer in solved.layers for a in (layer.weight, layer.bias) if a is not None)
+        if key not in self._solved and self._bytes + size <= self.budget:
+            self._solved[key] = solved
+            self._bytes += size
+
+
 class _Stop(Exception):
     """Ends a forward pass once every input we need has been seen."""
 
@@ -139,16 +174,17 @@ class _Stop(Exception):
 def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
           config: PruneConfig, progress: Callable[[str], None] = lambda _: None,
           augmenter: Augmenter | None = None, keep: dict[int, int] | None = None,
-          cache: TeacherGrams | None = None) -> PruneResult:
+          cache: TeacherGrams | None = None, reuse: Prefixes | None = None) -> PruneResult:
     """Prune every eligible group to `config.ratio`, or to `keep[group id]` channels when an
-    allocation is given (groups it leaves out stay whole). Pass one `cache` to every call on
-    the same samples."""
+    allocation is given (groups it leaves out stay whole). Pass one `cache`, and one `reuse`, to
+    every call on the same samples."""
     student = TorchModel(copy.deepcopy(teacher.module), {}, batch=teacher.batch, device=teacher.device)
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
     student.modules_by_node = {k: named[teacher_names[m]] for k, m in teacher.modules_by_node.items()}
     result = PruneResult(student, [], {})
     fixed: dict[str, torch.Tensor] = {}  # consumer -> input rows dropped with earlier groups (Concat)
+    widths: list[tuple[int, int]] = []  # (group id, kept) of every group pruned so far
     for group in groups:
         if not group.prunable:
             continue
@@ -158,21 +194,35 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
             result.skipped[group.id] = why
             progress(f"group {group.id}: skipped ({why})")
             continue
-        start = time.perf_counter()
-        # until a layer is refit the student computes what the teacher does: h_s = h_t
-        problems = group_problems(view, teacher, student if result.layers else teacher, group, x, config,
+        widths.append((group.id, count))
+        key = (config, tuple(widths))
+        solved = reuse.get(key) if reuse is not None else None
+        if solved is None:
+            solved = _solve_group(view, teacher, student if result.layers else teacher, group, count, x, config,
                                   augmenter, fixed, cache)
-        sol = _solve(problems, count, config)
-        for consumer, problem, w in zip(group.consumers, problems, sol.weights):
-            fixed[consumer.node] = dropped_rows(problem, sol.kept)
-            layer = _to_onnx_layout(view, consumer, w)
+            if reuse is not None:
+                reuse.put(key, solved)
+        for consumer, layer, rows in zip(group.consumers, solved.layers, solved.fixed):
+            fixed[consumer.node] = rows
             result.layers[consumer.node] = layer
             _write(student, layer, view, consumer)
-        kept = sol.kept.cpu().numpy().astype(np.int64)
-        result.outcomes.append(GroupOutcome(group.id, group.size, kept, sol.loss,
-                                            time.perf_counter() - start))
-        progress(f"group {group.id}: {group.channels} -> {len(kept) * group.unit} channels")
+        result.outcomes.append(solved.outcome)
+        progress(f"group {group.id}: {group.channels} -> {len(solved.outcome.kept) * group.unit} channels")
     return result
+
+
+def _solve_group(view: GraphView, teacher: TorchModel, student: TorchModel, group: ChannelGroup, count: int,
+                 x: np.ndarray, config: PruneConfig, augmenter: Augmenter | None, fixed: dict[str, torch.Tensor],
+                 cache: TeacherGrams | None) -> _Solved:
+    """Statistics, selection and refit of one group on the student as the groups before it left it
+    (until a layer is refit the student computes what the teacher does: pass the teacher)."""
+    start = time.perf_counter()
+    problems = group_problems(view, teacher, student, group, x, config, augmenter, fixed, cache)
+    sol = _solve(problems, count, config)
+    layers = [_to_onnx_layout(view, consumer, w) for consumer, w in zip(group.consumers, sol.weights)]
+    rows = [dropped_rows(problem, sol.kept) for problem in problems]
+    kept = sol.kept.cpu().numpy().astype(np.int64)
+    return _Solved(GroupOutcome(group.id, group.size, kept, sol.loss, time.perf_counter() - start), layers, rows)
 
 
 def _solve(problems: list[Problem], keep: int, config: PruneConfig):

@@ -84,3 +84,28 @@ def test_a_result_the_second_split_does_not_confirm_is_dropped():
     assert result.moves and result.confirmation == {"start": error(START), "refined": error(START) + 1.0,
                                                     "kept": False}
     assert result.keep == START and result.score == result.start_score
+
+
+def test_trials_that_share_their_first_groups_reuse_them_to_the_last_bit(vgg_path, npz_path):
+    """The refinement's held-out prunings differ in one or two groups: every group before the
+    first that differs is taken from an earlier trial, and the scores are those of pruning anew."""
+    from pipeline import choose, prune
+    from pipeline.analyze import find_groups
+    from pipeline.convert import to_torch
+    from pipeline.graph import GraphView
+    from pipeline.load import load_model
+
+    proto = load_model(vgg_path).proto
+    view, teacher = GraphView(proto), to_torch(proto)
+    groups = find_groups(view)
+    config = prune.PruneConfig(method="cross")
+    sizes = {g.id: g.size for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)}
+    ids = list(sizes)
+    half = {g: s // 2 for g, s in sizes.items()}
+    trials = [half, {**half, ids[-1]: sizes[ids[-1]] // 4}, {**half, ids[1]: sizes[ids[1]] // 4}, half]
+    x = np.load(npz_path)["x"][:24]
+    reusing, fresh = (choose.HoldOut(view, teacher, groups, x, 0, None) for _ in range(2))
+    fresh.prefixes = prune.Prefixes(budget=0)  # stores nothing: every trial pruned from scratch
+    assert [reusing.score(config, keep) for keep in trials] == [fresh.score(config, keep) for keep in trials]
+    assert fresh.prefixes.hits == 0
+    assert reusing.prefixes.hits == (len(ids) - 1) + 1 + len(ids)  # all but the last; the first; all
