@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import engine, hardware, limits
+from pipeline import engine, hardware
 from pipeline.analyze import ChannelGroup, Consumer
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel
@@ -79,28 +79,40 @@ class PruneConfig:
         return keep
 
 
-class TeacherGrams:
-    """G_tt of each consumer over one set of samples and their variants. The teacher never
-    changes, so every student pruned from the same samples (the candidates of --method auto,
-    the widths a target tries) can share them: one cache per set of samples, holding what fits
-    in `budget` bytes (an eighth of the memory of the device they are on by default; a
-    full-width VGG-16's twelve 3x3 conv consumers take about 1 GB)."""
+class _Kept:
+    """What fits in `budget` bytes of one device's memory (an eighth of it by default), first come
+    first kept: the caches below serve every pruning of one set of samples."""
 
     def __init__(self, budget: int | None = None):
         self.budget = budget
-        self._grams: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
+        self._items: dict = {}
         self._bytes = 0
+        self.hits = 0
+
+    def _get(self, key):
+        found = self._items.get(key)
+        self.hits += found is not None
+        return found
+
+    def _put(self, key, value, size: int, device: torch.device) -> None:
+        if self.budget is None:
+            self.budget = engine.memory(device) // 8
+        if key not in self._items and self._bytes + size <= self.budget:
+            self._items[key] = value
+            self._bytes += size
+
+
+class TeacherGrams(_Kept):
+    """G_tt of each consumer over one set of samples and their variants. The teacher never
+    changes, so every student pruned from the same samples (the candidates of --method auto,
+    the widths a target tries) can share them (a full-width VGG-16's twelve 3x3 conv consumers
+    take about 1 GB)."""
 
     def get(self, consumer: str, chunk: int) -> tuple[torch.Tensor, int] | None:
-        return self._grams.get((consumer, chunk))
+        return self._get((consumer, chunk))
 
     def put(self, consumer: str, chunk: int, gram: torch.Tensor, rows: int) -> None:
-        size = gram.numel() * gram.element_size()
-        if self.budget is None:
-            self.budget = engine.memory(gram.device) // 8
-        if (consumer, chunk) not in self._grams and self._bytes + size <= self.budget:
-            self._grams[consumer, chunk] = gram, rows
-            self._bytes += size
+        self._put((consumer, chunk), (gram, rows), gram.numel() * gram.element_size(), gram.device)
 
 
 @dataclass
@@ -142,29 +154,18 @@ class _Solved:
     fixed: list[torch.Tensor]
 
 
-class Prefixes:
+class Prefixes(_Kept):
     """Groups already solved on one set of samples, by configuration and the widths of every group
     pruned up to and including them: that is all the student a group sees depends on. A trial
     that differs from an earlier one only from some group on (the refinement narrows or widens
-    one or two groups at a time) then redoes only that far, with results equal to the last bit.
-    Holds what fits in `budget` bytes (an eighth of memory by default)."""
-
-    def __init__(self, budget: int | None = None):
-        self.budget = limits.total_memory() // 8 if budget is None else budget
-        self._solved: dict[tuple, _Solved] = {}
-        self._bytes = 0
-        self.hits = 0
+    one or two groups at a time) then redoes only that far, with results equal to the last bit."""
 
     def get(self, key: tuple) -> _Solved | None:
-        found = self._solved.get(key)
-        self.hits += found is not None
-        return found
+        return self._get(key)
 
     def put(self, key: tuple, solved: _Solved) -> None:
         size = sum(a.nbytes for layer in solved.layers for a in (layer.weight, layer.bias) if a is not None)
-        if key not in self._solved and self._bytes + size <= self.budget:
-            self._solved[key] = solved
-            self._bytes += size
+        self._put(key, solved, size, torch.device("cpu"))  # the layers' new weights are numpy arrays
 
 
 class _Stop(Exception):
