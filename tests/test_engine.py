@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 
 from pipeline import engine
 from pipeline.cli import main
+from pipeline.runtime import make_session, run_batched
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here")
 
@@ -28,11 +28,6 @@ def compress(vgg_path, npz_path, out, device, *extra):
               "--quiet", "--device", device, *extra)
     assert res.exit_code == 0, res.output
     return json.loads(report.read_text())
-
-
-def outputs(path, x):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def test_the_report_says_where_torch_ran(vgg_path, npz_path, tmp_path):
@@ -65,7 +60,7 @@ def test_a_gpu_prunes_as_the_cpu_does(vgg_path, npz_path, tmp_path, extra):
     assert [g["kept"] for g in gpu["groups"]] == [g["kept"] for g in cpu["groups"]]
     assert gpu["parity"]["slim_vs_masked_student"] < 1e-4
     x = np.load(npz_path)["x"][:16]
-    a, b = outputs(tmp_path / "cpu.onnx", x), outputs(tmp_path / "gpu.onnx", x)
+    a, b = (run_batched(make_session(str(tmp_path / name)), x)[0] for name in ("cpu.onnx", "gpu.onnx"))
     # float64 statistics on both; what differs is float32 rounding in the forward passes
     assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
     again = compress(vgg_path, npz_path, tmp_path / "again.onnx", "cuda", *extra)

@@ -20,13 +20,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline.runtime import make_session, run_batched  # noqa: E402
 from tests.zoo import export_zoo  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
@@ -42,11 +42,6 @@ def setup(name: str, folder: Path) -> tuple[Path, CompressOptions]:
     path = export_zoo(name, folder / f"{name}.onnx", 17)
     return path, CompressOptions(data=folder / "x.npz", samples=16, prune=PruneConfig(ratio=0.3, scope="all"),
                                  augment=AUGMENT, providers=[])
-
-
-def outputs(model: bytes, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def main() -> None:
@@ -72,7 +67,7 @@ def main() -> None:
                     result = compress(path, options)
                     seconds = time.perf_counter() - start
                     kept = [None if g["kept"] is None else [int(k) for k in g["kept"]] for g in result.report["groups"]]
-                    out = outputs(result.slim, x)
+                    out = run_batched(make_session(result.slim), x)[0]
                     first = first or (kept, out)
                     diff = float(np.abs(out - first[1]).max() / np.abs(first[1]).max())
                     stages = result.report["stages_seconds"]
