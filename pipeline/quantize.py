@@ -145,15 +145,24 @@ def _against_float(float_model: bytes, int8_model: bytes, config: QuantConfig, p
                    shape: tuple[int, ...]) -> dict | None:
     """On some CPUs every int8 kernel is slower than its float twin (a 16-core Xeon under a
     hypervisor: 0.23x, docs/BENCHMARKS.md); said here, so that a run without --bench learns it too."""
-    timing = bench.bench([("float", float_model), ("int8", int8_model)], [config.speed_provider],
-                         [config.speed_batch], runs=40, rounds=4, shape=shape)
-    if len(timing.timings) < 2:
+    timed = _timed_pair(float_model, int8_model, config, shape)
+    if isinstance(timed, str):
         return None
-    float_ms, int8_ms = (t.p50_ms for t in timing.timings)
+    float_ms, int8_ms = timed
     if int8_ms * SPEED_MARGIN > float_ms:
         progress(f"warning: the int8 model runs slower than the float one on {config.speed_provider} at batch "
                  f"{config.speed_batch} ({int8_ms:.3f} vs {float_ms:.3f} ms): this CPU's int8 kernels do not pay")
     return {"provider": config.speed_provider, "batch": config.speed_batch, "float_ms": float_ms, "int8_ms": int8_ms}
+
+
+def _timed_pair(first: bytes, second: bytes, config: QuantConfig, shape: tuple[int, ...]) -> tuple[float, float] | str:
+    """Medians of two models timed in one run on the speed check's provider and batch, or why
+    they could not be timed there."""
+    timing = bench.bench([("first", first), ("second", second)], [config.speed_provider], [config.speed_batch],
+                         runs=40, rounds=4, shape=shape)
+    if len(timing.timings) < 2:
+        return "; ".join(timing.unavailable.values())
+    return timing.timings[0].p50_ms, timing.timings[1].p50_ms
 
 
 def _shallow(proto: onnx.ModelProto, skip: set[str]) -> list[str]:
@@ -175,12 +184,11 @@ def _float_where_faster(result: QuantResult, run: Callable, candidates: list[str
     the first that does not help ends the search (deeper ones gain even less from float)."""
     for layer in candidates:
         model, error, agreement = run(result.kept_float + [layer])
-        timing = bench.bench([("int8", result.model), ("float", model)], [config.speed_provider],
-                             [config.speed_batch], runs=40, rounds=4, shape=shape)
-        if len(timing.timings) < 2:
-            progress(f"int8: speed check skipped ({'; '.join(timing.unavailable.values())})")
+        timed = _timed_pair(result.model, model, config, shape)
+        if isinstance(timed, str):
+            progress(f"int8: speed check skipped ({timed})")
             return
-        int8_ms, float_ms = (t.p50_ms for t in timing.timings)
+        int8_ms, float_ms = timed
         kept = float_ms < SPEED_MARGIN * int8_ms and error <= config.max_error
         result.speed_trials.append({"layer": layer, "int8_ms": int8_ms, "float_ms": float_ms, "kept_float": kept,
                                     "provider": config.speed_provider, "batch": config.speed_batch})
