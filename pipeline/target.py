@@ -171,10 +171,14 @@ def _refined(target: LatencyTarget, start: latency.Steering, refinement: refine.
 
 def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, problem: Problem,
           known: dict[str, float], progress: Progress) -> dict:
-    """Of the widths that meet the goal (all, if none does), the one closest to the teacher on
-    held-out shots (`known` already scored): non-uniform widths are kept only where they beat one
-    ratio for all. The candidates are timed again with the teacher in one run: timings taken
-    minutes apart on a busy machine drift by 10%, enough to decide which one met the goal."""
+    """Of the widths that meet the goal, the one closest to the teacher on held-out shots (`known`
+    already scored): non-uniform widths are kept only where they beat one ratio for all. The
+    candidates are timed again with the teacher in one run, since timings taken minutes apart
+    drift by 10%; meeting the goal there is not enough for a candidate that missed its aim when it
+    was found: at batch 1 one reading of a 0.08 ms model moves by 5-10%, and the best-scoring of
+    those that met once is the slow one that met by luck (demo, seed 0: refined widths 7% over
+    their aim when found, under the goal in this timing, 1.90x for 2x asked in a later one). Only
+    if no candidate met both times do those that met here compete (then all)."""
     session = SessionConfig(target.provider, problem.threads)
     timing = bench.bench([("teacher", original)] + [(n, c.slim.SerializeToString()) for n, c in tried.items()],
                          [session.provider], [target.batch], runs=40, rounds=5, threads=session.threads,
@@ -182,8 +186,11 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
     ms = {t.model: t.p50_ms for t in timing.timings}
     teacher_ms = ms.get("teacher") or next(iter(tried.values())).info["attempts"][0]["teacher_ms"]
     goal = _goal(target, teacher_ms)
-    met = [n for n in tried if ms.get(n, math.inf) <= goal]
-    pool = met or list(tried)
+    met, twice = eligible(ms, goal, {n: c.info["target_met"] for n, c in tried.items()})
+    if set(twice) != set(met) and twice:
+        progress(f"latency target: {', '.join(n for n in met if n not in twice)} met the goal in this timing only "
+                 f"(over the aim when found): not chosen")
+    pool = twice or met or list(tried)
     scores = dict(known)
     if len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES:
         scores.update(choose.holdout_scores(problem.view, problem.teacher, problem.groups, problem.x,
@@ -191,12 +198,19 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
                                             problem.seed, problem.augmenter, "latency target", progress))
     chosen = min(pool, key=lambda n: scores.get(n, 0.0))
     progress(f"latency target: {chosen} widths chosen")
-    return {"chosen": chosen, "timed_together": {"ms": ms, "goal_ms": goal, "met": met},
+    return {"chosen": chosen, "timed_together": {"ms": ms, "goal_ms": goal, "met": met, "met_when_found_too": twice},
             "target_met_timed_together": chosen in met, "candidates": {
                 name: {"keep": {str(k): v for k, v in c.alloc.keep.items()}, "target_met": c.info["target_met"],
                        "attempts": c.info["attempts"], "kept_attempt": c.info["kept_attempt"],
                        "holdout_relative_squared_error": scores.get(name)}
                 for name, c in tried.items()}}
+
+
+def eligible(ms: dict[str, float], goal: float, met_when_found: dict[str, bool]) -> tuple[list[str], list[str]]:
+    """Candidates that met the goal in the joint timing `ms`, and those of them that had also met
+    their aim when they were found (`_pick` chooses from the second, else the first)."""
+    met = [n for n in met_when_found if ms.get(n, math.inf) <= goal]
+    return met, [n for n in met if met_when_found[n]]
 
 
 def _timed(steer: latency.Steering, original: bytes, model: bytes, shape: tuple[int, ...]) -> tuple[float, float]:
