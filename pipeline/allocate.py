@@ -10,11 +10,17 @@ outputs is divided by the curve's loss at that width. Then channels are taken, `
 from the group whose next removal costs the least loss per unit of cost saved, until the model's
 cost reaches the target share. The cost is the linear layers' FLOPs (FlopsModel, exact) or a
 latency prediction (pipeline/latency.py). The real, sequential pruning then runs with those counts.
+
+Widths can also come from an earlier report (`--widths`): a latency target is steered by
+timings and so differs from run to run, while its widths, replayed with the same shots, seed
+and options, give the same model every time, with nothing timed.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -23,7 +29,7 @@ from pipeline import prune
 from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
 from pipeline.convert import TorchModel, relative_squared_error, run_torch
-from pipeline.errors import NothingToPruneError
+from pipeline.errors import NothingToPruneError, UsageError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
 from pipeline.solve import removal_curve
@@ -177,3 +183,41 @@ def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flop
         keep[best.id] -= min(c.step[best.id], keep[best.id] - c.floor[best.id])
         current = best_cost
     return Allocation({g.id: keep[g.id] for g in c.groups if keep[g.id] < g.size}, target_share, current / total, cost)
+
+
+def read_widths(path: Path) -> dict[tuple[str, ...], int]:
+    """Channels kept per pruned group of an earlier report, keyed by the layers that write the
+    group (its ids depend on the analysis, the producers' names on the model alone)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"--widths {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        groups = json.loads(text)["groups"]
+        widths = {tuple(g["producers"]): int(g["channels_after"]) for g in groups
+                  if g.get("channels_after") is not None and g["channels_after"] < g["channels_before"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--widths {path}: not a crossprune compress report ({type(exc).__name__}: {exc}); "
+                         f"give the JSON written by --report") from None
+    if not widths:
+        raise UsageError(f"--widths {path}: the report prunes no channel group")
+    return widths
+
+
+def replayed(groups: list[ChannelGroup], widths: dict[tuple[str, ...], int], source: Path,
+             skip: Callable[[ChannelGroup], str]) -> dict[int, int]:
+    """`widths` as units kept per group of this model; `skip` says why a group is left whole
+    under the current options (a report made with --scope all, replayed with internal)."""
+    by_producers = {tuple(g.producers): g for g in groups}
+    keep = {}
+    for producers, channels in widths.items():
+        g = by_producers.get(producers)
+        why = "no such group in this model" if g is None else g.reason if not g.prunable else skip(g)
+        if why:
+            raise UsageError(f"--widths {source}: the group written by {', '.join(producers)} cannot be pruned "
+                             f"here ({why}); was the report made from another model or with other options?")
+        if channels % g.unit or not 0 < channels < g.channels:
+            raise UsageError(f"--widths {source}: {channels} channels for the group written by "
+                             f"{', '.join(producers)} ({g.channels} channels in groups of {g.unit})")
+        keep[g.id] = channels // g.unit
+    return keep

@@ -174,6 +174,11 @@ def prune_options(fn):
                      show_default=True, help="Where a latency target is measured."),
         click.option("--target-batch", type=click.IntRange(1), default=1, show_default=True,
                      help="Batch size a latency target is measured at."),
+        click.option("--widths", type=click.Path(path_type=Path, dir_okay=False), metavar="REPORT",
+                     help="Instead of --ratio: prune each channel group to the width it has in REPORT, an earlier "
+                     "--report (groups matched by the layers that write them). A --target-speedup search is "
+                     "steered by timings and differs from run to run; its widths, replayed with the same shots, "
+                     "--seed and options, give the same model every time, with nothing timed."),
         click.option("--target-refine", type=click.IntRange(0), default=24, show_default=True,
                      help="Prunings on held-out shots spent refining a latency target's widths by local search "
                      "from one ratio for all (width moved to where narrowing hurts most per millisecond); "
@@ -368,7 +373,7 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
 
 def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to,
              device,
-             target_flops, target_speedup, target_latency_ms, target_provider, target_batch, target_refine,
+             target_flops, target_speedup, target_latency_ms, target_provider, target_batch, target_refine, widths,
              pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
              eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
              runs, threads, no_bench, max_memory):
@@ -378,7 +383,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
     from pipeline.workflow import CompressOptions
 
     given = [f"--{n}" for n, v in (("target-flops", target_flops), ("target-speedup", target_speedup),
-                                   ("target-latency-ms", target_latency_ms)) if v is not None]
+                                   ("target-latency-ms", target_latency_ms), ("widths", widths)) if v is not None]
     if len(given) > 1:
         raise UsageError(f"give one target, not {' and '.join(given)}")
     target = None
@@ -399,7 +404,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
         max_memory=max_memory, augment=augment, augment_factor=augment_factor, target_flops=target_flops,
-        target=target, device=device)
+        target=target, widths_from=widths, device=device)
 
 
 def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:

@@ -64,10 +64,12 @@ def sections(report: dict) -> list[Section]:
     pruned = [g for g in groups if g["channels_after"] != g["channels_before"]]
     frozen = [g for g in groups if g["reason"]]
     if pruned or frozen:
+        cost = (report.get("allocation") or {}).get("cost", "")
+        replayed = [f"{cost} (--widths): nothing timed, the same model every run"] if cost.startswith("widths") else []
         out.append(Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
             [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
-            _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
+            replayed + _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
                                  if frozen else []) + _engine(report.get("engine"))))
     lat = report.get("latency")
     if lat:

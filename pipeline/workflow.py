@@ -52,6 +52,7 @@ class CompressOptions:
     auto_mu: bool = False  # --mu auto: pick mu the same way
     target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
     target: LatencyTarget | None = None  # a measured speedup or latency instead (overrides ratio)
+    widths_from: Path | None = None  # an earlier report whose groups' widths are replayed (overrides ratio)
     finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
@@ -104,8 +105,11 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         model, original = _open(model_path, options, output)
     if options.min_speedup is not None and not (options.providers and options.batches):
         raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
-    if options.target_flops is not None and options.target is not None:
-        raise UsageError("give one target: --target-flops or a latency target, not both")
+    given = [name for name, value in (("--target-flops", options.target_flops), ("a latency target", options.target),
+                                      ("--widths", options.widths_from)) if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"give one target: {' or '.join(given)}, not both")
+    widths = allocate.read_widths(options.widths_from) if options.widths_from is not None else None
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
         if options.max_accuracy_drop is not None and evalset.y is None:
@@ -126,6 +130,9 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         if not any(g.prunable for g in groups):
             reasons = "; ".join(f"{g.producers[0]}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
             raise NothingToPruneError(f"{model_path}: no prunable channel group ({reasons})")
+        if widths is not None:  # before any statistics: a report from another model fails at once
+            keep = allocate.replayed(groups, widths, options.widths_from,
+                                     lambda g: prune.skip_reason(teacher, g, options.prune))
     with stage("augment"):
         augmenter = augment.build(options.augment, options.augment_factor, options.seed, shots.calib.x,
                                   lambda x: convert.run_torch(teacher, x)[0], pre.layout)
@@ -143,7 +150,11 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
             options = replace(options, prune=choice.config)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
     alloc, picked = None, None
-    if options.target_flops is not None or options.target is not None:
+    if widths is not None:
+        flops = allocate.FlopsModel(view, groups)
+        share = flops.cost(keep) / flops.cost({})
+        alloc = allocate.Allocation(keep, share, share, f"widths of {options.widths_from}")
+    elif options.target_flops is not None or options.target is not None:
         with stage("allocate"):
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress)
             if options.target_flops is not None:

@@ -132,6 +132,41 @@ def test_two_targets_are_refused(vgg_path, npz_path, tmp_path):
         compress(vgg_path, options)
 
 
+def test_a_target_search_replayed_from_its_report_gives_the_same_model(vgg_path, npz_path, tmp_path, cache):
+    """The search depends on timings; its widths, replayed with the same shots and seed, do not."""
+    base = ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3", "--no-bench", "--quiet"]
+    searched, report, replay = tmp_path / "t.onnx", tmp_path / "r.json", tmp_path / "again.onnx"
+    res = CliRunner().invoke(main, base + ["-o", str(searched), "--report", str(report), "--target-speedup", "1.3",
+                                           "--target-batch", "4", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    again = tmp_path / "again.json"
+    res = CliRunner().invoke(main, base + ["-o", str(replay), "--widths", str(report), "--report", str(again)])
+    assert res.exit_code == 0, res.output
+    assert replay.read_bytes() == searched.read_bytes() and "(--widths): nothing timed" in res.output
+    first, second = json.loads(report.read_text()), json.loads(again.read_text())
+    assert second["allocation"]["cost"] == f"widths of {report}" and "attempts" not in second["allocation"]
+    assert [g["channels_after"] for g in second["groups"]] == [g["channels_after"] for g in first["groups"]]
+
+
+def test_widths_that_do_not_fit_the_model_are_one_line_and_nothing_is_written(vgg_path, npz_path, tmp_path):
+    out = tmp_path / "x.onnx"
+    base = ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3", "--no-bench", "-o", str(out)]
+    report = tmp_path / "r.json"
+    assert CliRunner().invoke(main, base + ["--report", str(report), "--quiet"]).exit_code == 0
+    out.unlink()
+    edited = json.loads(report.read_text())
+    edited["groups"][0]["producers"] = ["/nope/Conv"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(edited))
+    res = CliRunner().invoke(main, base + ["--widths", str(other)])
+    assert res.exit_code == 2 and "/nope/Conv" in res.output and str(other) in res.output and not out.exists()
+    (tmp_path / "notes.json").write_text('{"hello": 1}')
+    res = CliRunner().invoke(main, base + ["--widths", str(tmp_path / "notes.json")])
+    assert res.exit_code == 2 and "not a crossprune compress report" in res.output and not out.exists()
+    res = CliRunner().invoke(main, base + ["--widths", str(report), "--target-flops", "0.5"])
+    assert res.exit_code == 2 and "--target-flops and --widths" in res.output
+
+
 def test_one_ratio_for_all_finds_the_widest_that_meets_where_latency_is_flat():
     """Every width up to 16 of 64 channels runs in 4.7 ms, anything wider in 10: close to the aim
     at 8 channels says nothing about 16, so the ratio is bisected by measurement."""
