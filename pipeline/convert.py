@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import torch
-from onnx import ModelProto
+from onnx import ModelProto, helper
 from onnx2torch import convert as onnx2torch_convert
 from onnx2torch.onnx_graph import OnnxGraph
 
 from pipeline import precision
 from pipeline.errors import ModelError
+from pipeline.graph import GraphView
 from pipeline.load import LoadedModel
 from pipeline.ortnode import OrtNode, with_fallbacks
 from pipeline.runtime import AS_WRITTEN, declared_batch, first_line, make_session, run_batched
@@ -31,9 +33,16 @@ class TorchModel:
     fallbacks: list[str] = field(default_factory=list)  # nodes onnxruntime evaluates (no torch converter)
     batch: int | None = None  # samples per forward pass, where the graph bakes a fixed batch in
     device: torch.device = torch.device("cpu")  # where its weights live (pipeline/engine.py)
+    # node -> the module that takes the node's input, where onnx2torch wrapped the layer (a Pad
+    # module before a Conv with pads that differ at the two ends of an axis)
+    entries: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def layer(self, node_name: str) -> torch.nn.Module:
         return self.modules_by_node[node_name]
+
+    def entry(self, node_name: str) -> torch.nn.Module:
+        """The module whose input is the node's input, before any padding of its own."""
+        return self.entries.get(node_name) or self.modules_by_node[node_name]
 
     def constant_input(self, node_name: str, index: int) -> torch.Tensor:
         """The tensor onnx2torch feeds as input `index` of a node's module (an initializer it
@@ -63,16 +72,60 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None,
              device: torch.device = torch.device("cpu")) -> TorchModel:
     """Convert with onnx2torch, in float32 (precision.py), onto `device`; nodes it has no converter
     for are run by onnxruntime."""
-    proto = with_fallbacks(precision.widened(proto))
+    proto = with_fallbacks(_explicit_pads(precision.widened(proto)))
     try:
         module = onnx2torch_convert(proto).eval().to(device)
     except Exception as exc:
         raise ModelError(f"{source}: onnx2torch failed ({type(exc).__name__}: {exc})") from exc
     named = dict(module.named_modules())
-    by_node = {n.name: named[OnnxGraph.generate_node_name(n)] for n in proto.graph.node
-               if OnnxGraph.generate_node_name(n) in named}
+    made = {n.name: named[OnnxGraph.generate_node_name(n)] for n in proto.graph.node
+            if OnnxGraph.generate_node_name(n) in named}
+    by_node = {name: _layer_inside(m) for name, m in made.items()}
     fallbacks = [name for name, layer in by_node.items() if isinstance(layer, OrtNode)]
-    return TorchModel(module, by_node, fallbacks, batch, device)
+    entries = {name: m for name, m in made.items() if by_node[name] is not m}
+    return TorchModel(module, by_node, fallbacks, batch, device, entries)
+
+
+def _layer_inside(module: torch.nn.Module) -> torch.nn.Module:
+    """The Conv of onnx2torch's (Pad, Conv) pair for pads that differ at the two ends of an axis
+    (a kernel of 4 padded "same", TF's strided SAME): its weights are the node's; any other
+    module as it is."""
+    if (isinstance(module, torch.nn.Sequential) and len(module) == 2 and "Pad" in type(module[0]).__name__
+            and isinstance(module[1], (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))):
+        return module[1]
+    return module
+
+
+def _explicit_pads(proto: ModelProto) -> ModelProto:
+    """onnx2torch refuses auto_pad (Hugging Face's EfficientNet, `padding="same"` in torch): the
+    twin gets the pads it means instead, at the graph's own spatial sizes, or at any size where
+    the stride is 1. The file keeps auto_pad; the parity check compares the two."""
+    windowed = ("Conv", "MaxPool", "AveragePool", "LpPool")
+    automatic = lambda n: n.op_type in windowed and any(
+        a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER", b"VALID") for a in n.attribute)
+    if not any(automatic(n) for n in proto.graph.node):
+        return proto
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # shapes help only where a stride is above 1
+        proto = ModelProto.FromString(proto.SerializeToString())
+    view = GraphView(proto)
+    for node in filter(automatic, proto.graph.node):
+        weight = view.shape(node.input[1]) if node.op_type == "Conv" else None
+        kernel = tuple(view.attr(node, "kernel_shape", weight[2:] if weight else ()))
+        if not kernel:
+            continue
+        strides = tuple(view.attr(node, "strides", (1,) * len(kernel)))
+        dil = tuple(view.attr(node, "dilations", (1,) * len(kernel)))
+        spatial = ((view.shape(node.input[0]) or ())[2:] or (None,) * len(kernel))
+        sizes = [size if size is not None else 1 if s == 1 else None for size, s in zip(spatial, strides)]
+        if None in sizes:
+            continue  # onnx2torch's own error names it
+        pads = view.pads(node, sizes, kernel, strides, dil)
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("pads", [b for b, _ in pads] + [e for _, e in pads])])
+    return proto
 
 
 @dataclass(frozen=True)

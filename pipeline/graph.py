@@ -53,6 +53,22 @@ class GraphView:
                 return helper.get_attribute_value(a)
         return default
 
+    def pads(self, node: NodeProto, spatial, kernel, strides, dil) -> list[tuple[int, int]]:
+        """(begin, end) padding of each spatial axis of a Conv or pool, auto_pad resolved for
+        inputs of the `spatial` sizes."""
+        auto = self.attr(node, "auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            pads = []
+            for size, k, s, d in zip(spatial, kernel, strides, dil):
+                total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+                small, big = total // 2, total - total // 2
+                pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+            return pads
+        n = len(kernel)
+        p = list(self.attr(node, "pads", (0,) * 2 * n)) if auto == "NOTSET" else [0] * (2 * n)
+        return [(p[i], p[i + n]) for i in range(n)]
+
     def reshape_keeps_batch(self, reshape: NodeProto, target: list[int]) -> bool:
         """The Reshape's constant `target` leaves axis 0 as it was: 0 copies it (unless allowzero
         makes 0 a size), or it names the input's own fixed batch."""

@@ -183,6 +183,7 @@ def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: n
     named = dict(student.module.named_modules())
     teacher_names = {m: n for n, m in teacher.module.named_modules()}
     student.modules_by_node = {k: named[teacher_names[m]] for k, m in teacher.modules_by_node.items()}
+    student.entries = {k: named[teacher_names[m]] for k, m in teacher.entries.items()}
     result = PruneResult(student, [], {})
     fixed: dict[str, torch.Tensor] = {}  # consumer -> input rows dropped with earlier groups (Concat)
     widths: list[tuple[int, int]] = []  # (group id, kept) of every group pruned so far
@@ -370,7 +371,7 @@ def _capture(model: TorchModel, consumers: list[Consumer], batch: torch.Tensor) 
                 raise _Stop
         return hook
 
-    handles = [model.layer(c.node).register_forward_pre_hook(hook_for(c.node)) for c in consumers]
+    handles = [model.entry(c.node).register_forward_pre_hook(hook_for(c.node)) for c in consumers]
     try:
         model.module(batch)
     except _Stop:
@@ -390,7 +391,7 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
         kernel = tuple(view.attr(node, "kernel_shape", w_shape[2:]))
         strides = tuple(view.attr(node, "strides", (1,) * axes))
         dil = tuple(view.attr(node, "dilations", (1,) * axes))
-        pads = _pads(view, node, inp.shape[2:], kernel, strides, dil)
+        pads = view.pads(node, inp.shape[2:], kernel, strides, dil)
         if axes == 1:  # a 1-D conv (audio, series) is a 2-D one over a height of 1
             inp, kernel, strides, dil, pads = inp.unsqueeze(2), (1, *kernel), (1, *strides), (1, *dil), [(0, 0), *pads]
         inp = F.pad(inp, (*pads[1], *pads[0]))
@@ -403,22 +404,6 @@ def _rows(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> torch.Tenso
     else:
         flat = inp.reshape(inp.shape[0], -1)
     return torch.cat([flat, flat.new_ones(len(flat), 1)], dim=1)
-
-
-def _pads(view: GraphView, node, spatial, kernel, strides, dil) -> list[tuple[int, int]]:
-    """(begin, end) padding of each spatial axis, auto_pad resolved."""
-    auto = view.attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for size, k, s, d in zip(spatial, kernel, strides, dil):
-            total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
-            small, big = total // 2, total - total // 2
-            pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
-        return pads
-    n = len(kernel)
-    p = list(view.attr(node, "pads", (0,) * 2 * n)) if auto == "NOTSET" else [0] * (2 * n)
-    return [(p[i], p[i + n]) for i in range(n)]
 
 
 def _to_onnx_layout(view: GraphView, consumer: Consumer, w: torch.Tensor) -> LayerWeights:

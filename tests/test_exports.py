@@ -394,3 +394,33 @@ def test_a_runtime_rewrite_that_changes_outputs_is_reported_not_refused(tmp_path
     assert parity["torch_vs_onnxruntime"] < 1e-5 and parity["slim_vs_masked_student"] < 1e-4
     res = CliRunner().invoke(main, ["report", str(report)])
     assert "graph optimizations change the teacher's outputs" in res.output
+
+
+class SamePadded(nn.Module):
+    """Convs declared with padding="same" and "valid", as Hugging Face's EfficientNet does: the
+    exporter writes auto_pad SAME_UPPER (a kernel of 4 pads 1 before and 2 after) and VALID."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding="same"), nn.ReLU(), nn.Conv2d(16, 16, 4, padding="same"),
+                                 nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding="valid"), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("dynamic_size", [False, True])
+def test_convs_with_auto_pad_convert_and_keep_it(tmp_path, shots, dynamic_size):
+    """onnx2torch refuses auto_pad; the twin gets the pads it means (at the graph's size, or any
+    size where the stride is 1) and the slim file keeps auto_pad, so it still takes any size."""
+    torch.manual_seed(0)
+    path = export(SamePadded(), tmp_path / "same.onnx", dynamic_size=dynamic_size)
+    auto = lambda p: sorted({a.s for n in onnx.load(str(p)).graph.node for a in n.attribute if a.name == "auto_pad"})
+    assert auto(path) == [b"SAME_UPPER", b"VALID"]
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--ratio", 0.5, "--report", report, "--no-bench", "--method", "cross")
+    rep = json.loads(report.read_text())
+    assert rep["parity"]["torch_vs_onnxruntime"] < 1e-5 and rep["parity"]["slim_vs_masked_student"] < 1e-5
+    assert [g["channels_after"] for g in rep["groups"] if g["prunable"]][:3] == [8, 8, 16]
+    assert auto(out) == [b"SAME_UPPER", b"VALID"]
