@@ -108,7 +108,7 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     given = [name for name, value in (("--target-flops", options.target_flops), ("a latency target", options.target),
                                       ("--widths", options.widths_from)) if value is not None]
     if len(given) > 1:
-        raise UsageError(f"give one target: {' or '.join(given)}, not both")
+        raise UsageError(f"give one target, not {' and '.join(given)}")
     widths = allocate.read_widths(options.widths_from) if options.widths_from is not None else None
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
