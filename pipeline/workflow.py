@@ -109,7 +109,7 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
                                       ("--widths", options.widths_from)) if value is not None]
     if len(given) > 1:
         raise UsageError(f"give one target, not {' and '.join(given)}")
-    widths = allocate.read_widths(options.widths_from) if options.widths_from is not None else None
+    widths = allocate.read_widths(Path(options.widths_from)) if options.widths_from is not None else None
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
         if options.max_accuracy_drop is not None and evalset.y is None:
