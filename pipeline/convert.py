@@ -18,7 +18,7 @@ from pipeline import precision
 from pipeline.errors import ModelError
 from pipeline.graph import GraphView
 from pipeline.load import LoadedModel
-from pipeline.ortnode import OrtNode, with_fallbacks
+from pipeline.ortnode import OrtNode, refused_nodes, with_fallbacks
 from pipeline.runtime import AS_WRITTEN, declared_batch, first_line, make_session, run_batched
 
 PARITY_RTOL = 1e-4
@@ -72,9 +72,18 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None,
              device: torch.device = torch.device("cpu")) -> TorchModel:
     """Convert with onnx2torch, in float32 (precision.py), onto `device`; nodes it has no converter
     for are run by onnxruntime."""
-    proto = with_fallbacks(_explicit_pads(precision.widened(proto)))
+    prepared = _explicit_pads(precision.widened(proto))
+    proto = with_fallbacks(prepared)
     try:
-        module = onnx2torch_convert(proto).eval().to(device)
+        try:
+            module = onnx2torch_convert(proto)
+        except NotImplementedError:  # a converter that refuses some node's attributes
+            refused = refused_nodes(prepared)
+            if not refused:
+                raise
+            proto = with_fallbacks(prepared, refused)
+            module = onnx2torch_convert(proto)
+        module = module.eval().to(device)
     except Exception as exc:
         raise ModelError(f"{source}: onnx2torch failed ({type(exc).__name__}: {exc})") from exc
     named = dict(module.named_modules())

@@ -12,6 +12,7 @@ import onnx
 import torch
 from onnx import NodeProto, defs, helper, numpy_helper
 from onnx2torch.node_converters.registry import add_converter, get_converter
+from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
 from pipeline.runtime import SessionConfig, make_session
@@ -53,12 +54,14 @@ class OrtNode(torch.nn.Module, OnnxToTorchModule):
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def with_fallbacks(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `proto` ready for onnx2torch, every node without a converter given the
-    onnxruntime fallback.
+def with_fallbacks(proto: onnx.ModelProto, refused: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """A copy of `proto` ready for onnx2torch, every node without a converter, and every node
+    named in `refused` (see `refused_nodes`), given the onnxruntime fallback.
 
     onnx2torch turns a node's domain into part of a torch module name, where dots are not
-    allowed, so custom domains are renamed in the copy; the fallback keeps the original node.
+    allowed, so custom domains are renamed in the copy; the fallback keeps the original node. A
+    refused node of a standard op gets a domain of its own in the copy, so that the op's other
+    nodes keep their converter.
     """
     out = onnx.ModelProto()
     out.CopyFrom(proto)
@@ -68,10 +71,12 @@ def with_fallbacks(proto: onnx.ModelProto) -> onnx.ModelProto:
         domain = "" if node.domain == "ai.onnx" else node.domain
         version = _since(node.op_type, domain, versions.get(domain, 1))
         safe = domain.replace(".", "_")
-        if not domain and (version in TYPE_ONLY.get(node.op_type, ()) or (node.op_type, version) in OLDER):
+        if node.name in refused:  # onnx2torch looks a private domain up at the opset's own version
+            safe, version = REFUSED, versions.get(domain, 1)
+        if safe == "" and (version in TYPE_ONLY.get(node.op_type, ()) or (node.op_type, version) in OLDER):
             _alias(node.op_type, version)
             _NODES[("", node.op_type, version, node.name)] = (_copy(node), *context)
-        if (safe, node.op_type, version) not in _CONVERTERS:  # ours answer get_converter too
+        if node.name not in refused and (safe, node.op_type, version) not in _CONVERTERS:  # ours answer too
             try:
                 get_converter(node.op_type, version, domain)
                 continue
@@ -88,6 +93,28 @@ def with_fallbacks(proto: onnx.ModelProto) -> onnx.ModelProto:
         _register(safe, node.op_type, version)
         _NODES[(safe, node.op_type, version, node.name)] = (original, *context)
     return out
+
+
+def refused_nodes(proto: onnx.ModelProto) -> frozenset[str]:
+    """Nodes whose converter exists but refuses them for their attributes (NotImplementedError:
+    an AveragePool padded unevenly, say), found by converting each node alone: asked only after a
+    whole conversion failed, so a model that converts pays nothing."""
+    graph = OnnxGraph(proto.graph)
+    versions = {o.domain or "": o.version for o in proto.opset_import}
+    refused = set()
+    for node in graph.nodes.values():
+        try:
+            converter = get_converter(node.operation_type, versions.get(node.domain, 1), node.domain)
+        except NotImplementedError:
+            continue  # no converter: with_fallbacks gives it one
+        try:
+            converter(node, graph)
+        except NotImplementedError:
+            refused.add(node.name)
+    return frozenset(refused)
+
+
+REFUSED = "crossprune_refused"  # the copy's domain for nodes onnx2torch refuses
 
 
 # Opset versions that only added element types (bfloat16, float8, int4...) to an op: onnx2torch's

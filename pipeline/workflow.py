@@ -122,7 +122,7 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
                      f"{parity.optimizer_drift:.2e} (relative) against its graph as written; checks use the graph "
                      f"as written, quality and latency the optimized runtime, for the teacher and the slim model alike")
         if teacher.fallbacks:
-            progress(f"no torch converter for {', '.join(teacher.fallbacks[:3])}"
+            progress(f"onnx2torch does not convert {', '.join(teacher.fallbacks[:3])}"
                      f"{'...' if len(teacher.fallbacks) > 3 else ''}: onnxruntime evaluates them")
     with stage("analyze"):
         view = GraphView(load.sized(model.proto, shots.calib.x.shape[1:]))  # FLOPs need an input size

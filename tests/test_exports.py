@@ -424,3 +424,34 @@ def test_convs_with_auto_pad_convert_and_keep_it(tmp_path, shots, dynamic_size):
     assert rep["parity"]["torch_vs_onnxruntime"] < 1e-5 and rep["parity"]["slim_vs_masked_student"] < 1e-5
     assert [g["channels_after"] for g in rep["groups"] if g["prunable"]][:3] == [8, 8, 16]
     assert auto(out) == [b"SAME_UPPER", b"VALID"]
+
+
+class PooledEvenly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, 2, padding=1))
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_node_onnx2torch_refuses_for_its_attributes_is_run_by_onnxruntime(tmp_path, shots):
+    """A strided AveragePool with auto_pad SAME_UPPER over 16 pixels pads 0 before and 1 after,
+    which onnx2torch refuses ("AvgPool with non symmetrical padding"): that node alone is run by
+    onnxruntime in the twin, and the conv before it is still pruned."""
+    torch.manual_seed(0)
+    path = export(PooledEvenly(), tmp_path / "pooled.onnx")
+    model = onnx.load(str(path))
+    pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
+    kept = [a for a in pool.attribute if a.name != "pads"]
+    del pool.attribute[:]
+    pool.attribute.extend(kept + [onnx.helper.make_attribute("auto_pad", "SAME_UPPER")])
+    onnx.save(model, str(path))
+    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
+    compress(path, shots, out, "--ratio", 0.5, "--report", report, "--no-bench", "--method", "cross")
+    rep = json.loads(report.read_text())
+    assert rep["parity"]["run_by_onnxruntime"] == [pool.name]
+    assert rep["parity"]["torch_vs_onnxruntime"] < 1e-5 and rep["parity"]["slim_vs_masked_student"] < 1e-5
+    assert [g["channels_after"] for g in rep["groups"] if g["prunable"]][:2] == [8, 8]
