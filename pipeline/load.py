@@ -61,6 +61,15 @@ class LoadedModel:
         return onnx_opset(self.proto)
 
 
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+                           "MatMulInteger", "QGemm"})
+
+
+def quantized_nodes(proto: ModelProto) -> list[NodeProto]:
+    """Nodes of an already quantized model (QDQ pairs, QLinear* and integer ops)."""
+    return [n for n in proto.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")]
+
+
 def onnx_opset(proto: ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 

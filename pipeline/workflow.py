@@ -285,6 +285,12 @@ def _open(model_path: Path, options: CompressOptions, output,
     if len(model.inputs) != 1:
         raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
                          f"can be fed few-shot data")
+    quantized = load.quantized_nodes(model.proto)
+    if quantized:
+        first = quantized[0]
+        raise ModelError(f"{model_path}: already quantized ({len(quantized)} nodes such as {first.op_type} "
+                         f"'{first.name}'); {'quantize' if quantizing else 'prune'} the float model it was made from"
+                         f"{'' if quantizing else ', with --quantize int8 to quantize the result'}")
     return model, model.original
 
 

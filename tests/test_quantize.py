@@ -120,6 +120,12 @@ def test_quantize_command_without_pruning(vgg_path, npz_path, tmp_path):
         [i.dims for i in onnx.load(str(vgg_path)).graph.initializer if len(i.dims) == 4]  # nothing pruned
     res = CliRunner().invoke(main, ["quantize", str(vgg_path), "--data", str(npz_path), "--shots", "3", "-o", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+    again = tmp_path / "again.onnx"  # an int8 model given back: one line that says what to give instead
+    for command, advice in (("compress", "prune the float model"), ("quantize", "quantize the float model")):
+        res = CliRunner().invoke(main, [command, str(out), "--data", str(npz_path), "--shots", "3", "-o", str(again),
+                                        "--no-bench", "--quiet"])
+        assert res.exit_code == 3 and "already quantized" in res.output and advice in res.output, res.output
+        assert not again.exists()
 
 
 def test_without_a_bench_the_int8_model_is_still_timed_against_its_float_one(vgg_path, npz_path, tmp_path):
