@@ -65,7 +65,7 @@ def with_fallbacks(proto: onnx.ModelProto, refused: frozenset[str] = frozenset()
     """
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    versions = {o.domain or "": o.version for o in proto.opset_import}
+    versions = _versions(proto)
     context = (list(proto.opset_import), proto.ir_version)
     for node in out.graph.node:
         domain = "" if node.domain == "ai.onnx" else node.domain
@@ -100,7 +100,7 @@ def refused_nodes(proto: onnx.ModelProto) -> frozenset[str]:
     an AveragePool padded unevenly, say), found by converting each node alone: asked only after a
     whole conversion failed, so a model that converts pays nothing."""
     graph = OnnxGraph(proto.graph)
-    versions = {o.domain or "": o.version for o in proto.opset_import}
+    versions = _versions(proto)
     refused = set()
     for node in graph.nodes.values():
         try:
@@ -135,6 +135,10 @@ TYPE_ONLY = {
 # types, MaxPool-8 an optional Indices output and storage_order. A node that sets what changed
 # (spatial=0) is refused and run by onnxruntime.
 OLDER = {("BatchNormalization", 7): 9, ("Gemm", 7): 9, ("Flatten", 1): 9, ("MaxPool", 1): 8}
+
+
+def _versions(proto: onnx.ModelProto) -> dict[str, int]:
+    return {o.domain or "": o.version for o in proto.opset_import}
 
 
 def _alias(op_type: str, version: int) -> None:

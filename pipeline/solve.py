@@ -64,7 +64,7 @@ def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
     class: 129 inputs, 80 rows), and moved W* off W_t even where nothing had been pruned yet."""
     if method == "cross":
         h = mu * stats.g_tt + (1 - mu) * stats.g_ss
-        return _damped(h, damp), weight
+        return _damped(h, damp * _scale(h)), weight
     if method == "layerwise":
         h, cross = stats.g_ss, stats.g_st
     elif method == "soft":
@@ -75,7 +75,7 @@ def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
     else:
         raise ValueError(f"no quadratic objective for method '{method}'")
     ridge = damp * _scale(h)
-    h = _damped(h, damp)
+    h = _damped(h, ridge)
     return h, torch.linalg.solve(h, cross @ weight + ridge * weight)
 
 
@@ -83,9 +83,9 @@ def _scale(h: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(h).mean().clamp_min(1e-12)
 
 
-def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+def _damped(h: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
     out = h.clone()
-    out.diagonal().add_(damp * _scale(h))
+    out.diagonal().add_(ridge)
     return out
 
 
@@ -156,7 +156,7 @@ def _remove(hinv: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> None:
 def _inverse(h: torch.Tensor) -> torch.Tensor:
     """Inverse of a damped Gram matrix; more damping if rounding left it indefinite."""
     for extra in (0.0, 1e-6, 1e-4, 1e-2):
-        chol, info = torch.linalg.cholesky_ex(_damped(h, extra) if extra else h)
+        chol, info = torch.linalg.cholesky_ex(_damped(h, extra * _scale(h)) if extra else h)
         if int(info) == 0:
             return torch.cholesky_inverse(chol)
     return torch.linalg.pinv(h, hermitian=True)
