@@ -94,7 +94,7 @@ class Curves:
 
     groups: list[ChannelGroup]
     floor: dict[int, int]  # fewest channels a group may keep
-    loss: dict[int, np.ndarray]  # output loss after removing 0, 1, 2, ... channels (layer loss x weight)
+    loss: dict[int, np.ndarray]  # output loss after removing 0, 1, 2, ... channels (layer loss x weight); may be empty
     step: dict[int, int]  # channels removed at a time (the group's alignment)
 
     @property
@@ -105,7 +105,9 @@ class Curves:
 
 def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
            config: prune.PruneConfig, augmenter: Augmenter | None = None,
-           progress: Callable[[str], None] = lambda _: None) -> Curves:
+           progress: Callable[[str], None] = lambda _: None, losses: bool = True) -> Curves:
+    """Without `losses`, only the groups, floors and steps: what one ratio for all and the
+    refinement need (the loss curves take a pruning per group)."""
     eligible = [g for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)]
     if not eligible:
         raise NothingToPruneError("no prunable group to allocate a target over")
@@ -114,11 +116,13 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     for g in eligible:
         step[g.id] = config.step(g.size, g.unit)
         floor[g.id] = min(g.size, max(step[g.id], math.ceil(MIN_SHARE * g.size)))
+        if not losses:
+            continue
         problems = prune.group_problems(view, teacher, teacher, g, x, config, augmenter, cache=grams)
         loss[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
                       if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
         progress(f"allocation: removal curve of group {g.id} ({g.channels} channels)")
-    if config.method != "l1":
+    if losses and config.method != "l1":
         weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, grams,
                                   progress)
         loss = {gid: curve * weights[gid] for gid, curve in loss.items()}

@@ -165,9 +165,9 @@ def prune_options(fn):
                      "channels first where the solver's loss per FLOP saved is lowest (e.g. 0.25 for 4x fewer)."),
         click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
                      help="Instead of --ratio: be this many times faster than the original, measured on "
-                     "--target-provider at --target-batch. Channels go where the solver's loss per millisecond "
-                     "saved (from a cached per-layer latency table) is lowest; the result is timed and the "
-                     "target tightened if it was missed (4 rounds at most)."),
+                     "--target-provider at --target-batch. One ratio for all is found by timing against the "
+                     "original (a cached per-layer latency table predicts where to start; 4 rounds at most), then "
+                     "refined by local search (--target-refine)."),
         click.option("--target-latency-ms", type=click.FloatRange(0, min_open=True),
                      help="Like --target-speedup, with a latency in milliseconds as the goal."),
         click.option("--target-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
@@ -182,7 +182,8 @@ def prune_options(fn):
         click.option("--target-refine", type=click.IntRange(0), default=24, show_default=True,
                      help="Prunings on held-out shots spent refining a latency target's widths by local search "
                      "from one ratio for all (width moved to where narrowing hurts most per millisecond); "
-                     "0 turns it off."),
+                     "0: none, and widths allocated where the solver's loss per millisecond saved is lowest "
+                     "compete with one ratio for all instead."),
         click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="auto",
                      show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
                      "plain regression of the student on the teacher; soft: regression from a mix of "

@@ -156,7 +156,9 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         alloc = allocate.Allocation(keep, share, share, f"widths of {options.widths_from}")
     elif options.target_flops is not None or options.target is not None:
         with stage("allocate"):
-            curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress)
+            losses = options.target is None or not target.refines(options.target, len(shots.calib.x))
+            curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress,
+                                     losses)
             if options.target_flops is not None:
                 alloc = allocate.allocate(curves, allocate.FlopsModel(view, groups), options.target_flops)
 

@@ -83,7 +83,7 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     alloc = json.loads(report.read_text())["allocation"]
     assert alloc["cost"].startswith("latency") and alloc["target"]["speedup"] == 1.3 and alloc["target"]["batch"] == 4
     runs = alloc["candidates"]
-    assert set(runs) - {"refined"} == {"allocated", "uniform"}
+    assert set(runs) - {"refined"} == {"uniform"}  # allocated widths compete only where nothing is refined
     assert alloc["attempts"] == runs[alloc["chosen"]]["attempts"]
     refined = alloc["refinement"]  # local search from the uniform widths, every move scored on held-out shots
     assert all(refined["start"][k] == v for k, v in runs["uniform"]["keep"].items())
@@ -115,7 +115,8 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     met = [n for n in runs if together["ms"][n] <= together["goal_ms"]]
     assert together["met"] == met and alloc["target_met_timed_together"] == (alloc["chosen"] in met)
     assert together["goal_ms"] == pytest.approx(together["ms"]["teacher"] / 1.3)
-    twice = [n for n in met if runs[n]["target_met"]]  # met here and when found: one reading alone is luck
+    kept = {n: run["attempts"][run["kept_attempt"] - 1] for n, run in runs.items()}
+    twice = [n for n in met if kept[n]["measured_ms"] <= kept[n]["goal_ms"]]  # here and when found: one reading is luck
     assert together["met_when_found_too"] == twice
     assert alloc["chosen"] == min(twice or met or runs, key=lambda n: runs[n]["holdout_relative_squared_error"] or 0.0)
     assert alloc["latency_model"]["layers"] >= 4 and alloc["keep"]
@@ -183,6 +184,29 @@ def test_one_ratio_for_all_finds_the_widest_that_meets_where_latency_is_flat():
     assert widths[steer.best] == 16 and steer.target_met  # not 8, where 4.7 ms is already close to the aim
 
 
+def test_a_bisection_that_lands_on_measured_widths_goes_on_within_the_bracket():
+    """The demo at batch 1: ratio 0.37 met, 0.53 missed by 5% in one slow reading, and the middle,
+    0.45, rounds to 0.53's widths. The search stopped there and kept 8 of 32 channels, 15 points
+    less accurate than the 16 a narrower bracket finds."""
+    sizes = [32, 32, 64, 64, 128, 128]
+    groups = [SimpleNamespace(id=g, size=s) for g, s in enumerate(sizes)]
+    curves = Curves(groups, dict.fromkeys(range(6), 8), {g: np.zeros(1) for g in range(6)},
+                    {g: 8 if s == 32 else 16 for g, s in enumerate(sizes)})
+    predicted = SimpleNamespace(cost=lambda keep: sum((keep[g] / s) ** 0.75 for g, s in enumerate(sizes)))
+    steer = latency.Steering(predicted, curves, 10.0, 5.0, SessionConfig(), 1, {"speedup": 2.0}, uniform=True)
+    measured = {(8, 8, 16, 16, 48, 48): 3.5, (16, 16, 32, 32, 48, 48): 4.5, (16, 16, 32, 32, 64, 64): 5.1}
+    tried = []
+    for _ in range(4):  # the attempts a candidate gets
+        alloc = steer.allocation()
+        assert alloc.keep not in tried
+        tried.append(alloc.keep)
+        widths = tuple(alloc.keep.get(g, s) for g, s in enumerate(sizes))
+        if steer.record(alloc, measured.get(widths, 10.0), 10.0, lambda _: None):
+            break
+    assert [round(a["ratio"], 3) for a in steer.attempts] == [0.37, 0.685, 0.527, 0.409]
+    assert tried[steer.best] == {0: 16, 1: 16, 2: 32, 3: 32, 4: 48, 5: 48}
+
+
 @pytest.mark.parametrize("target,goal", [({"speedup": 2.0}, 5.0), ({"latency_ms": 4.0}, 4.0)])
 def test_a_narrow_miss_is_told_from_a_clear_one_against_the_teacher_of_that_run(target, goal):
     """Aim: 3% under the goal; up to 5% over the aim is timed again. A speedup goal follows the
@@ -210,6 +234,7 @@ def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg
     assert res.exit_code == 0, res.output
     rep = json.loads(report.read_text())  # (an attempt may ask for a share of 1.0 and still prune: rounding)
     assert rep["allocation"]["attempts"] and rep["allocation"]["keep"]
+    assert rep["allocation"]["refinement"] is None and "allocated" in rep["allocation"]["candidates"]
     assert rep["totals"]["flops_after"] < rep["totals"]["flops_before"]
 
 
