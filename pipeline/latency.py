@@ -61,10 +61,11 @@ class LatencyModel:
 class Steering:
     """Allocations for a measured goal: predict, prune, measure; after a miss ask the prediction
     for that much less, after a result well under the goal for more, and once both are known,
-    bisect. One ratio for all bisects the ratio itself once one has met, toward the widest that
-    does. Misses and hits count against the aim, a margin under the goal. The attempt kept is
-    the one that pruned least among those that met the aim: the widest ratio, or the slowest
-    allocation against its teacher."""
+    bisect. One ratio for all, once one has met, takes the widest ratio inside the bracket of
+    measured ones that this prediction says meets, or else the bracket's middle. Misses and hits
+    count against the aim, a margin under the goal. The attempt kept is the one that pruned least
+    among those that met the aim: the widest ratio, or the slowest allocation against its
+    teacher."""
 
     model: LatencyModel
     curves: Curves
@@ -98,8 +99,8 @@ class Steering:
             return allocate(self.curves, self.model, self.share, "latency", strict=False)
         sizes = self.curves.sizes
         full = self.model.cost(sizes)
-        if self.ratios[0] > 0:  # a ratio met the aim: bisect toward the widest that does, by measurement
-            keep = self._bisected()
+        if self.ratios[0] > 0:  # a ratio met the aim: toward the widest that does, by measurement
+            keep = self._predicted_inside() or self._bisected()
         else:
             for ratio in np.arange(1.0, 0.0, -0.01):
                 self.ratio = float(ratio)
@@ -108,6 +109,24 @@ class Steering:
                     break
         return Allocation({k: v for k, v in keep.items() if v < sizes[k]}, self.share,
                           self.model.cost(keep) / full, "latency, one ratio")
+
+    def _predicted_inside(self) -> dict[int, int] | None:
+        """The widest ratio inside the bracket that the prediction, corrected by what was measured
+        (`share`), says meets the aim, if its widths are new. Halving the bracket instead spent
+        ResNet-18's last three rounds at batch 32 on 0.81, 0.715 and 0.667 after 0.62 met with 21%
+        to spare, and kept 0.62: 2.64x for 2x asked. None where the prediction has nothing new to
+        offer: halving, by measurement alone, decides then (a latency flat in width misleads it)."""
+        low, high = self.ratios
+        full = self.model.cost(self.curves.sizes)
+        met, missed = (uniform(self.curves, r) for r in self.ratios)
+        for ratio in np.arange(high - 0.01, low, -0.01):
+            keep = uniform(self.curves, float(ratio))
+            if keep != missed and self.model.cost(keep) <= self.share * full:
+                if keep == met:
+                    return None
+                self.ratio = float(ratio)
+                return keep
+        return None
 
     def _bisected(self) -> dict[int, int]:
         """Widths of the middle of the bracket. Rounded to steps, the middle can give the widths

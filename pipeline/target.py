@@ -189,7 +189,7 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
     those that met once can be a slow one that met by luck (demo, seed 0: refined widths 4% over
     the goal when found, under it in this timing, 1.90x for 2x asked in a later one). The goal,
     not the aim a margin under it that steers the search: refined widths 0.3% over their aim and
-    3% under the goal lost to a ratio 15 points less accurate. Only if no candidate met both
+    2.6% under the goal lost to a ratio 15 points less accurate. Only if no candidate met both
     times do those that met here compete (then all)."""
     session = SessionConfig(target.provider, problem.threads)
     timing = bench.bench([("teacher", original)] + [(n, c.slim.SerializeToString()) for n, c in tried.items()],
