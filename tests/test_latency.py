@@ -116,9 +116,14 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     assert together["met"] == met and alloc["target_met_timed_together"] == (alloc["chosen"] in met)
     assert together["goal_ms"] == pytest.approx(together["ms"]["teacher"] / 1.3)
     kept = {n: run["attempts"][run["kept_attempt"] - 1] for n, run in runs.items()}
-    twice = [n for n in met if kept[n]["measured_ms"] <= kept[n]["goal_ms"]]  # here and when found: one reading is luck
+    found = {n: a["measured_ms"] / a["goal_ms"] for n, a in kept.items()}
+    twice = [n for n in met if found[n] <= 1.0]  # here and when found: one reading is luck
     assert together["met_when_found_too"] == twice
-    assert alloc["chosen"] == min(twice or met or runs, key=lambda n: runs[n]["holdout_relative_squared_error"] or 0.0)
+    if twice:
+        assert alloc["chosen"] == min(twice, key=lambda n: runs[n]["holdout_relative_squared_error"] or 0.0)
+    else:  # the surest to meet it: the slower reading nearest the goal
+        slower = lambda n: max(found[n], together["ms"][n] / together["goal_ms"])
+        assert slower(alloc["chosen"]) == min(map(slower, runs))
     assert alloc["latency_model"]["layers"] >= 4 and alloc["keep"]
     text = render.markdown(json.loads(report.read_text()))  # every candidate's rounds and the search, readable
     assert all(f"| {name} |" in text for name in runs) and "refined by local search" in text
@@ -257,8 +262,16 @@ def test_a_candidate_that_met_the_goal_in_one_timing_only_is_not_chosen_over_one
     """The demo at batch 1, seed 0: refined widths 7% over their aim when found, under the goal in
     the joint timing, and with the best held-out score; chosen, they read 1.90x for 2x asked later."""
     ms = {"teacher": 0.166, "allocated": 0.070, "uniform": 0.072, "refined": 0.080}
-    found = {"allocated": True, "uniform": True, "refined": False}
-    met, twice = target.eligible(ms, 0.083, found)
-    assert met == ["allocated", "uniform", "refined"] and twice == ["allocated", "uniform"]
-    assert target.eligible(ms, 0.071, found) == (["allocated"], ["allocated"])  # over the goal here: out
-    assert target.eligible(ms, 0.083, dict.fromkeys(found, False)) == (met, [])  # then those that met here compete
+    found = {"allocated": 0.9, "uniform": 0.95, "refined": 1.04}  # time when found over the goal then
+    met, twice, pool = target.eligible(ms, 0.083, found)
+    assert met == ["allocated", "uniform", "refined"] and twice == pool == ["allocated", "uniform"]
+    assert target.eligible(ms, 0.071, found) == (["allocated"], ["allocated"], ["allocated"])  # over it here: out
+
+
+def test_where_no_candidate_met_the_goal_twice_the_one_nearest_it_in_its_slower_reading_is_kept():
+    """The demo at batch 1, seed 0: refined widths 1.74x for 2x when found and 2x in the joint
+    timing, one ratio for all 2.15x when found and just over the goal there. Letting those that met
+    in the joint timing compete on held-out error kept the refined widths: 1.73x in a later timing."""
+    ms = {"teacher": 0.166, "uniform": 0.085, "refined": 0.082}
+    met, twice, pool = target.eligible(ms, 0.083, {"uniform": 0.93, "refined": 1.15})
+    assert met == ["refined"] and twice == [] and pool == ["uniform"]
