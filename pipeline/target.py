@@ -229,8 +229,9 @@ def _over_goal_when_found(info: dict) -> float:
 def eligible(ms: dict[str, float], goal: float,
              found_over: dict[str, float]) -> tuple[list[str], list[str], list[str]]:
     """Candidates that met the goal in the joint timing `ms`; those of them that had also met it
-    when they were found (`found_over`: their time then over the goal then, 1.0 at it); and those
-    to choose from: the latter, or if there are none, the one whose slower reading was nearest."""
+    when they were found (`found_over`: the time measured then, divided by the goal of that run);
+    and those to choose from: the latter, or if there are none, the one whose slower reading was
+    nearest the goal."""
     met = [n for n in found_over if ms.get(n, math.inf) <= goal]
     twice = [n for n in met if found_over[n] <= 1.0]
     nearest = min(found_over, key=lambda n: max(found_over[n], ms.get(n, math.inf) / goal))
