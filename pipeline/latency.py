@@ -100,33 +100,35 @@ class Steering:
         sizes = self.curves.sizes
         full = self.model.cost(sizes)
         if self.ratios[0] > 0:  # a ratio met the aim: toward the widest that does, by measurement
-            keep = self._predicted_inside() or self._bisected()
+            keep = self._predicted_inside(full) or self._bisected()
         else:
-            for ratio in np.arange(1.0, 0.0, -0.01):
-                self.ratio = float(ratio)
-                keep = uniform(self.curves, self.ratio)
-                if self.model.cost(keep) <= self.share * full:
-                    break
+            self.ratio, keep = self._widest_predicted(1.0, 0.0, full) or (0.01, uniform(self.curves, 0.01))
         return Allocation({k: v for k, v in keep.items() if v < sizes[k]}, self.share,
                           self.model.cost(keep) / full, "latency, one ratio")
 
-    def _predicted_inside(self) -> dict[int, int] | None:
+    def _widest_predicted(self, high: float, low: float, full: float,
+                          skip: dict[int, int] | None = None) -> tuple[float, dict[int, int]] | None:
+        """The widest ratio from `high` down to `low` (exclusive), in steps of 0.01, whose widths
+        (other than `skip`) the prediction says cost at most `share` of `full`, with those widths."""
+        for ratio in np.arange(high, low, -0.01):
+            keep = uniform(self.curves, float(ratio))
+            if keep != skip and self.model.cost(keep) <= self.share * full:
+                return float(ratio), keep
+        return None
+
+    def _predicted_inside(self, full: float) -> dict[int, int] | None:
         """The widest ratio inside the bracket that the prediction, corrected by what was measured
         (`share`), says meets the aim, if its widths are new. Halving the bracket instead spent
         ResNet-18's last three rounds at batch 32 on 0.81, 0.715 and 0.667 after 0.62 met with 21%
         to spare, and kept 0.62: 2.64x for 2x asked. None where the prediction has nothing new to
         offer: halving, by measurement alone, decides then (a latency flat in width misleads it)."""
         low, high = self.ratios
-        full = self.model.cost(self.curves.sizes)
         met, missed = (uniform(self.curves, r) for r in self.ratios)
-        for ratio in np.arange(high - 0.01, low, -0.01):
-            keep = uniform(self.curves, float(ratio))
-            if keep != missed and self.model.cost(keep) <= self.share * full:
-                if keep == met:
-                    return None
-                self.ratio = float(ratio)
-                return keep
-        return None
+        found = self._widest_predicted(high - 0.01, low, full, skip=missed)
+        if found is None or found[1] == met:
+            return None
+        self.ratio, keep = found
+        return keep
 
     def _bisected(self) -> dict[int, int]:
         """Widths of the middle of the bracket. Rounded to steps, the middle can give the widths
