@@ -152,10 +152,54 @@ def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGr
     return {g.id: found.get(g.id, typical) for g in eligible}
 
 
+def read_widths_floor(view: GraphView, c: Curves) -> dict[int, int]:
+    """Per group: where every layer writing it writes more channels than it reads numbers per
+    output (input channels x kernel: 9 for a 3x3 stem on a grey image, 27 on colour), the fewest
+    units, on the group's step, that still hold as many channels as that; elsewhere, as for
+    nearly every group, its usual floor. Narrower, such a layer's outputs no longer span its
+    input patches, and no later layer can get the lost directions back; held-out shots do not
+    show it. On the demo (grey 3x3 stem, 32
+    channels), 12 of the 13 models whose widths were refined for a FLOPs target without this
+    floor had narrowed the stem from 16 to 8 channels; all 13 scored 7-45% closer to the teacher
+    on a second split of held-out shots and lost 0.3-1.9 points of test accuracy against one
+    ratio for all."""
+    out = {}
+    for g in c.groups:
+        reads = [_reads(view, view.nodes[name]) for name in g.producers if name in view.nodes]
+        need = max(reads) if reads and max(reads) < g.channels else 0  # every writer widens what it reads
+        units = -(-need // g.unit)
+        out[g.id] = max(c.floor[g.id], min(g.size, -(-units // c.step[g.id]) * c.step[g.id]))
+    return out
+
+
+def _reads(view: GraphView, node) -> int:
+    """Numbers a Conv, Gemm or MatMul reads per output value (a large number where unknown or
+    grouped, so that no floor follows)."""
+    w = view.initializers.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None or (node.op_type == "Conv" and view.attr(node, "group", 1) != 1):
+        return 1 << 30
+    if node.op_type == "Conv":
+        return int(np.prod(w.dims[1:]))
+    if node.op_type == "Gemm":
+        return int(w.dims[1] if view.attr(node, "transB", 0) else w.dims[0])
+    return int(w.dims[-2]) if node.op_type == "MatMul" and len(w.dims) >= 2 else 1 << 30
+
+
 def uniform(c: Curves, ratio: float) -> dict[int, int]:
     """Every eligible group at `ratio` of its channels, on its step, not below its floor."""
     return {g.id: min(g.size, max(c.floor[g.id], round(ratio * g.size / c.step[g.id]) * c.step[g.id]))
             for g in c.groups}
+
+
+def widest_uniform(c: Curves, cost: Callable[[dict[int, int]], float], budget: float, high: float = 1.0,
+                   low: float = 0.0, skip: dict[int, int] | None = None) -> tuple[float, dict[int, int]] | None:
+    """The widest one ratio for all from `high` down to `low` (exclusive), in steps of 0.01, whose
+    widths (other than `skip`) `cost` at most `budget`, with those widths."""
+    for ratio in np.arange(high, low, -0.01):
+        keep = uniform(c, float(ratio))
+        if keep != skip and cost(keep) <= budget:
+            return float(ratio), keep
+    return None
 
 
 def allocate(c: Curves, model: CostModel, target_share: float, cost: str = "flops",

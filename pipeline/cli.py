@@ -161,8 +161,9 @@ def prune_options(fn):
         click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
                      show_default=True, help="Share of each prunable channel group's channels to KEEP."),
         click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     help="Instead of one --ratio for every group: keep this share of the model's FLOPs, taking "
-                     "channels first where the solver's loss per FLOP saved is lowest (e.g. 0.25 for 4x fewer)."),
+                     help="Instead of --ratio: keep at most this share of the model's FLOPs (e.g. 0.25 for 4x "
+                     "fewer), from the widest one ratio for all within it, refined by local search on held-out "
+                     "shots (--target-refine)."),
         click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
                      help="Instead of --ratio: be this many times faster than the original, measured on "
                      "--target-provider at --target-batch. One ratio for all is found by timing against the "
@@ -180,10 +181,10 @@ def prune_options(fn):
                      "steered by timings and differs from run to run; its widths, replayed with the same shots, "
                      "--seed and options, give the same model every time, with nothing timed."),
         click.option("--target-refine", type=click.IntRange(0), default=24, show_default=True,
-                     help="Prunings on held-out shots spent refining a latency target's widths by local search "
-                     "from one ratio for all (width moved to where narrowing hurts most per millisecond); "
-                     "0: none, and widths allocated where the solver's loss per millisecond saved is lowest "
-                     "compete with one ratio for all instead."),
+                     help="Prunings on held-out shots spent refining a target's widths by local search from one "
+                     "ratio for all (width moved to where narrowing hurts most per millisecond or FLOP saved); "
+                     "0: none, and widths allocated where the solver's loss per millisecond (or FLOP) saved is "
+                     "lowest compete with one ratio for all (or, for --target-flops, replace it)."),
         click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="auto",
                      show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
                      "plain regression of the student on the teacher; soft: regression from a mix of "
@@ -405,6 +406,7 @@ def _options(data, shots, samples, seed, augment, augment_factor, ratio, method,
         eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
         providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
         max_memory=max_memory, augment=augment, augment_factor=augment_factor, target_flops=target_flops,
+        flops_refine=target_refine,
         target=target, widths_from=widths, device=device)
 
 

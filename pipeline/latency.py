@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import hardware
-from pipeline.allocate import Allocation, Curves, FlopsModel, allocate, uniform
+from pipeline.allocate import Allocation, Curves, FlopsModel, allocate, uniform, widest_uniform
 from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig, cache_dir, make_session
 
@@ -102,19 +102,10 @@ class Steering:
         if self.ratios[0] > 0:  # a ratio met the aim: toward the widest that does, by measurement
             keep = self._predicted_inside(full) or self._bisected()
         else:
-            self.ratio, keep = self._widest_predicted(1.0, 0.0, full) or (0.01, uniform(self.curves, 0.01))
+            self.ratio, keep = (widest_uniform(self.curves, self.model.cost, self.share * full)
+                                or (0.01, uniform(self.curves, 0.01)))
         return Allocation({k: v for k, v in keep.items() if v < sizes[k]}, self.share,
                           self.model.cost(keep) / full, "latency, one ratio")
-
-    def _widest_predicted(self, high: float, low: float, full: float,
-                          skip: dict[int, int] | None = None) -> tuple[float, dict[int, int]] | None:
-        """The widest ratio from `high` down to `low` (exclusive), in steps of 0.01, whose widths
-        (other than `skip`) the prediction says cost at most `share` of `full`, with those widths."""
-        for ratio in np.arange(high, low, -0.01):
-            keep = uniform(self.curves, float(ratio))
-            if keep != skip and self.model.cost(keep) <= self.share * full:
-                return float(ratio), keep
-        return None
 
     def _predicted_inside(self, full: float) -> dict[int, int] | None:
         """The widest ratio inside the bracket that the prediction, corrected by what was measured
@@ -124,7 +115,7 @@ class Steering:
         offer: halving, by measurement alone, decides then (a latency flat in width misleads it)."""
         low, high = self.ratios
         met, missed = (uniform(self.curves, r) for r in self.ratios)
-        found = self._widest_predicted(high - 0.01, low, full, skip=missed)
+        found = widest_uniform(self.curves, self.model.cost, self.share * full, high - 0.01, low, skip=missed)
         if found is None or found[1] == met:
             return None
         self.ratio, keep = found
@@ -189,7 +180,7 @@ class Steering:
     def best(self) -> int:
         """Index of the attempt to keep: of those that met their aim the widest one ratio for all,
         or the slowest allocation (against its teacher), since it pruned least; else the fastest."""
-        met = [i for i, a in enumerate(self.attempts) if a["measured_ms"] <= a["aim_ms"]]
+        met = [i for i, a in enumerate(self.attempts) if _met(a)]
         key = lambda i: self.attempts[i]["measured_ms"] / self.attempts[i]["teacher_ms"]
         if met and self.uniform:
             return max(met, key=lambda i: self.attempts[i]["ratio"])
@@ -197,11 +188,15 @@ class Steering:
 
     @property
     def target_met(self) -> bool:
-        return bool(self.attempts) and self.attempts[self.best]["measured_ms"] <= self.attempts[self.best]["aim_ms"]
+        return bool(self.attempts) and _met(self.attempts[self.best])
 
     def to_json(self) -> dict:
         return {"latency_model": self.model.to_json(), "attempts": self.attempts, "kept_attempt": self.best + 1,
                 "target": self.target, "target_met": self.target_met}
+
+
+def _met(attempt: dict) -> bool:
+    return attempt["measured_ms"] <= attempt["aim_ms"]
 
 
 def build(view: GraphView, widths: FlopsModel, whole_ms: float, config: SessionConfig, batch: int,

@@ -66,6 +66,7 @@ def sections(report: dict) -> list[Section]:
     if pruned or frozen:
         cost = (report.get("allocation") or {}).get("cost", "")
         replayed = [f"{cost} (--widths): nothing timed, the same model every run"] if cost.startswith("widths") else []
+        replayed += _flops_note(report["allocation"]) if cost.startswith("flops") else []
         out.append(Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
             [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
@@ -108,8 +109,15 @@ def _refine_note(refinement: dict | None) -> list[str]:
     moves = "; ".join(m["move"] for m in refinement["moves"]) or "no move beat one ratio for all"
     if refinement.get("confirmation") and not refinement["confirmation"]["kept"]:
         moves += " (not confirmed on a second split of the shots: one ratio for all kept)"
-    return [f"refined by local search ({refinement['evaluations']} held-out prunings, "
-            f"{len(refinement['misses'])} trades over the time allowed): {moves}"]
+    misses = f", {len(refinement['misses'])} trades over the time allowed" if refinement["misses"] else ""
+    return [f"refined by local search ({refinement['evaluations']} held-out prunings{misses}): {moves}"]
+
+
+def _flops_note(alloc: dict) -> list[str]:
+    head = f"--target-flops {alloc['target_share']:.3g}: {alloc['share']:.3g} of the FLOPs kept"
+    if alloc.get("chosen", "allocated") == "allocated":  # (reports before the refinement have no "chosen")
+        return [f"{head}, widths allocated from the solver's loss curves"]
+    return [f"{head}, from one ratio for all ({alloc['ratio']:.2f})"] + _refine_note(alloc["refinement"])
 
 
 def _engine(engine: dict | None) -> list[str]:

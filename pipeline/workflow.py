@@ -50,7 +50,8 @@ class CompressOptions:
     min_speedup: float | None = None  # gate, on every timed provider and batch size
     auto_method: bool = False  # --method auto: pick cross/soft/layerwise on held-out shots
     auto_mu: bool = False  # --mu auto: pick mu the same way
-    target_flops: float | None = None  # share of FLOPs to keep, allocated across groups (overrides ratio)
+    target_flops: float | None = None  # share of FLOPs to keep, widths found across groups (overrides ratio)
+    flops_refine: int = 24  # held-out prunings refining --target-flops' widths; 0: allocated from loss curves
     target: LatencyTarget | None = None  # a measured speedup or latency instead (overrides ratio)
     widths_from: Path | None = None  # an earlier report whose groups' widths are replayed (overrides ratio)
     finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
@@ -156,11 +157,14 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         alloc = allocate.Allocation(keep, share, share, f"widths of {options.widths_from}")
     elif options.target_flops is not None or options.target is not None:
         with stage("allocate"):
-            losses = options.target is None or not target.refines(options.target, len(shots.calib.x))
+            evaluations = options.target.refine_evals if options.target else options.flops_refine
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress,
-                                     losses)
-            if options.target_flops is not None:
-                alloc = allocate.allocate(curves, allocate.FlopsModel(view, groups), options.target_flops)
+                                     losses=not target.refines(evaluations, len(shots.calib.x)))
+        problem = target.Problem(view, teacher, groups, shots.calib.x, options.prune, options.seed, layer_augmenter,
+                                 options.threads)
+        if options.target_flops is not None:
+            with stage("refine" if target.refines(evaluations, len(shots.calib.x)) else "allocate"):
+                alloc, picked = target.flops_widths(options.target_flops, evaluations, problem, curves, progress)
 
     def prune_and_export(keep: dict[int, int] | None):
         with stage("prune"):
@@ -180,8 +184,6 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     if options.target is None:
         result, slim = prune_and_export(alloc.keep if alloc else None)
     else:
-        problem = target.Problem(view, teacher, groups, shots.calib.x, options.prune, options.seed, layer_augmenter,
-                                 options.threads)
         found = target.search(options.target, problem, curves, original, prune_and_export, timing_model, stage,
                               progress)
         alloc, result, slim, picked = found.alloc, found.result, found.slim, found.info

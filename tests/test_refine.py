@@ -1,12 +1,15 @@
-"""Local search of widths for a latency target, on known cost and error functions."""
+"""Local search of widths for a latency or FLOPs target, on known cost and error functions and on real models."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import torch
 
 from pipeline.allocate import Curves
 from pipeline.refine import GAIN, refine
+from tests.conftest import TinyVGG, export, randomise_bn
 
 SIZES = {0: 32, 1: 32, 2: 32}
 PRICE = {0: 3.0, 1: 1.0, 2: 1.0}  # cost per channel: group 0 sits at a high resolution
@@ -109,3 +112,56 @@ def test_trials_that_share_their_first_groups_reuse_them_to_the_last_bit(vgg_pat
     assert [reusing.score(config, keep) for keep in trials] == [fresh.score(config, keep) for keep in trials]
     assert fresh.prefixes.hits == 0
     assert reusing.prefixes.hits == (len(ids) - 1) + 1 + len(ids)  # all but the last; the first; all
+
+
+@pytest.fixture(scope="module")
+def wide_stem_path(tmp_path_factory):
+    """A grey-image VGG whose first conv writes 32 channels from 9 numbers (1 channel x 3x3)."""
+    torch.manual_seed(0)
+    return export(randomise_bn(TinyVGG(widths=(32, 16, 16))), tmp_path_factory.mktemp("models") / "stem32.onnx")
+
+
+def test_a_layer_is_not_refined_below_the_numbers_it_reads_per_output(wide_stem_path, npz_path):
+    from pipeline import allocate, prune
+    from pipeline.analyze import find_groups
+    from pipeline.convert import to_torch
+    from pipeline.graph import GraphView
+    from pipeline.load import load_model
+
+    proto = load_model(wide_stem_path).proto
+    view, teacher = GraphView(proto), to_torch(proto)
+    groups = find_groups(view)
+    c = allocate.curves(view, teacher, groups, np.load(npz_path)["x"][:4], prune.PruneConfig(), losses=False)
+    floor = allocate.read_widths_floor(view, c)
+    by_writer = {g.producers[0]: g.id for g in c.groups}
+    reads = {name: int(np.prod(view.initializers[view.nodes[name].input[1]].dims[1:])) for name in by_writer}
+    for name, gid in by_writer.items():
+        g = next(g for g in c.groups if g.id == gid)
+        if reads[name] < g.channels:  # the stem (9 numbers per output, 32 outputs) and fc1 (16 -> 24)
+            assert floor[gid] % c.step[gid] == 0 and reads[name] <= floor[gid] < reads[name] + c.step[gid]
+        else:  # a 3x3 conv over 32 channels reads 288 per output: only the usual floor
+            assert floor[gid] == c.floor[gid]
+    stem = by_writer[next(n for n in by_writer if reads[n] == 9)]
+    assert c.floor[stem] < 9 <= floor[stem]  # the floor moved only because of what the stem reads
+
+
+def test_a_flops_target_refines_one_ratio_for_all_within_the_exact_flops(wide_stem_path, npz_path):
+    from pipeline import CompressOptions, compress, render
+    from pipeline.load import load_model
+
+    options = CompressOptions(data=npz_path, shots=3, providers=[], target_flops=0.3, flops_refine=12)
+    report = compress(wide_stem_path, options).report
+    alloc = report["allocation"]
+    assert alloc["cost"] == f"flops, {alloc['chosen']}" and alloc["chosen"] in ("uniform", "refined")
+    refinement = alloc["refinement"]
+    assert refinement["evaluations"] <= 12 and (alloc["chosen"] == "refined") == (refinement["keep"] != refinement["start"])
+    assert refinement["predicted_budget"] == pytest.approx(0.3 * report["totals"]["flops_before"])
+    assert alloc["share"] <= 0.3 and 1 / report["totals"]["flops_reduction"] == pytest.approx(alloc["share"])
+    first = next(n.name for n in load_model(wide_stem_path).proto.graph.node if n.op_type == "Conv")
+    stem = next(g for g in report["groups"] if g["producers"] == [first])
+    start = refinement["start"][str(stem["id"])]
+    assert stem["channels_after"] >= min(start, 16)  # never below the 9 numbers it reads, rounded to a step
+    assert "--target-flops 0.3" in render.markdown(report)
+    single = compress(wide_stem_path, CompressOptions(data=npz_path, samples=1, providers=[], target_flops=0.3))
+    assert single.report["allocation"]["chosen"] == "allocated"  # nothing to hold out: the loss curves decide
+    assert single.report["allocation"]["share"] <= 0.3

@@ -1,4 +1,4 @@
-"""Non-uniform allocation (--target-flops) against one uniform --ratio at the same FLOPs.
+"""--target-flops against one uniform --ratio at the same FLOPs.
 
     python tools/bench_allocation.py --shots 1,5 --seeds 0,1,2 --ratio 0.5 --out docs/allocation.json
 
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--shots", default="1,5")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--round-to", type=int, default=0, help="--round-to (0: the tool's default per group and CPU)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "allocation.json")
@@ -54,11 +54,13 @@ def main() -> None:
                    "accuracy_allocated": allocated.report["quality"]["student_accuracy"] * 100,
                    "teacher_accuracy": uniform.report["quality"]["teacher_accuracy"] * 100,
                    "speedup_uniform": speed["uniform"], "speedup_allocated": speed["allocated"],
-                   "keep": allocated.report["allocation"]["keep"]}
+                   "keep": allocated.report["allocation"]["keep"], "chosen": allocated.report["allocation"]["chosen"],
+                   "refinement": allocated.report["allocation"].get("refinement"),
+                   "seconds": allocated.report["stages_seconds"]}
             rows.append(row)
             print(f"K={k} seed={seed}: FLOPs share {share:.3f}/{row['flops_share_allocated']:.3f}  "
                   f"acc uniform {row['accuracy_uniform']:.2f}  allocated {row['accuracy_allocated']:.2f}  "
-                  f"speedup b{args.batch} {speed['uniform']:.2f}x / {speed['allocated']:.2f}x", flush=True)
+                  f"speedup b{args.batch} {speed['uniform']:.2f}x / {speed['allocated']:.2f}x ({row['chosen']})", flush=True)
     for k in sorted({r["shots"] for r in rows}):
         sel = [r for r in rows if r["shots"] == k]
         print(f"K={k} mean: uniform {statistics.mean(r['accuracy_uniform'] for r in sel):.2f}  "
