@@ -122,6 +122,18 @@ def search(target: LatencyTarget, problem: Problem, curves: allocate.Curves, ori
             known["refined"] = refinement.score
     with stage("allocate"):
         picked = _pick(target, tried, original, problem, known, progress)
+    if not picked["target_met_timed_together"] and uniform.name in tried and uniform.target_met:
+        # the state of the machine moved since the ratio was found: a narrower one, measured anew
+        together, ratio = picked["timed_together"], uniform.attempts[uniform.best]["ratio"]
+        uniform.missed_later(together["ms"][uniform.name], together["ms"]["teacher"])
+        progress(f"latency target: no candidate met the goal when timed together; one ratio for all narrowed "
+                 f"below {ratio:.3f}")
+        known.pop(uniform.name, None)  # scored at the widths it no longer has
+        count = len(uniform.attempts)
+        steered(uniform, 1)
+        if len(uniform.attempts) > count:
+            with stage("allocate"):
+                picked = _pick(target, tried, original, problem, known, progress)
     chosen = tried[picked["chosen"]]
     picked.update(chosen.info)
     picked["refinement"] = refinement.to_json() if refinement else None
