@@ -129,9 +129,9 @@ def search(target: LatencyTarget, problem: Problem, curves: allocate.Curves, ori
         progress(f"latency target: no candidate met the goal when timed together; one ratio for all narrowed "
                  f"below {ratio:.3f}")
         known.pop(uniform.name, None)  # scored at the widths it no longer has
-        count = len(uniform.attempts)
-        steered(uniform, 1)
-        if len(uniform.attempts) > count:
+        before = tried[uniform.name].alloc.keep
+        steered(uniform, 1)  # the next ratio, or the widest still met where its widths were measured
+        if tried[uniform.name].alloc.keep != before:
             with stage("allocate"):
                 picked = _pick(target, tried, original, problem, known, progress)
     chosen = tried[picked["chosen"]]
