@@ -158,11 +158,10 @@ def read_widths_floor(view: GraphView, c: Curves) -> dict[int, int]:
     units, on the group's step, that still hold as many channels as that; elsewhere, as for
     nearly every group, its usual floor. Narrower, such a layer's outputs no longer span its
     input patches, and no later layer can get the lost directions back; held-out shots do not
-    show it. On the demo (grey 3x3 stem, 32
-    channels), 12 of the 13 models whose widths were refined for a FLOPs target without this
-    floor had narrowed the stem from 16 to 8 channels; all 13 scored 7-45% closer to the teacher
-    on a second split of held-out shots and lost 0.3-1.9 points of test accuracy against one
-    ratio for all."""
+    show it. On the demo (grey 3x3 stem, 32 channels), 12 of the 13 models whose widths were
+    refined for a FLOPs target without this floor had narrowed the stem from 16 to 8 channels;
+    all 13 scored 7-45% closer to the teacher on a second split of held-out shots and lost
+    0.3-1.9 points of test accuracy against one ratio for all."""
     out = {}
     for g in c.groups:
         reads = [_reads(view, view.nodes[name]) for name in g.producers if name in view.nodes]
