@@ -242,9 +242,9 @@ def test_after_a_reading_far_under_the_goal_the_next_ratio_follows_the_measured_
     steer.record(alloc, 10.0 * alloc.share / 2.1, 10.0, lambda _: None)  # twice as fast as predicted
     steer.allocation()
     assert first < steer.ratio < 0.85
-    predicted = lambda r: cost(uniform(steer.curves, r)) / full
-    assert 1 - predicted(steer.ratio) == pytest.approx((1 - 0.485) * (1 - alloc.share) / (1 - alloc.share / 2.1),
-                                                       abs=0.06)  # the saving asked for, on the grid of widths
+    saving = 1 - cost(uniform(steer.curves, steer.ratio)) / full
+    asked = (1 - 0.485) * (1 - alloc.share) / (1 - alloc.share / 2.1)  # the aim's saving, scaled as measured
+    assert asked <= saving < asked + 0.06  # the widest ratio that saves that much, on the grid of widths
 
 
 def test_one_ratio_for_all_moves_to_where_the_measured_room_says_not_to_the_middle():
@@ -356,4 +356,4 @@ def test_when_nothing_meets_the_goal_timed_together_one_ratio_for_all_narrows_an
     assert "missed_later" not in kept and kept["ratio"] < demoted[0]["ratio"]
     together = alloc["timed_together"]  # of the second pick: the model returned met the goal there
     assert alloc["target_met_timed_together"] and together["ms"][alloc["chosen"]] <= together["goal_ms"]
-    assert 1 / report["totals"]["flops_reduction"] <= 1 / 1.6
+    assert report["totals"]["flops_reduction"] >= 1.6  # on this machine, 1.6x faster is 1.6x fewer FLOPs
