@@ -170,7 +170,8 @@ def flops_widths(share: float, evaluations: int, problem: Problem, curves: alloc
     if not refines(evaluations, len(problem.x)):
         return allocate.allocate(curves, model, share), {"chosen": "allocated"}
     sizes = curves.sizes
-    full, budget = model.cost(sizes), share * model.cost(sizes)
+    full = model.cost(sizes)
+    budget = share * full
     found = allocate.widest_uniform(curves, model.cost, budget)
     if found is None:
         floors = model.cost(allocate.uniform(curves, 0.0))
