@@ -158,12 +158,13 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     elif options.target_flops is not None or options.target is not None:
         with stage("allocate"):
             evaluations = options.target.refine_evals if options.target else options.flops_refine
+            refining = target.refines(evaluations, len(shots.calib.x))
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress,
-                                     losses=not target.refines(evaluations, len(shots.calib.x)))
+                                     losses=not refining)
         problem = target.Problem(view, teacher, groups, shots.calib.x, options.prune, options.seed, layer_augmenter,
                                  options.threads)
         if options.target_flops is not None:
-            with stage("refine" if target.refines(evaluations, len(shots.calib.x)) else "allocate"):
+            with stage("refine" if refining else "allocate"):
                 alloc, picked = target.flops_widths(options.target_flops, evaluations, problem, curves, progress)
 
     def prune_and_export(keep: dict[int, int] | None):
