@@ -56,19 +56,24 @@ NETS = {
 SWEEP = (0.3, 0.6, 0.9)  # cross mu values tried at --sweep-shots; chosen on the validation split
 
 
-def write_shots(folder: Path, k: int, seed: int) -> Path:
+def _pixels(upsample: int) -> str:
+    """File-name suffix of images whose pixels were repeated (none for the paper's 32x32)."""
+    return f"_x{upsample}" if upsample > 1 else ""
+
+
+def write_shots(folder: Path, k: int, seed: int, upsample: int = 1) -> Path:
     x, y = fmnist.load("train")
     idx = fmnist.balanced_subset(y, k, seed)
-    path = folder / f"shots_k{k}_s{seed}.npz"
-    np.savez(path, x=fmnist.normalise(x[idx], pad=2), y=y[idx])
+    path = folder / f"shots_k{k}_s{seed}{_pixels(upsample)}.npz"
+    np.savez(path, x=fmnist.normalise(x[idx], pad=2, upsample=upsample), y=y[idx])
     return path
 
 
-def write_eval(folder: Path, count: int) -> Path:
+def write_eval(folder: Path, count: int, upsample: int = 1) -> Path:
     x, y = fmnist.load("t10k")
     idx = fmnist.balanced_subset(y, count // 10, seed=1234)
-    path = folder / "test.npz"
-    np.savez(path, x=fmnist.normalise(x[idx], pad=2), y=y[idx])
+    path = folder / f"test{_pixels(upsample)}.npz"
+    np.savez(path, x=fmnist.normalise(x[idx], pad=2, upsample=upsample), y=y[idx])
     return path
 
 

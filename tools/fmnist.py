@@ -26,10 +26,13 @@ def load(split: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]
     return x, y
 
 
-def normalise(images: np.ndarray, pad: int = 0) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 NCHW; `pad` black pixels on each side (32x32 for CIFAR-style nets)."""
+def normalise(images: np.ndarray, pad: int = 0, upsample: int = 1) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 NCHW; `pad` black pixels on each side (32x32 for CIFAR-style nets),
+    then every pixel repeated `upsample` times along both axes (64x64 for ImageNet-style stems,
+    which divide the input by 32)."""
     x = ((images.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
-    return np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=BACKGROUND) if pad else x
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=BACKGROUND) if pad else x
+    return x.repeat(upsample, 2).repeat(upsample, 3) if upsample > 1 else x
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:

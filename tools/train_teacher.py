@@ -1,12 +1,17 @@
-"""One-time training of the paper-protocol teachers on Fashion-MNIST padded to 32x32 (fixed seed).
+"""One-time training of the teachers on Fashion-MNIST padded to 32x32 (fixed seed).
 
     python tools/train_teacher.py --arch vgg16 --epochs 6
     python tools/train_teacher.py --arch resnet56 --epochs 4
+    python tools/train_teacher.py --arch resnet18 --epochs 4
+    python tools/train_teacher.py --arch mobilenet_v2 --epochs 4
 
 CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifier) and ResNet-56
 (three stages of nine basic blocks, 16/32/64 channels, 1x1 projection shortcuts where the shape
-changes). All 60,000 training images train the teacher; the 10,000 test images are used only to
-report its accuracy. Writes tools/teachers/<arch>.onnx and a line of JSON with the accuracy.
+changes): the paper's nets. ResNet-18 and MobileNetV2 are the architecture zoo's (torchvision's
+definitions, tests/zoo.py) with a first convolution that reads one grey channel; their stems divide
+the input by 32, so they see the 32x32 images with every pixel doubled (64x64). All 60,000 training
+images train the teacher; the 10,000 test images are used only to report its accuracy. Writes
+tools/teachers/<arch>.onnx and a line of JSON with the accuracy.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist  # noqa: E402
 import training  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.zoo import ZOO  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tools" / "teachers"
@@ -67,7 +75,19 @@ def resnet56(classes: int = 10, blocks: int = 9) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
-ARCHS = {"vgg16": vgg16, "resnet56": resnet56}
+def grey(name: str) -> nn.Module:
+    """A zoo architecture whose first convolution reads one channel instead of three."""
+    model = ZOO[name]()
+    path, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride,
+                                                          conv.padding, bias=conv.bias is not None))
+    return model
+
+
+ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "resnet18": lambda: grey("resnet18"),
+         "mobilenet_v2": lambda: grey("mobilenet_v2")}
+UPSAMPLE = {"resnet18": 2, "mobilenet_v2": 2}  # pixels doubled: 64x64 inputs
 
 
 def main() -> None:
@@ -80,14 +100,16 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     x_img, y = fmnist.load("train")
-    x = torch.from_numpy(fmnist.normalise(x_img, pad=2))
+    up = UPSAMPLE.get(args.arch, 1)
+    x = torch.from_numpy(fmnist.normalise(x_img, pad=2, upsample=up))
     model = ARCHS[args.arch]()
     start = time.time()
     training.fit(model, x, torch.from_numpy(y), epochs=args.epochs, seed=args.seed, background=fmnist.BACKGROUND)
     x_test, y_test = fmnist.load("t10k")
-    acc = training.accuracy(model, torch.from_numpy(fmnist.normalise(x_test, pad=2)), torch.from_numpy(y_test))
+    x_test = torch.from_numpy(fmnist.normalise(x_test, pad=2, upsample=up))
+    acc = training.accuracy(model, x_test, torch.from_numpy(y_test))
     args.out.mkdir(parents=True, exist_ok=True)
-    training.export(model, (1, 32, 32), args.out / f"{args.arch}.onnx")
+    training.export(model, (1, 32 * up, 32 * up), args.out / f"{args.arch}.onnx")
     info = {"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "test_accuracy": acc,
             "train_seconds": round(time.time() - start), "parameters": sum(p.numel() for p in model.parameters())}
     (args.out / f"{args.arch}.json").write_text(json.dumps(info, indent=2) + "\n")
