@@ -84,6 +84,7 @@ class Steering:
         self.aim_ms = self.goal_ms * (1 - self.margin)
         self.share = self.aim_ms / self.teacher_ms
         self.bounds = [0.0, math.inf]  # predicted shares known to meet / to miss the goal
+        self.readings = [0.0, 1.0]  # their measured shares of the teacher's time
         self.ratios = [0.0, 1.0]  # one ratio for all: widest known to meet / narrowest known to miss
         self.ratio = 1.0  # the one ratio of the last allocation
 
@@ -162,10 +163,24 @@ class Steering:
         # from the share these widths are predicted to cost: asking the same prediction for less
         # than it already gave would return the same widths
         self.bounds[0 if met else 1] = alloc.share
+        self.readings[0 if met else 1] = measured_ms / teacher_ms
         low, high = self.bounds
-        self.share = (low + high) / 2 if 0 < low and high < math.inf else \
+        self.share = self._between() if 0 < low and high < math.inf else \
             self._corrected(alloc.share, measured_ms, teacher_ms)
         return False
+
+    def _between(self) -> float:
+        """The predicted share, between one that met and one that missed, where their measured
+        shares interpolated reach the aim (regula falsi), kept a tenth of the way from either end.
+        The middle of the predicted shares assumes the prediction is right: MobileNetV2 at batch
+        32 read 0.18 of the teacher's time at ratio 0.12 and 0.51 at 0.47 (aim 0.485), where the
+        table had put them at 0.48 and 0.67; the middle went to 0.27 and the last round to 0.37,
+        kept at 2.7x for 2x asked, where the readings point to 0.44."""
+        (low, high), (read_low, read_high) = self.bounds, self.readings
+        if read_high <= read_low:  # the wider model read faster: noise, nothing to interpolate
+            return (low + high) / 2
+        t = (self._aim(self.teacher_ms) / self.teacher_ms - read_low) / (read_high - read_low)
+        return low + min(0.9, max(0.1, t)) * (high - low)
 
     def _corrected(self, predicted: float, measured_ms: float, teacher_ms: float) -> float:
         """The share to ask the prediction for after one reading: the saving it predicted for those
