@@ -179,7 +179,7 @@ class Steering:
         (low, high), (read_low, read_high) = self.bounds, self.readings
         if read_high <= read_low:  # the wider model read faster: noise, nothing to interpolate
             return (low + high) / 2
-        t = (self._aim(self.teacher_ms) / self.teacher_ms - read_low) / (read_high - read_low)
+        t = (self.aim_ms / self.teacher_ms - read_low) / (read_high - read_low)
         return low + min(0.9, max(0.1, t)) * (high - low)
 
     def _corrected(self, predicted: float, measured_ms: float, teacher_ms: float) -> float:

@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
 import fmnist  # noqa: E402
 import training  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.zoo import ZOO  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tools" / "teachers"
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
