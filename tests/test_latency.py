@@ -197,6 +197,15 @@ def _steering(sizes: list[int], steps: list[int], cost, teacher_ms: float) -> la
                             {"speedup": 2.0}, uniform=True)
 
 
+def _rounds(steer: latency.Steering, sizes: list[int], read) -> None:
+    """Up to four steering rounds on a machine where widths `keep` take `read(keep)` ms."""
+    for _ in range(4):
+        alloc = steer.allocation()
+        keep = {g: alloc.keep.get(g, s) for g, s in enumerate(sizes)}
+        if steer.record(alloc, read(keep), steer.teacher_ms, lambda _: None):
+            break
+
+
 def test_a_bisection_that_lands_on_measured_widths_goes_on_within_the_bracket():
     """The demo at batch 1: ratio 0.37 met, 0.53 missed by 3.5% in one slow reading, and the middle,
     0.45, rounds to 0.53's widths. The search stopped there and kept 8 of 32 channels, 15 points
@@ -255,11 +264,7 @@ def test_one_ratio_for_all_moves_to_where_the_measured_room_says_not_to_the_midd
     cost = lambda keep: sum((keep[g] / s) ** 2 for g, s in enumerate(sizes)) + 0.4  # the rest of the network
     full = cost(dict(enumerate(sizes)))
     steer = _steering(sizes, [16] * 4, cost, 25.0)
-    for _ in range(4):
-        alloc = steer.allocation()
-        keep = {g: alloc.keep.get(g, s) for g, s in enumerate(sizes)}
-        if steer.record(alloc, 0.87 * 25.0 * cost(keep) / full, 25.0, lambda _: None):  # 13% faster than predicted
-            break
+    _rounds(steer, sizes, lambda keep: 0.87 * 25.0 * cost(keep) / full)  # 13% faster than predicted
     ratios = [round(a["ratio"], 2) for a in steer.attempts]
     assert ratios[:2] == [0.62, 0.68]  # not 0.81
     kept = steer.attempts[steer.best]
@@ -274,11 +279,7 @@ def test_between_a_ratio_that_met_and_one_that_missed_the_readings_say_where_the
     sizes = [96, 192, 384, 960]
     width = lambda keep: sum(keep[g] / s for g, s in enumerate(sizes)) / len(sizes)
     steer = _steering(sizes, [16] * 4, lambda keep: 0.42 + 0.58 * width(keep), 10.0)  # pessimistic when narrow
-    for _ in range(4):
-        alloc = steer.allocation()
-        keep = {g: alloc.keep.get(g, s) for g, s in enumerate(sizes)}
-        if steer.record(alloc, 10.0 * (0.07 + 0.95 * width(keep)), 10.0, lambda _: None):
-            break
+    _rounds(steer, sizes, lambda keep: 10.0 * (0.07 + 0.95 * width(keep)))
     ratios = [round(a["ratio"], 2) for a in steer.attempts]
     assert ratios[:2] == [0.1, 0.43] and steer.attempts[1]["measured_ms"] > steer.attempts[1]["aim_ms"]
     assert ratios[2] >= 0.4  # the middle of the predicted shares: 0.27
