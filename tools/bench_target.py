@@ -13,8 +13,9 @@ output error and the top-1 agreement with the teacher are recorded for every mod
 for the demo and for the teachers trained on Fashion-MNIST (tools/teachers/, K=5 shots, 2000 test
 images or --eval-count, needs the dataset-fashion-mnist package): the paper-protocol vgg16 and
 resnet56 (resnet56-all also prunes the channels the residual adds couple), and the zoo's ResNet-18
-(resnet18-trained, --scope all) and MobileNetV2 (mobilenet_v2-trained, --scope internal: with all,
-pruning its residual stream at 0.5 lost 30 points where the expansions alone lost 2). With several
+(resnet18-trained, --scope all), MobileNetV2 (mobilenet_v2-trained, --scope internal: with all,
+pruning its residual stream at 0.5 lost 30 points where the expansions alone lost 2) and GoogLeNet
+(googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups). With several
 seeds, a last summary gives the mean gain over both readings per model and batch.
 
     python tools/bench_target.py --models demo,resnet56,vgg16 --out docs/target.json
@@ -45,7 +46,8 @@ ASSETS = ROOT / "pipeline" / "assets"
 # name -> (tools/teachers file, prune settings), as bench_paper for the paper's nets
 PAPER = {"vgg16": ("vgg16", dict(exclude=("*Gemm*",))), "resnet56": ("resnet56", dict(scope="internal")),
          "resnet56-all": ("resnet56", dict(scope="all")), "resnet18-trained": ("resnet18", dict(scope="all")),
-         "mobilenet_v2-trained": ("mobilenet_v2", dict(scope="internal"))}
+         "mobilenet_v2-trained": ("mobilenet_v2", dict(scope="internal")),
+         "googlenet-trained": ("googlenet", dict(scope="all"))}
 RATIOS = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
