@@ -10,8 +10,8 @@ narrowing the groups where it hurt least until the predicted latency is back wit
 (the start's measured room under the goal may be spent). Before a move is scored it is timed
 against what is allowed, since a per-layer prediction can be 10-20% off for one width change.
 A paid trade is kept if the held-out error falls by GAIN; width bought with room alone, if it
-falls at all. The result must beat the start by GAIN again on a second split of the shots, so
-the start is never made worse by luck on one split, and every score is a real pruning.
+falls at all. The result must beat the start by GAIN again on the shots the search never scored
+on, so the start is never made worse by luck on one split, and every score is a real pruning.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Refinement:
     evaluations: int
     moves: list[dict] = field(default_factory=list)
     misses: list[dict] = field(default_factory=list)  # trades the measurement rejected
-    confirmation: dict | None = None  # start and result scored on a second split of the shots
+    confirmation: dict | None = None  # start and result scored on the shots the search never scored on
 
     def to_json(self) -> dict:
         return {"start": {str(k): v for k, v in self.start.items()}, "keep": {str(k): v for k, v in self.keep.items()},
@@ -49,12 +49,14 @@ class Refinement:
 
 def refine(curves: Curves, start: Widths, budget: float, cost: Callable[[Widths], float],
            score: Callable[[Widths], float], evaluations: int, measure: Callable[[Widths], float],
-           confirm: Callable[[Widths], float], progress: Callable[[str], None] = lambda _: None) -> Refinement:
+           confirm: Callable[[Widths, Widths], tuple[float, float]],
+           progress: Callable[[str], None] = lambda _: None) -> Refinement:
     """Lower `score` from `start` in at most `evaluations` calls of it. A wider group is paid for
     until the predicted `cost` is within `budget`; `measure` then says how far over what is allowed
     the real cost is (1.0: exactly at it), and nothing over it is scored. The best of many
     candidates on a dozen held-out shots is partly the luckiest, so the result must also beat
-    the start on `confirm`, a second split, by GAIN, or the start is returned."""
+    the start by GAIN on `confirm` (start, result -> their errors on other shots), or the start
+    is returned."""
     sizes = curves.sizes
     keep = {gid: start.get(gid, size) for gid, size in sizes.items()}
     first = score(keep)
@@ -74,9 +76,9 @@ def refine(curves: Curves, start: Widths, budget: float, cost: Callable[[Widths]
     progress(f"refine: held-out error {result.start_score:.4f} -> {result.score:.4f} "
              f"in {result.evaluations} evaluations")
     if result.keep != result.start:
-        again = {"start": confirm(result.start), "refined": confirm(result.keep)}
+        again = dict(zip(("start", "refined"), confirm(result.start, result.keep)))
         result.confirmation = {**again, "kept": again["refined"] < (1 - GAIN) * again["start"]}
-        progress(f"refine: on a second split {again['start']:.4f} -> {again['refined']:.4f} "
+        progress(f"refine: on the shots the search never scored on {again['start']:.4f} -> {again['refined']:.4f} "
                  f"({'kept' if result.confirmation['kept'] else 'not confirmed: one ratio for all kept'})")
         if not result.confirmation["kept"]:
             result.keep, result.score = dict(result.start), result.start_score

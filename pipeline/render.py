@@ -108,7 +108,7 @@ def _refine_note(refinement: dict | None) -> list[str]:
         return []
     moves = "; ".join(m["move"] for m in refinement["moves"]) or "no move beat one ratio for all"
     if refinement.get("confirmation") and not refinement["confirmation"]["kept"]:
-        moves += " (not confirmed on a second split of the shots: one ratio for all kept)"
+        moves += " (not confirmed on the shots the search never scored on: one ratio for all kept)"
     misses = f", {len(refinement['misses'])} trades over the time allowed" if refinement["misses"] else ""
     return [f"refined by local search ({refinement['evaluations']} held-out prunings{misses}): {moves}"]
 

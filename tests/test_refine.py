@@ -30,6 +30,11 @@ def error(keep: dict[int, int]) -> float:
     return sum(HARM[g] * (SIZES[g] - keep[g]) ** 2 for g in keep)
 
 
+def both(fn):
+    """A confirmation that scores start and result with `fn`."""
+    return lambda start, result: (fn(start), fn(result))
+
+
 class Counted:
     def __init__(self, fn):
         self.fn, self.calls = fn, []
@@ -41,7 +46,7 @@ class Counted:
 
 def test_width_moves_to_where_narrowing_hurts_most_within_the_budget():
     score, budget = Counted(error), cost(START)
-    result = refine(curves(), START, budget, cost, score, 24, lambda keep: cost(keep) / budget, error)
+    result = refine(curves(), START, budget, cost, score, 24, lambda keep: cost(keep) / budget, both(error))
     assert result.start == START and result.start_score == error(START)
     assert result.score == error(result.keep) < (1 - GAIN) * error(START)
     assert result.keep[1] > START[1] and result.keep[2] < START[2]  # from the least to the most sensitive
@@ -54,17 +59,17 @@ def test_width_moves_to_where_narrowing_hurts_most_within_the_budget():
 def test_a_trade_measured_over_the_time_allowed_is_never_kept():
     budget = cost(START)
     slow = lambda keep: 1.2 if keep[1] > START[1] else cost(keep) / budget  # group 1 wider: slower than predicted
-    result = refine(curves(), START, budget, cost, error, 24, slow, error)
+    result = refine(curves(), START, budget, cost, error, 24, slow, both(error))
     assert result.misses and all(m["measured_over_allowed"] > 1 for m in result.misses)
     assert result.keep[1] <= START[1] and slow(result.keep) <= 1.0
 
 
 def test_the_start_is_kept_when_no_move_helps_and_the_evaluations_are_capped():
     score = Counted(lambda keep: sum(abs(keep[g] - START[g]) for g in keep) + 1.0)
-    result = refine(curves(), START, cost(START), cost, score, 24, lambda keep: 0.5, score)
+    result = refine(curves(), START, cost(START), cost, score, 24, lambda keep: 0.5, both(score))
     assert result.keep == START and result.score == result.start_score and not result.moves
     capped = Counted(error)
-    assert refine(curves(), START, cost(START), cost, capped, 3, lambda keep: 0.5, error).evaluations == 3
+    assert refine(curves(), START, cost(START), cost, capped, 3, lambda keep: 0.5, both(error)).evaluations == 3
     assert len(capped.calls) == 3
 
 
@@ -75,15 +80,15 @@ def test_only_the_groups_whose_step_saves_most_are_probed():
     price = lambda keep: sum((g + 1) * keep[g] for g in keep)  # group 7 saves most per step
     score = Counted(lambda keep: 1.0 + sum(32 - keep[g] for g in keep))
     start = {g: 16 for g in sizes}
-    refine(many, start, price(start), price, score, 12, lambda keep: 0.5, score)
+    refine(many, start, price(start), price, score, 12, lambda keep: 0.5, both(score))
     narrowed = [next(g for g in sizes if call[g] < 16) for call in score.calls[1:5]]
     assert narrowed == [7, 6, 5, 4]  # max(4, 12 // 3) probes, biggest saving first
 
 
-def test_a_result_the_second_split_does_not_confirm_is_dropped():
+def test_a_result_the_unseen_shots_do_not_confirm_is_dropped():
     budget = cost(START)
-    fooled = lambda keep: error(START) + 1.0 if keep != START else error(START)  # the second split disagrees
-    result = refine(curves(), START, budget, cost, error, 24, lambda keep: cost(keep) / budget, fooled)
+    fooled = lambda keep: error(START) + 1.0 if keep != START else error(START)  # the shots the search never saw disagree
+    result = refine(curves(), START, budget, cost, error, 24, lambda keep: cost(keep) / budget, both(fooled))
     assert result.moves and result.confirmation == {"start": error(START), "refined": error(START) + 1.0,
                                                     "kept": False}
     assert result.keep == START and result.score == result.start_score
@@ -112,6 +117,30 @@ def test_trials_that_share_their_first_groups_reuse_them_to_the_last_bit(vgg_pat
     assert [reusing.score(config, keep) for keep in trials] == [fresh.score(config, keep) for keep in trials]
     assert fresh.prefixes.hits == 0
     assert reusing.prefixes.hits == (len(ids) - 1) + 1 + len(ids)  # all but the last; the first; all
+
+
+def test_widths_are_confirmed_on_every_shot_but_those_the_search_scored_on(vgg_path, npz_path):
+    """The search scores on the first fold of one order of the shots; the confirmation averages the
+    other folds of that order, which hold out every other shot once."""
+    from pipeline import choose, prune
+    from pipeline.analyze import find_groups
+    from pipeline.convert import to_torch
+    from pipeline.graph import GraphView
+    from pipeline.load import load_model
+
+    proto = load_model(vgg_path).proto
+    view, teacher = GraphView(proto), to_torch(proto)
+    groups = find_groups(view)
+    x = np.load(npz_path)["x"][:12]
+    folds = [choose.HoldOut(view, teacher, groups, x, 3, None, fold) for fold in range(choose.disjoint_folds(len(x)))]
+    held = [{row.tobytes() for row in fold.check} for fold in folds]
+    assert len(folds) == 4 and sum(map(len, held)) == len(set().union(*held)) == len(x)  # disjoint, all shots
+    config = prune.PruneConfig(method="cross")
+    sizes = {g.id: g.size for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)}
+    widths = [{g: s // 2 for g, s in sizes.items()}, {g: s // 4 for g, s in sizes.items()}]
+    unseen = choose.unseen_scores(view, teacher, groups, x, config, widths, 3, None)
+    assert unseen == [np.mean([fold.score(config, keep) for fold in folds[1:]]) for keep in widths]
+    assert unseen[0] < unseen[1]  # a quarter of the channels loses more than half
 
 
 @pytest.fixture(scope="module")
