@@ -61,8 +61,9 @@ class LatencyModel:
 class Steering:
     """Allocations for a measured goal: predict, prune, measure; after a miss ask the prediction
     for that much less, after a result well under the goal for more, and once both are known,
-    bisect. One ratio for all, once one has met, takes the widest ratio inside the bracket of
-    measured ones that this prediction says meets, or else the bracket's middle. Misses and hits
+    close in on where the readings cross the aim. One ratio for all, once one has met, takes the
+    widest ratio inside the bracket of measured ones that this prediction says meets, or else
+    where the readings at the bracket's ends cross the aim. Misses and hits
     count against the aim, a margin under the goal. The attempt kept is the one that pruned least
     among those that met the aim: the widest ratio, or the slowest allocation against its
     teacher."""
