@@ -99,18 +99,18 @@ class HoldOut:
 
 
 def unseen_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
-                  config: prune.PruneConfig, widths: list[dict[int, int]], seed: int, augmenter: Augmenter | None,
-                  progress: Callable[[str], None] = lambda _: None) -> list[float]:
-    """Mean held-out error of each of `widths` over the folds of split `seed` after the first: the
+                  config: prune.PruneConfig, widths: dict[str, dict[int, int]], seed: int,
+                  augmenter: Augmenter | None, progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
+    """Mean held-out error of each named widths over the folds of split `seed` after the first: the
     shots a search that scored on fold 0 never saw. The best of two dozen candidates on one fold is
     partly the luckiest there, and a second random split shares a quarter of its held-out shots with
     the first: it confirmed refined widths whose relative error on the test images was 14% higher
     (ResNet-18) and 13% (GoogLeNet). On the unseen folds those two lost by 8% and 6%, and the ten
     refinements better on their test images (the demo's eight, two of ResNet-18's) won."""
-    runs = {str(i): (config, keep) for i, keep in enumerate(widths)}
+    runs = {name: (config, keep) for name, keep in widths.items()}
     per_fold = [holdout_scores(view, teacher, groups, x, runs, seed, augmenter, f"unseen shots, split {fold + 1}",
                                progress, fold) for fold in range(1, disjoint_folds(len(x)))]
-    return [float(np.mean([f[str(i)] for f in per_fold])) for i in range(len(widths))]
+    return {name: float(np.mean([f[name] for f in per_fold])) for name in widths}
 
 
 def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,

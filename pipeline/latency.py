@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -242,8 +242,7 @@ class Steering:
                 "target": self.target, "target_met": self.target_met}
 
 
-def _falsi(ends: tuple[float, float] | list[float], readings: tuple[float, float] | list[float],
-           aim: float) -> float:
+def _falsi(ends: Sequence[float], readings: Sequence[float], aim: float) -> float:
     """Between two ends (one met, one missed), where their readings interpolated reach `aim`, kept
     a tenth of the way from either end; the middle where the wider end read faster (noise)."""
     (low, high), (read_low, read_high) = ends, readings

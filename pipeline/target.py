@@ -180,7 +180,7 @@ def flops_widths(share: float, evaluations: int, problem: Problem, curves: alloc
                                   f"{floors / full:.1%} of the original at most")
     ratio, start = found
     progress(f"FLOPs target: one ratio for all, {ratio:.2f}, keeps {model.cost(start) / full:.3f} of the FLOPs")
-    score, confirm = _splits(problem)
+    score, confirm = _splits(problem, progress)
     refinement = refine.refine(_guarded(curves, problem, start), start, budget, model.cost, score, evaluations,
                                lambda keep: model.cost(keep) / budget, confirm, progress)
     chosen = "refined" if refinement.keep != refinement.start else "uniform"
@@ -196,14 +196,17 @@ def _guarded(curves: allocate.Curves, problem: Problem, start: Keep) -> allocate
     return replace(curves, floor={g: min(start.get(g, size), floor[g]) for g, size in curves.sizes.items()})
 
 
-def _splits(problem: Problem) -> tuple[Callable[[Keep], float], Callable[[Keep, Keep], tuple[float, float]]]:
+def _splits(problem: Problem,
+            progress: Progress) -> tuple[Callable[[Keep], float], Callable[[Keep, Keep], tuple[float, float]]]:
     """Held-out error of widths on the first fold of the shots, to search on, and of a start and
     a result on the other folds, to confirm."""
     holdout = choose.HoldOut(problem.view, problem.teacher, problem.groups, problem.x, problem.seed, problem.augmenter)
 
     def confirm(start: Keep, result: Keep) -> tuple[float, float]:
-        return tuple(choose.unseen_scores(problem.view, problem.teacher, problem.groups, problem.x, problem.config,
-                                          [start, result], problem.seed, problem.augmenter))
+        scores = choose.unseen_scores(problem.view, problem.teacher, problem.groups, problem.x, problem.config,
+                                      {"one ratio for all": start, "refined": result}, problem.seed,
+                                      problem.augmenter, progress)
+        return scores["one ratio for all"], scores["refined"]
 
     return (lambda keep: holdout.score(problem.config, keep)), confirm
 
@@ -222,7 +225,7 @@ def _refine(target: LatencyTarget, start: latency.Steering, start_keep: Keep, or
         trial_ms, teacher_ms = _with_teacher(original, timing_model(keep), start.session, start.batch, problem.shape)
         return trial_ms / ((1 - start.margin) * _goal(target, teacher_ms))
 
-    score, confirm = _splits(problem)
+    score, confirm = _splits(problem, progress)
     return refine.refine(_guarded(start.curves, problem, full), full, start.model.cost(full) * room,
                          start.model.cost, score, target.refine_evals, measure, confirm, progress)
 

@@ -137,10 +137,10 @@ def test_widths_are_confirmed_on_every_shot_but_those_the_search_scored_on(vgg_p
     assert len(folds) == 4 and sum(map(len, held)) == len(set().union(*held)) == len(x)  # disjoint, all shots
     config = prune.PruneConfig(method="cross")
     sizes = {g.id: g.size for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)}
-    widths = [{g: s // 2 for g, s in sizes.items()}, {g: s // 4 for g, s in sizes.items()}]
+    widths = {"half": {g: s // 2 for g, s in sizes.items()}, "quarter": {g: s // 4 for g, s in sizes.items()}}
     unseen = choose.unseen_scores(view, teacher, groups, x, config, widths, 3, None)
-    assert unseen == [np.mean([fold.score(config, keep) for fold in folds[1:]]) for keep in widths]
-    assert unseen[0] < unseen[1]  # a quarter of the channels loses more than half
+    assert unseen == {name: np.mean([fold.score(config, keep) for fold in folds[1:]]) for name, keep in widths.items()}
+    assert unseen["half"] < unseen["quarter"]  # a quarter of the channels loses more than half
 
 
 @pytest.fixture(scope="module")

@@ -54,10 +54,12 @@ def score_model(name: str, path: Path, options, rows: list[dict]) -> list[dict]:
     second = choose.HoldOut(view, teacher, groups, x, options.seed + 1, aug)
     out = []
     for row in rows:
-        widths = [{int(k): v for k, v in row["refinement"][side].items()} for side in ("start", "keep")]
+        widths = {side: {int(k): v for k, v in row["refinement"][key].items()}
+                  for side, key in (("start", "start"), ("refined", "keep"))}
         unseen = choose.unseen_scores(view, teacher, groups, x, options.prune, widths, options.seed, aug)
         scored = {}
-        for side, keep, u in zip(("start", "refined"), widths, unseen):
+        for side, keep in widths.items():
+            u = unseen[side]
             student = prune.prune(view, teacher, groups, x, options.prune, augmenter=aug, keep=keep).student
             s = convert.run_torch(student, evalset.x)[0]
             scored[side] = {"second_split": second.score(options.prune, keep), "unseen_folds": u,
