@@ -29,9 +29,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from pipeline import analyze, augment, choose, convert, load, prune, workflow  # noqa: E402
 from pipeline.graph import GraphView  # noqa: E402
+from pipeline.refine import GAIN  # noqa: E402  what a confirmation asks of the refined widths
 from bench_target import setups  # noqa: E402
-
-GAIN = 0.02  # refine.GAIN: what a confirmation asks of the refined widths
 
 
 def refined_rows(files: list[Path]) -> list[dict]:
@@ -59,10 +58,9 @@ def score_model(name: str, path: Path, options, rows: list[dict]) -> list[dict]:
         unseen = choose.unseen_scores(view, teacher, groups, x, options.prune, widths, options.seed, aug)
         scored = {}
         for side, keep in widths.items():
-            u = unseen[side]
             student = prune.prune(view, teacher, groups, x, options.prune, augmenter=aug, keep=keep).student
             s = convert.run_torch(student, evalset.x)[0]
-            scored[side] = {"second_split": second.score(options.prune, keep), "unseen_folds": u,
+            scored[side] = {"second_split": second.score(options.prune, keep), "unseen_folds": unseen[side],
                             "test_relative_squared_error": convert.relative_squared_error(reference, s),
                             "test_top1_agreement": float(np.mean(s.argmax(1) == reference.argmax(1))),
                             "test_accuracy": float(np.mean(s.argmax(1) == evalset.y)) if evalset.y is not None else None}

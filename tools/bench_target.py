@@ -15,8 +15,8 @@ images or --eval-count, needs the dataset-fashion-mnist package): the paper-prot
 resnet56 (resnet56-all also prunes the channels the residual adds couple), and the zoo's ResNet-18
 (resnet18-trained, --scope all), MobileNetV2 (mobilenet_v2-trained, --scope internal: with all,
 pruning its residual stream at 0.5 lost 30 points where the expansions alone lost 2) and GoogLeNet
-(googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups). With several
-seeds, a last summary gives the mean gain over both readings per model and batch.
+(googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups). With
+several seeds, a last summary gives the mean gain over both readings per model and batch.
 
     python tools/bench_target.py --models demo,resnet56,vgg16 --out docs/target.json
     python tools/bench_target.py --models demo --seeds 0,1,2,3,4 --batches 32,1 --out docs/target_seeds.json
