@@ -7,7 +7,7 @@ slim model has passed verification.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -21,6 +21,7 @@ from exporters.write import atomic_write
 from pipeline import (allocate, analyze, augment, bench, choose, convert, data, engine, finetune, flops, limits,
                       load, precision, prune, quantize, report, target, verify)
 from pipeline.errors import ModelError, NothingToPruneError, UsageError, VerificationError
+from pipeline.analyze import ChannelGroup
 from pipeline.graph import GraphView
 from pipeline.runtime import first_line
 from pipeline.target import LatencyTarget
@@ -89,28 +90,36 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
         return _compress(model_path, replace(options, device="cpu"), output, progress)
 
 
-def _compress(model_path: str | Path, options: CompressOptions, output: str | Path | None,
-              progress: Progress) -> CompressResult:
+@dataclass
+class Prepared:
+    """What compress works from before a channel is cut: the checked model, its shots and
+    evaluation samples, the torch twin proven equal to onnxruntime, the channel groups and the
+    augmenter. A tool that must prune exactly what `compress` pruned builds it with `prepare`."""
+
+    model: load.LoadedModel
+    original: bytes  # the input file's bytes: what the slim model is timed and compared against
+    shots: data.FewShot
+    evalset: data.Samples
+    data_notes: list[str]
+    pre: data.Preprocess
+    teacher: convert.TorchModel
+    parity: convert.Parity
+    view: GraphView
+    groups: list[ChannelGroup]
+    augmenter: augment.Augmenter
+
+    def layer_augmenter(self, config: prune.PruneConfig) -> augment.Augmenter | None:
+        """Magnitude pruning reads no layer statistics, so it gets no augmented inputs."""
+        return self.augmenter if config.method != "l1" else None
+
+
+def prepare(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
+            progress: Progress = lambda _: None,
+            stage: Callable[[str], AbstractContextManager] = lambda _: nullcontext()) -> Prepared:
+    """The stages before pruning: load -> data -> convert -> analyze -> augment, each under `stage`."""
     model_path = Path(model_path)
-    torch.manual_seed(options.seed)
-    stages: dict[str, float] = {}
-
-    @contextmanager
-    def stage(name: str):
-        progress(f"{name}...")
-        start = time.perf_counter()
-        yield
-        stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - start, 3)  # a stage may repeat
-
     with stage("load"):
         model, original = _open(model_path, options, output)
-    if options.min_speedup is not None and not (options.providers and options.batches):
-        raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
-    given = [name for name, value in (("--target-flops", options.target_flops), ("a latency target", options.target),
-                                      ("--widths", options.widths_from)) if value is not None]
-    if len(given) > 1:
-        raise UsageError(f"give one target, not {' and '.join(given)}")
-    widths = allocate.read_widths(Path(options.widths_from)) if options.widths_from is not None else None
     with stage("data"):
         shots, evalset, data_notes, pre = _data(model, options)
         if options.max_accuracy_drop is not None and evalset.y is None:
@@ -131,15 +140,41 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         if not any(g.prunable for g in groups):
             reasons = "; ".join(f"{g.producers[0]}: {g.reason}" for g in groups[:3]) or "no Conv/Gemm/MatMul layer"
             raise NothingToPruneError(f"{model_path}: no prunable channel group ({reasons})")
-        if widths is not None:  # before any statistics: a report from another model fails at once
-            keep = allocate.replayed(groups, widths, options.widths_from,
-                                     lambda g: prune.skip_reason(teacher, g, options.prune))
     with stage("augment"):
         augmenter = augment.build(options.augment, options.augment_factor, options.seed, shots.calib.x,
                                   lambda x: convert.run_torch(teacher, x)[0], pre.layout)
         for check in augmenter.checks:
             progress(f"augment {check.transform.name}: {'kept' if check.kept else 'dropped'} ({check.reason})")
-    layer_augmenter = augmenter if options.prune.method != "l1" else None
+    return Prepared(model, original, shots, evalset, data_notes, pre, teacher, parity, view, groups, augmenter)
+
+
+def _compress(model_path: str | Path, options: CompressOptions, output: str | Path | None,
+              progress: Progress) -> CompressResult:
+    model_path = Path(model_path)
+    torch.manual_seed(options.seed)
+    stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        progress(f"{name}...")
+        start = time.perf_counter()
+        yield
+        stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - start, 3)  # a stage may repeat
+
+    if options.min_speedup is not None and not (options.providers and options.batches):
+        raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
+    given = [name for name, value in (("--target-flops", options.target_flops), ("a latency target", options.target),
+                                      ("--widths", options.widths_from)) if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"give one target, not {' and '.join(given)}")
+    widths = allocate.read_widths(Path(options.widths_from)) if options.widths_from is not None else None
+    ready = prepare(model_path, options, output, progress, stage)
+    model, original, shots, evalset = ready.model, ready.original, ready.shots, ready.evalset
+    teacher, view, groups, augmenter = ready.teacher, ready.view, ready.groups, ready.augmenter
+    if widths is not None:  # before any statistics: a report from another model fails at once
+        keep = allocate.replayed(groups, widths, options.widths_from,
+                                 lambda g: prune.skip_reason(teacher, g, options.prune))
+    layer_augmenter = ready.layer_augmenter(options.prune)
     choice = None
     candidates = choose.candidates(options.prune, options.auto_method, options.auto_mu)
     if len(candidates) > 1 and len(shots.calib.x) < choose.MIN_SAMPLES:
@@ -152,8 +187,8 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
     alloc, picked = None, None
     if widths is not None:
-        flops = allocate.FlopsModel(view, groups)
-        share = flops.cost(keep) / flops.cost({})
+        cost = allocate.FlopsModel(view, groups).cost
+        share = cost(keep) / cost({})
         alloc = allocate.Allocation(keep, share, share, f"widths of {options.widths_from}")
     elif options.target_flops is not None or options.target is not None:
         with stage("allocate"):
@@ -220,15 +255,14 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     failures = _gates(options, quality, timed)
     if output is not None and not failures:
         atomic_write(output, final)
-    rep = _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
-                  original, final, verify_err, quality, timed, stages, output)
+    rep = _report(ready, options, result, slim, final, verify_err, quality, timed, stages, output)
     rep["augmentation"] = augmenter.to_json()
     rep["engine"] = engine.describe(teacher.device)
     rep["allocation"] = {**alloc.to_json(), **(picked or {})} if alloc else None
     rep["auto"] = choice.to_json() if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
-    rep["parity"]["onnxruntime_optimized_vs_as_written"] = parity.optimizer_drift
-    rep["parity"]["optimizer_changes_outputs"] = parity.optimizer_changes_outputs
+    rep["parity"]["onnxruntime_optimized_vs_as_written"] = ready.parity.optimizer_drift
+    rep["parity"]["optimizer_changes_outputs"] = ready.parity.optimizer_changes_outputs
     rep["quantization"] = quant.to_json() if quant else None
     rep["finetune"] = {**asdict(options.finetune), **tuned.to_json()} if tuned else None
     teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}
@@ -336,8 +370,10 @@ def _data(model: load.LoadedModel, options: CompressOptions):
     return shots, evalset, notes, pre
 
 
-def _report(model, options, shots, evalset, data_notes, pre, parity, view, groups, result, slim,
-            original, slim_bytes, verify_err, quality, latency, stages, output) -> dict:
+def _report(ready: Prepared, options: CompressOptions, result: prune.PruneResult, slim: onnx.ModelProto,
+            slim_bytes: bytes, verify_err: float, quality: verify.Quality, latency: bench.BenchResult | None,
+            stages: dict[str, float], output: str | Path | None) -> dict:
+    model, shots, evalset, view, groups = ready.model, ready.shots, ready.evalset, ready.view, ready.groups
     before = {c.node: c for c in flops.layer_costs(view)}
     slim_view = GraphView(load.sized(slim, shots.calib.x.shape[1:]))
     after = {c.node: c for c in flops.layer_costs(slim_view)}
@@ -360,20 +396,20 @@ def _report(model, options, shots, evalset, data_notes, pre, parity, view, group
         "config": {**asdict(options.prune), "shots": options.shots, "samples": options.samples,
                    "seed": options.seed, "data": str(options.data),
                    "eval_data": str(options.eval_data) if options.eval_data else None},
-        "input": {"path": str(model.path), "sha256": report.sha256(original), "opset": model.opset,
+        "input": {"path": str(model.path), "sha256": report.sha256(ready.original), "opset": model.opset,
                   "inputs": [s.to_json() for s in model.inputs], "outputs": [s.to_json() for s in model.outputs],
                   "normalisation": model.notes},
         "output": {"path": str(output) if output else None, "sha256": report.sha256(slim_bytes)},
         "data": {"source": shots.calib.source, "calibration_samples": len(shots.calib),
                  "classes": len(np.unique(shots.calib.y)) if shots.calib.y is not None else None,
                  "evaluation": evalset.source, "evaluation_samples": len(evalset),
-                 "preprocess": pre.to_json(), "notes": data_notes},
-        "parity": {"torch_vs_onnxruntime": parity.worst, "slim_vs_masked_student": verify_err},
+                 "preprocess": ready.pre.to_json(), "notes": ready.data_notes},
+        "parity": {"torch_vs_onnxruntime": ready.parity.worst, "slim_vs_masked_student": verify_err},
         "groups": group_rows,
         "layers": layers,
         "totals": {"flops_before": f0, "flops_after": f1, "flops_reduction": f0 / max(f1, 1),
                    "params_before": flops.total_params(view), "params_after": flops.total_params(slim_view),
-                   "bytes_before": len(original), "bytes_after": len(slim_bytes)},
+                   "bytes_before": len(ready.original), "bytes_after": len(slim_bytes)},
         "quality": quality.to_json(),
         "latency": latency.to_json() if latency else None,
         "stages_seconds": stages,

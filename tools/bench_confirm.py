@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from pipeline import analyze, augment, choose, convert, load, prune, workflow  # noqa: E402
-from pipeline.graph import GraphView  # noqa: E402
+from pipeline import choose, convert, prune, workflow  # noqa: E402
 from pipeline.refine import GAIN  # noqa: E402  what a confirmation asks of the refined widths
 from bench_target import setups  # noqa: E402
 
@@ -40,15 +39,9 @@ def refined_rows(files: list[Path]) -> list[dict]:
 
 def score_model(name: str, path: Path, options, rows: list[dict]) -> list[dict]:
     """Rows of one model and seed: the shots, teacher and groups as `compress` builds them."""
-    model, _ = workflow._open(path, options, None)
-    shots, evalset, _, pre = workflow._data(model, options)
-    x = shots.calib.x
-    teacher, _ = workflow._twin(model, options.device, x, lambda _: None)
-    view = GraphView(load.sized(model.proto, x.shape[1:]))
-    groups = analyze.find_groups(view)
-    aug = augment.build(options.augment, options.augment_factor, options.seed, x,
-                        lambda v: convert.run_torch(teacher, v)[0], pre.layout)
-    aug = aug if options.prune.method != "l1" else None
+    ready = workflow.prepare(path, options)
+    view, teacher, groups, evalset, x = ready.view, ready.teacher, ready.groups, ready.evalset, ready.shots.calib.x
+    aug = ready.layer_augmenter(options.prune)
     reference = convert.run_torch(teacher, evalset.x)[0]
     second = choose.HoldOut(view, teacher, groups, x, options.seed + 1, aug)
     out = []
