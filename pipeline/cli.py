@@ -168,7 +168,8 @@ def prune_options(fn):
                      help="Instead of --ratio: be this many times faster than the original, measured on "
                      "--target-provider at --target-batch. One ratio for all is found by timing against the "
                      "original (a cached per-layer latency table predicts where to start; 4 rounds at most), then "
-                     "refined by local search (--target-refine)."),
+                     "refined by local search (--target-refine); widths allocated from the solver's loss curves "
+                     "are steered the same way and compete."),
         click.option("--target-latency-ms", type=click.FloatRange(0, min_open=True),
                      help="Like --target-speedup, with a latency in milliseconds as the goal."),
         click.option("--target-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
@@ -183,8 +184,9 @@ def prune_options(fn):
         click.option("--target-refine", type=click.IntRange(0), default=24, show_default=True,
                      help="Prunings on held-out shots spent refining a target's widths by local search from one "
                      "ratio for all (width moved to where narrowing hurts most per millisecond or FLOP saved); "
-                     "0: none, and widths allocated where the solver's loss per millisecond (or FLOP) saved is "
-                     "lowest compete with one ratio for all (or, for --target-flops, replace it)."),
+                     "0: none. A latency target also steers widths allocated where the solver's loss per "
+                     "millisecond saved is lowest, kept only if they beat the rest on shots no score has seen; "
+                     "--target-flops with 0 takes such widths (loss per FLOP) instead of one ratio for all."),
         click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="auto",
                      show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
                      "plain regression of the student on the teacher; soft: regression from a mix of "

@@ -26,6 +26,8 @@ from pipeline.allocate import Allocation, Curves, FlopsModel, allocate, uniform,
 from pipeline.graph import GraphView
 from pipeline.runtime import SessionConfig, cache_dir, make_session
 
+ALLOCATED = "allocated"  # the name of widths allocated from the loss curves, beside "uniform"
+
 GRID = (1.0, 0.75, 0.5, 0.25, 0.125)  # shares of a layer's channels timed on each varying axis
 RATIO_STEP = 0.05  # one ratio for all: a bracket of measured ratios this narrow ends the search
 RUNS, WARMUP, MAX_SECONDS = 15, 3, 0.5  # per grid point: median of RUNS, or fewer past MAX_SECONDS
@@ -92,7 +94,7 @@ class Steering:
 
     @property
     def name(self) -> str:
-        return "uniform" if self.uniform else "allocated"
+        return "uniform" if self.uniform else ALLOCATED
 
     def allocation(self) -> Allocation:
         """Stops at the groups' floors if the prediction says the goal is out of reach: the

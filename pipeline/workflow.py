@@ -195,7 +195,7 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
             evaluations = options.target.refine_evals if options.target else options.flops_refine
             refining = target.refines(evaluations, len(shots.calib.x))
             curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress,
-                                     losses=not refining)
+                                     losses=options.target is not None or not refining)
         problem = target.Problem(view, teacher, groups, shots.calib.x, options.prune, options.seed, layer_augmenter,
                                  options.threads)
         if options.target_flops is not None:

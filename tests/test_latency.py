@@ -83,7 +83,10 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     alloc = json.loads(report.read_text())["allocation"]
     assert alloc["cost"].startswith("latency") and alloc["target"]["speedup"] == 1.3 and alloc["target"]["batch"] == 4
     runs = alloc["candidates"]
-    assert set(runs) - {"refined"} == {"uniform"}  # allocated widths compete only where nothing is refined
+    assert set(runs) - {"refined"} == {"allocated", "uniform"}  # widths from the loss curves compete too
+    confirmation = alloc["allocation_confirmation"]  # scored best on the fold: must win on the other folds
+    if confirmation is not None:
+        assert alloc["chosen"] == ("allocated" if confirmation["kept"] else confirmation["rival"])
     assert alloc["attempts"] == runs[alloc["chosen"]]["attempts"]
     refined = alloc["refinement"]  # local search from the uniform widths, every move scored on held-out shots
     assert all(refined["start"][k] == v for k, v in runs["uniform"]["keep"].items())
@@ -343,6 +346,26 @@ def test_a_candidate_that_met_the_goal_in_one_timing_only_is_not_chosen_over_one
     met, twice, pool = target.eligible(ms, 0.083, found)
     assert met == ["allocated", "uniform", "refined"] and twice == pool == ["allocated", "uniform"]
     assert target.eligible(ms, 0.071, found) == (["allocated"], ["allocated"], ["allocated"])  # over it here: out
+
+
+def test_allocated_widths_are_kept_only_where_the_shots_no_score_has_seen_confirm_them(vgg_path, npz_path):
+    """Widths from the loss curves that scored best on the held-out fold must also beat the runner-up
+    by refine.GAIN on the other folds: wider widths do, narrower ones and a tie do not."""
+    from pipeline.convert import to_torch
+    from pipeline.prune import skip_reason
+
+    view = GraphView(load.load_model(vgg_path).proto)
+    teacher, groups, config = to_torch(view.proto), analyze.find_groups(view), PruneConfig(method="cross")
+    problem = target.Problem(view, teacher, groups, np.load(npz_path)["x"][:12], config, 3, None)
+    sizes = {g.id: g.size for g in groups if g.prunable and not skip_reason(teacher, g, config)}
+    half, quarter = ({g: s // d for g, s in sizes.items()} for d in (2, 4))
+    wider = target.allocation_confirmed(problem, "allocated", "uniform", {"allocated": half, "uniform": quarter})
+    narrower = target.allocation_confirmed(problem, "allocated", "uniform", {"allocated": quarter, "uniform": half})
+    tie = target.allocation_confirmed(problem, "allocated", "refined", {"allocated": half, "refined": half})
+    assert wider["kept"] and not narrower["kept"] and not tie["kept"] and tie["rival"] == "refined"
+    scores = wider["unseen_relative_squared_error"]
+    assert scores == {"allocated": narrower["unseen_relative_squared_error"]["uniform"],
+                      "uniform": narrower["unseen_relative_squared_error"]["allocated"]}
 
 
 def test_where_no_candidate_met_the_goal_twice_the_one_nearest_it_in_its_slower_reading_is_kept():

@@ -118,7 +118,7 @@ def run(name: str, model: Path, base: CompressOptions, uniform: dict[float, obje
            "target_flops_reduction": target.report["totals"]["flops_reduction"],
            "chosen": alloc.get("chosen"), "target_keep": alloc["keep"], "attempts": alloc["attempts"],
            "candidates": alloc.get("candidates"), "timed_together": alloc.get("timed_together"),
-           "refinement": alloc.get("refinement"),
+           "refinement": alloc.get("refinement"), "allocation_confirmation": alloc.get("allocation_confirmation"),
            "seconds": target.report["stages_seconds"],
            "uniform": [point(c) for c in curve],
            "p50_ms": {t.model: t.p50_ms for t in timed.timings}}
