@@ -99,8 +99,19 @@ def sections(report: dict) -> list[Section]:
                              f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}",
                              f"{a['goal_ms']:.3f}", f"{a['teacher_ms']:.3f}"]
                             for name, run in runs.items() for i, a in enumerate(run["attempts"])],
-                           notes + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]))
+                           notes + _allocation_note(alloc.get("allocation_confirmation"))
+                           + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]))
     return out
+
+
+def _allocation_note(confirmation: dict | None) -> list[str]:
+    """Widths from the loss curves that were best on the held-out shots stand only if the other shots agree."""
+    if not confirmation:
+        return []
+    rival, unseen = confirmation["rival"], confirmation["unseen_relative_squared_error"]
+    verdict = "kept" if confirmation["kept"] else f"not confirmed: {rival} kept"
+    return [f"allocated widths best on the held-out shots; on the shots no score had seen {unseen['allocated']:.4f} "
+            f"against {rival} {unseen[rival]:.4f} ({verdict})"]
 
 
 def _refine_note(refinement: dict | None) -> list[str]:
