@@ -277,13 +277,14 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
     elif not twice:
         progress(f"latency target: no candidate met the goal in both timings; {pool[0]} came nearest in its slower one")
     scores = dict(known)
-    if len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES:
+    held_out = len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES  # else nothing can be scored: the first
+    if held_out:
         scores.update(choose.holdout_scores(problem.view, problem.teacher, problem.groups, problem.x,
                                             {n: (problem.config, tried[n].alloc.keep) for n in pool if n not in known},
                                             problem.seed, problem.augmenter, "latency target", progress))
     chosen = min(pool, key=lambda n: scores.get(n, 0.0))
     confirmation = None
-    if chosen == latency.ALLOCATED and len(pool) > 1:
+    if chosen == latency.ALLOCATED and held_out:
         rival = min((n for n in pool if n != chosen), key=lambda n: scores.get(n, 0.0))
         confirmation = allocation_confirmed(problem, chosen, rival, {n: tried[n].alloc.keep for n in (chosen, rival)},
                                             progress)

@@ -137,6 +137,20 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     assert "no score had seen 0.0500 against uniform 0.0400 (not confirmed: uniform kept)" in render.markdown(rep)
 
 
+def test_with_one_shot_nothing_can_overrule_the_allocated_widths_of_a_latency_target(vgg_path, npz_path, cache):
+    """No shot to hold out: no refinement, no scores and no folds to confirm on; of the candidates
+    that met the goal, the allocation (steered first) stands."""
+    options = CompressOptions(data=npz_path, samples=1, providers=[], threads=1,
+                              target=LatencyTarget(speedup=1.3, batch=4))
+    alloc = compress(vgg_path, options).report["allocation"]
+    assert alloc["refinement"] is None and alloc["allocation_confirmation"] is None
+    assert all(run["holdout_relative_squared_error"] is None for run in alloc["candidates"].values())
+    assert list(alloc["candidates"]) == ["allocated", "uniform"]
+    twice = alloc["timed_together"]["met_when_found_too"]
+    if twice:
+        assert alloc["chosen"] == twice[0]
+
+
 def test_two_targets_are_refused(vgg_path, npz_path, tmp_path):
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3",
                                     "-o", str(tmp_path / "x.onnx"), "--target-flops", "0.5", "--target-speedup", "2"])
