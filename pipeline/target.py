@@ -277,7 +277,7 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
     elif not twice:
         progress(f"latency target: no candidate met the goal in both timings; {pool[0]} came nearest in its slower one")
     scores = dict(known)
-    held_out = len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES  # else nothing can be scored: the first
+    held_out = len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES  # else the first in the pool stands
     if held_out:
         scores.update(choose.holdout_scores(problem.view, problem.teacher, problem.groups, problem.x,
                                             {n: (problem.config, tried[n].alloc.keep) for n in pool if n not in known},
