@@ -27,6 +27,11 @@ GAIN = 0.02  # a trade must lower the held-out error by this share: smaller is w
 Widths = dict[int, int]
 
 
+def beats(score: float, other: float) -> bool:
+    """Lower than `other` by GAIN: what a move, a confirmation or a rival's widths must show."""
+    return score < (1 - GAIN) * other
+
+
 @dataclass
 class Refinement:
     start: Widths
@@ -77,7 +82,7 @@ def refine(curves: Curves, start: Widths, budget: float, cost: Callable[[Widths]
              f"in {result.evaluations} evaluations")
     if result.keep != result.start:
         again = dict(zip(("start", "refined"), confirm(result.start, result.keep)))
-        result.confirmation = {**again, "kept": again["refined"] < (1 - GAIN) * again["start"]}
+        result.confirmation = {**again, "kept": beats(again["refined"], again["start"])}
         progress(f"refine: on the shots the search never scored on {again['start']:.4f} -> {again['refined']:.4f} "
                  f"({'kept' if result.confirmation['kept'] else 'not confirmed: one ratio for all kept'})")
         if not result.confirmation["kept"]:
@@ -103,7 +108,7 @@ def _round(result: Refinement, sizes: Widths, curves: Curves, cost: Callable[[Wi
     for gid in probed:
         trial, saved = narrower[gid], saving[gid]
         got = evaluate(trial)
-        if got < (1 - GAIN) * result.score:  # narrower and closer to the teacher: take it as it is
+        if beats(got, result.score):  # narrower and closer to the teacher: take it as it is
             _accept(result, trial, got, f"group {gid} narrowed to {trial[gid]}", progress)
             return True
         harm[gid] = (got - result.score) / saved

@@ -307,7 +307,7 @@ def allocation_confirmed(problem: Problem, chosen: str, rival: str, widths: dict
     relative error was a third lower than one ratio for all's, on the fold and on the test images."""
     unseen = choose.unseen_scores(problem.view, problem.teacher, problem.groups, problem.x, problem.config, widths,
                                   problem.seed, problem.augmenter, progress)
-    kept = unseen[chosen] < (1 - refine.GAIN) * unseen[rival]
+    kept = refine.beats(unseen[chosen], unseen[rival])
     progress(f"latency target: on the shots no score has seen, {chosen} {unseen[chosen]:.4f} against {rival} "
              f"{unseen[rival]:.4f} ({'kept' if kept else f'not confirmed: {rival} kept'})")
     return {"rival": rival, "unseen_relative_squared_error": unseen, "kept": kept}

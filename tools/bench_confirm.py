@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from pipeline import choose, convert, prune, workflow  # noqa: E402
-from pipeline.refine import GAIN  # noqa: E402  what a confirmation asks of the refined widths
+from pipeline.refine import beats  # noqa: E402  what a confirmation asks of the refined widths
 from bench_target import setups  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def score_model(name: str, path: Path, options, rows: list[dict]) -> list[dict]:
                             "test_relative_squared_error": convert.relative_squared_error(reference, s),
                             "test_top1_agreement": float(np.mean(s.argmax(1) == reference.argmax(1))),
                             "test_accuracy": float(np.mean(s.argmax(1) == evalset.y)) if evalset.y is not None else None}
-        better = lambda key: scored["refined"][key] < (1 - GAIN) * scored["start"][key]
+        better = lambda key: beats(scored["refined"][key], scored["start"][key])
         test_better = scored["refined"]["test_relative_squared_error"] < scored["start"]["test_relative_squared_error"]
         out.append({"model": name, "seed": row["seed"], "batch": row["batch"], **scored,
                     "test_prefers_refined": test_better,
