@@ -15,11 +15,13 @@ images or --eval-count, needs the dataset-fashion-mnist package): the paper-prot
 resnet56 (resnet56-all also prunes the channels the residual adds couple), and the zoo's ResNet-18
 (resnet18-trained, --scope all), MobileNetV2 (mobilenet_v2-trained, --scope internal: with all,
 pruning its residual stream at 0.5 lost 30 points where the expansions alone lost 2) and GoogLeNet
-(googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups). With
+(googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups), and
+ResNet-50 (resnet50-trained, --scope all: its bottlenecks' inner widths and the residual stream). With
 several seeds, a last summary gives the mean gain over both readings per model and batch.
 
     python tools/bench_target.py --models demo,resnet56,vgg16 --out docs/target.json
     python tools/bench_target.py --models demo --seeds 0,1,2,3,4 --batches 32,1 --out docs/target_seeds.json
+    python tools/bench_target.py --models mobilenet_v2-trained --batches 1 --threads 1 --eval-count 10000
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ ASSETS = ROOT / "pipeline" / "assets"
 PAPER = {"vgg16": ("vgg16", dict(exclude=("*Gemm*",))), "resnet56": ("resnet56", dict(scope="internal")),
          "resnet56-all": ("resnet56", dict(scope="all")), "resnet18-trained": ("resnet18", dict(scope="all")),
          "mobilenet_v2-trained": ("mobilenet_v2", dict(scope="internal")),
-         "googlenet-trained": ("googlenet", dict(scope="all"))}
+         "googlenet-trained": ("googlenet", dict(scope="all")), "resnet50-trained": ("resnet50", dict(scope="all"))}
 RATIOS = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
@@ -96,7 +98,8 @@ def run(name: str, model: Path, base: CompressOptions, uniform: dict[float, obje
     for r, u in uniform.items():
         distinct.setdefault(u.slim, []).append(r)
     timed = bench([("teacher", model.read_bytes()), ("target", target.slim)]
-                  + [(f"ratio {rs[0]}", slim) for slim, rs in distinct.items()], ["cpu"], [batch], runs=runs)
+                  + [(f"ratio {rs[0]}", slim) for slim, rs in distinct.items()], ["cpu"], [batch], runs=runs,
+                  threads=base.threads)
     speed = {t.model: t.speedup for t in timed.timings}
     curve = sorted((speed[f"ratio {rs[0]}"], quality(uniform[rs[0]].report),
                     uniform[rs[0]].report["quality"]["relative_error"], rs,
@@ -107,7 +110,8 @@ def run(name: str, model: Path, base: CompressOptions, uniform: dict[float, obje
     point = lambda c: {"ratios": c[3], "speedup": c[0], "quality": c[1], "relative_error": c[2],
                        "top1_agreement": c[4]}
     alloc = target.report["allocation"]
-    row = {"model": name, "seed": base.seed, "batch": batch, "target_speedup": speedup, "measured_speedup": reached,
+    row = {"model": name, "seed": base.seed, "batch": batch, "threads": base.threads or "all",
+           "target_speedup": speedup, "measured_speedup": reached,
            "target_quality": quality(target.report), "uniform_quality_at_same_speedup": at(1),
            "target_relative_error": target.report["quality"]["relative_error"],
            "uniform_relative_error_at_same_speedup": at(2),
@@ -160,6 +164,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="seeds of the shots (labeled data) or of the pruning")
     p.add_argument("--speedup", type=float, default=2.0)
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads the target and the comparison are timed on (0: all cores)")
     p.add_argument("--refine", type=int, default=LatencyTarget.refine_evals, help="--target-refine")
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)),
                    help="uniform ratios to compare with; the measured speedup must fall within their range")
@@ -176,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, base) in setups(Path(tmp), args.models.split(","), args.eval_count).items():
             for seed in [int(s) for s in args.seeds.split(",")]:
-                seeded = replace(base, seed=seed)
+                seeded = replace(base, seed=seed, threads=args.threads)
                 uniform = sweep(model, seeded, ratios)
                 for batch in [int(b) for b in args.batches.split(",")]:
                     r = run(name, model, seeded, uniform, batch, args.speedup, args.runs, args.refine)
