@@ -87,7 +87,8 @@ def grey(name: str) -> nn.Module:
 
 
 ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "resnet18": lambda: grey("resnet18"),
-         "mobilenet_v2": lambda: grey("mobilenet_v2"), "googlenet": lambda: grey("googlenet"), "resnet50": lambda: grey("resnet50")}
+         "mobilenet_v2": lambda: grey("mobilenet_v2"), "googlenet": lambda: grey("googlenet"),
+         "resnet50": lambda: grey("resnet50")}
 UPSAMPLE = {"resnet18": 2, "mobilenet_v2": 2, "googlenet": 2, "resnet50": 2}  # pixels doubled: 64x64 inputs
 
 
