@@ -16,7 +16,8 @@ resnet56 (resnet56-all also prunes the channels the residual adds couple), and t
 (resnet18-trained, --scope all), MobileNetV2 (mobilenet_v2-trained, --scope internal: with all,
 pruning its residual stream at 0.5 lost 30 points where the expansions alone lost 2) and GoogLeNet
 (googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups), and
-ResNet-50 (resnet50-trained, --scope all: its bottlenecks' inner widths and the residual stream). With
+ResNet-50 (resnet50-trained, --scope all: its bottlenecks' inner widths and the residual stream);
+mobilenet_v3_small-trained prunes MobileNetV3-Small's expansions (--scope internal). With
 several seeds, a last summary gives the mean gain over both readings per model and batch.
 
     python tools/bench_target.py --models demo,resnet56,vgg16 --out docs/target.json
@@ -49,7 +50,8 @@ ASSETS = ROOT / "pipeline" / "assets"
 PAPER = {"vgg16": ("vgg16", dict(exclude=("*Gemm*",))), "resnet56": ("resnet56", dict(scope="internal")),
          "resnet56-all": ("resnet56", dict(scope="all")), "resnet18-trained": ("resnet18", dict(scope="all")),
          "mobilenet_v2-trained": ("mobilenet_v2", dict(scope="internal")),
-         "googlenet-trained": ("googlenet", dict(scope="all")), "resnet50-trained": ("resnet50", dict(scope="all"))}
+         "googlenet-trained": ("googlenet", dict(scope="all")), "resnet50-trained": ("resnet50", dict(scope="all")),
+         "mobilenet_v3_small-trained": ("mobilenet_v3_small", dict(scope="internal"))}
 RATIOS = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
