@@ -132,8 +132,9 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     assert all(f"| {name} |" in text for name in runs) and "refined by local search" in text
     assert ("no score had seen" in text) == (confirmation is not None)
     rep = json.loads(report.read_text())  # and where the other shots overruled the fold, the report says so
+    overruled = {"allocated": 0.05, "uniform": 0.04}
     rep["allocation"]["allocation_confirmation"] = {"rival": "uniform", "kept": False,
-                                                    "unseen_relative_squared_error": {"allocated": 0.05, "uniform": 0.04}}
+                                                    "unseen_relative_squared_error": overruled}
     assert "no score had seen 0.0500 against uniform 0.0400 (not confirmed: uniform kept)" in render.markdown(rep)
 
 

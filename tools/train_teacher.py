@@ -10,10 +10,10 @@
 
 CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifier) and ResNet-56
 (three stages of nine basic blocks, 16/32/64 channels, 1x1 projection shortcuts where the shape
-changes): the paper's nets. ResNet-18, ResNet-50, MobileNetV2, MobileNetV3-Small and GoogLeNet are the architecture zoo's
-(torchvision's definitions, tests/zoo.py) with a first convolution that reads one grey channel;
-their stems divide the input by 32, so they see the 32x32 images with every pixel doubled (64x64). All 60,000 training
-images train the teacher; the 10,000 test images are used only to report its accuracy. Writes
+changes): the paper's nets. ResNet-18, ResNet-50, MobileNetV2, MobileNetV3-Small and GoogLeNet are
+the architecture zoo's (torchvision's definitions, tests/zoo.py) with a first convolution that
+reads one grey channel; their stems divide the input by 32, so they see the 32x32 images with every
+pixel doubled (64x64). All 60,000 training images train the teacher; the 10,000 test images are used only to report its accuracy. Writes
 tools/teachers/<arch>.onnx and a line of JSON with the accuracy.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -87,10 +88,9 @@ def grey(name: str) -> nn.Module:
     return model
 
 
-ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "resnet18": lambda: grey("resnet18"),
-         "mobilenet_v2": lambda: grey("mobilenet_v2"), "googlenet": lambda: grey("googlenet"),
-         "resnet50": lambda: grey("resnet50"), "mobilenet_v3_small": lambda: grey("mobilenet_v3_small")}
-UPSAMPLE = {"resnet18": 2, "mobilenet_v2": 2, "googlenet": 2, "resnet50": 2, "mobilenet_v3_small": 2}  # pixels doubled: 64x64 inputs
+ZOO_NETS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "googlenet")
+ARCHS = {"vgg16": vgg16, "resnet56": resnet56, **{name: partial(grey, name) for name in ZOO_NETS}}
+UPSAMPLE = dict.fromkeys(ZOO_NETS, 2)  # the zoo's stems divide by 32: pixels doubled, 64x64 inputs
 
 
 def main() -> None:
