@@ -51,7 +51,8 @@ PAPER = {"vgg16": ("vgg16", dict(exclude=("*Gemm*",))), "resnet56": ("resnet56",
          "resnet56-all": ("resnet56", dict(scope="all")), "resnet18-trained": ("resnet18", dict(scope="all")),
          "mobilenet_v2-trained": ("mobilenet_v2", dict(scope="internal")),
          "googlenet-trained": ("googlenet", dict(scope="all")), "resnet50-trained": ("resnet50", dict(scope="all")),
-         "mobilenet_v3_small-trained": ("mobilenet_v3_small", dict(scope="internal"))}
+         "mobilenet_v3_small-trained": ("mobilenet_v3_small", dict(scope="internal")),
+         "mobilenet_v3_small-all": ("mobilenet_v3_small", dict(scope="all"))}
 RATIOS = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 
 
