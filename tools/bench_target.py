@@ -17,7 +17,8 @@ resnet56 (resnet56-all also prunes the channels the residual adds couple), and t
 pruning its residual stream at 0.5 lost 30 points where the expansions alone lost 2) and GoogLeNet
 (googlenet-trained, --scope all: the branches' outputs, concatenated, are coupled groups), and
 ResNet-50 (resnet50-trained, --scope all: its bottlenecks' inner widths and the residual stream);
-mobilenet_v3_small-trained prunes MobileNetV3-Small's expansions (--scope internal). With
+MobileNetV3-Small (mobilenet_v3_small-trained, --scope internal: its expansions; mobilenet_v3_small-all,
+--scope all: its residual stream too). With
 several seeds, a last summary gives the mean gain over both readings per model and batch.
 
     python tools/bench_target.py --models demo,resnet56,vgg16 --out docs/target.json

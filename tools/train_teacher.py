@@ -13,8 +13,9 @@ CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifi
 changes): the paper's nets. ResNet-18, ResNet-50, MobileNetV2, MobileNetV3-Small and GoogLeNet are
 the architecture zoo's (torchvision's definitions, tests/zoo.py) with a first convolution that
 reads one grey channel; their stems divide the input by 32, so they see the 32x32 images with every
-pixel doubled (64x64). All 60,000 training images train the teacher; the 10,000 test images are used only to report its accuracy. Writes
-tools/teachers/<arch>.onnx and a line of JSON with the accuracy.
+pixel doubled (64x64). All 60,000 training images train the teacher; the 10,000 test images are
+used only to report its accuracy. Writes tools/teachers/<arch>.onnx and a line of JSON with the
+accuracy.
 """
 from __future__ import annotations
 
