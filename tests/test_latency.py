@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -86,7 +87,9 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     assert set(runs) - {"refined"} == {"allocated", "uniform"}  # widths from the loss curves compete too
     assert alloc["attempts"] == runs[alloc["chosen"]]["attempts"]
     refined = alloc["refinement"]  # local search from the uniform widths, every move scored on held-out shots
-    assert all(refined["start"][k] == v for k, v in runs["uniform"]["keep"].items())
+    missed_later = lambda a: "missed_later" in a  # met when found, over the goal timed together: narrowed once more
+    if not any(map(missed_later, runs["uniform"]["attempts"])):
+        assert all(refined["start"][k] == v for k, v in runs["uniform"]["keep"].items())
     assert len(refined["moves"]) < refined["evaluations"] <= 24  # the start is scored too; the cap holds
     assert refined["start_holdout_relative_squared_error"] == runs["uniform"]["holdout_relative_squared_error"]
     if "refined" in runs:  # only widths that beat the start become a candidate
@@ -99,14 +102,16 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
         tries = run["attempts"]  # each timed with the teacher in one run, aimed a margin under the goal
         for a in tries:
             assert a["goal_ms"] == pytest.approx(a["teacher_ms"] / 1.3) and a["aim_ms"] == pytest.approx(0.97 * a["goal_ms"])
-        for a, after in zip(tries, tries[1:]):  # another round only after a miss or a result well under the aim
+        drifted = any(map(missed_later, tries))  # then the last round may be the one narrowed after it
+        for a, after in zip(tries, tries[1:-1] if drifted else tries[1:]):
+            # another round only after a miss or a result well under the aim
             if name == "uniform" and a["measured_ms"] <= a["aim_ms"]:
                 assert after["ratio"] > a["ratio"]  # one ratio for all: toward the widest that meets
             else:
                 assert a["measured_ms"] > a["aim_ms"] or a["measured_ms"] < 0.95 * a["aim_ms"]
         steps = [a["ratio"] if name == "uniform" else a["predicted_share"] for a in tries]
-        assert len(set(steps)) == len(steps) and len(tries) <= 4
-        met = [i for i, a in enumerate(tries) if a["measured_ms"] <= a["aim_ms"]]
+        assert len(set(steps)) == len(steps) and len(tries) <= 4 + drifted
+        met = [i for i, a in enumerate(tries) if a["measured_ms"] <= a["aim_ms"] and not missed_later(a)]
         assert run["target_met"] == bool(met)
         if met:  # the widest ratio, or the slowest allocation (against its teacher), that met: it pruned least
             key = (lambda a: a["ratio"]) if name == "uniform" else (lambda a: a["measured_ms"] / a["teacher_ms"])
@@ -397,12 +402,10 @@ def test_where_no_candidate_met_the_goal_twice_the_one_nearest_it_in_its_slower_
     assert met == ["refined"] and twice == [] and pool == ["uniform"]
 
 
-def test_when_nothing_meets_the_goal_timed_together_one_ratio_for_all_narrows_and_the_pick_is_redone(
-        tmp_path, npz_path, monkeypatch, cache):
-    """A machine whose latency is the model's FLOPs, that turns slow for the candidates once, in
-    the pick's first joint timing (the demo at batch 1: ratio 0.62 read 2.14x when found and 1.85x
-    timed together). The ratio kept then counts as missed and the model returned is one timed
-    together again, not the one that missed."""
+def _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch, slow: dict[str, Callable[[float], float]]) -> tuple:
+    """Compress for 1.6x on a machine whose latency is the model's FLOPs (the teacher 10 ms), layer
+    by layer too, and which turns slow for the candidates named in `slow` once, in the pick's first joint timing. The
+    report and the names timed in each pick."""
     import onnx
     import torch
 
@@ -417,24 +420,56 @@ def test_when_nothing_meets_the_goal_timed_together_one_ratio_for_all_narrows_an
     picks = []
 
     def machine(models, providers, batches, runs=50, **_):
-        slow = 1.0
+        first = False
         if runs == 40:  # the pick's joint timing
             picks.append([name for name, _ in models])
-            slow = 2.0 if len(picks) == 1 else 1.0
-        ms = lambda m: 10.0 if m == original else 10.0 * slow * flops(
+            first = len(picks) == 1
+        ms = lambda m: 10.0 if m == original else 10.0 * flops(
             m if isinstance(m, onnx.ModelProto) else onnx.load_from_string(m)) / teacher
+        slowed = lambda name, t: slow[name](t) if first and name in slow else t
         return timing.BenchResult([timing.Timing(name, "cpu", batches[0], t, t, t, t, 1.0, runs, 0.0)
-                                   for name, m in models for t in [ms(m)]])
+                                   for name, m in models for t in [slowed(name, ms(m))]])
 
     monkeypatch.setattr(timing, "bench", machine)
+    layer = lambda m, config, shape: 10.0 * flops(onnx.shape_inference.infer_shapes(onnx.load_from_string(m))) / teacher
+    monkeypatch.setattr(latency, "_time", layer)  # the per-layer table reads the same machine
     report = compress(model, CompressOptions(data=npz_path, shots=3, providers=[], target=LatencyTarget(
         speedup=1.6, batch=1, refine_evals=4))).report
+    return report, picks
+
+
+def _demoted(run: dict) -> tuple[list[dict], dict]:
+    """A steering's attempts that missed the goal when timed together, and the attempt it kept."""
+    return [a for a in run["attempts"] if "missed_later" in a], run["attempts"][run["kept_attempt"] - 1]
+
+
+def test_when_nothing_meets_the_goal_timed_together_one_ratio_for_all_narrows_and_the_pick_is_redone(
+        tmp_path, npz_path, monkeypatch, cache):
+    """Every candidate 2x slower in the pick's first joint timing (the demo at batch 1: ratio 0.62
+    read 2.14x when found and 1.85x timed together). The ratio kept then counts as missed and the
+    model returned is one timed together again, not the one that missed."""
+    twice = lambda ms: 2 * ms
+    report, picks = _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch,
+                                              {"uniform": twice, "allocated": twice, "refined": twice})
     alloc = report["allocation"]
-    uniform_run = alloc["candidates"]["uniform"]
-    demoted = [a for a in uniform_run["attempts"] if "missed_later" in a]
+    demoted, kept = _demoted(alloc["candidates"]["uniform"])
     assert len(picks) == 2 and len(demoted) == 1  # nothing met at 2x slower; timed together again
-    kept = uniform_run["attempts"][uniform_run["kept_attempt"] - 1]
     assert "missed_later" not in kept and kept["ratio"] < demoted[0]["ratio"]
     together = alloc["timed_together"]  # of the second pick: the model returned met the goal there
     assert alloc["target_met_timed_together"] and together["ms"][alloc["chosen"]] <= together["goal_ms"]
     assert report["totals"]["flops_reduction"] >= 1.6  # on this machine, 1.6x faster is 1.6x fewer FLOPs
+
+
+def test_allocated_widths_that_miss_the_goal_timed_together_are_narrowed_and_timed_again(
+        tmp_path, npz_path, monkeypatch, cache):
+    """Only the allocated widths read over the goal in the first joint timing (MobileNetV3-Small,
+    --scope all, batch 1: 0.94-0.96 of the goal when found, 1.5% over it timed together), while
+    one ratio for all met: they are narrowed once and compete in a second joint timing instead of
+    dropping out. Here they read 6% over the goal of 6.25 ms, wherever they were found."""
+    report, picks = _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch, {"allocated": lambda ms: 6.6})
+    alloc = report["allocation"]
+    demoted, kept = _demoted(alloc["candidates"]["allocated"])
+    assert len(picks) == 2 and "allocated" in picks[1] and len(demoted) == 1
+    assert "missed_later" not in kept and kept["measured_ms"] < demoted[0]["measured_ms"]
+    assert alloc["candidates"]["allocated"]["target_met"] and "allocated" in alloc["timed_together"]["met"]
+    assert not _demoted(alloc["candidates"]["uniform"])[0]  # what met in both timings is left as it was
