@@ -404,8 +404,8 @@ def test_where_no_candidate_met_the_goal_twice_the_one_nearest_it_in_its_slower_
 
 def _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch, slow: dict[str, Callable[[float], float]]) -> tuple:
     """Compress for 1.6x on a machine whose latency is the model's FLOPs (the teacher 10 ms), layer
-    by layer too, and which turns slow for the candidates named in `slow` once, in the pick's first joint timing. The
-    report and the names timed in each pick."""
+    by layer too, and which turns slow for the candidates named in `slow` once, in the pick's first
+    joint timing. The report and the names timed in each pick."""
     import onnx
     import torch
 
