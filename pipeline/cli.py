@@ -177,7 +177,9 @@ def prune_options(fn):
         click.option("--target-batch", type=click.IntRange(1), default=1, show_default=True,
                      help="Batch size a latency target is measured at, on --threads intra-op threads: time "
                      "it as it will be served, since at batch 1 a small model can run faster on one thread than "
-                     "on all (MobileNetV2 at 64x64, 2x at batch 1: 1-1.4 points lost on one thread, over 50 on two)."),
+                     "on all (MobileNetV2 at 64x64, 2x at batch 1: 1-1.4 points lost on one thread, over 50 on two). "
+                     "A target timed on all cores times the kept model on one thread too and says so where it runs "
+                     "faster there."),
         click.option("--widths", type=click.Path(path_type=Path, dir_okay=False), metavar="REPORT",
                      help="Instead of --ratio: prune each channel group to the width it has in REPORT, an earlier "
                      "--report (groups matched by the layers that write them). A --target-speedup search is "

@@ -100,7 +100,8 @@ def sections(report: dict) -> list[Section]:
                              f"{a['goal_ms']:.3f}", f"{a['teacher_ms']:.3f}"]
                             for name, run in runs.items() for i, a in enumerate(run["attempts"])],
                            notes + _allocation_note(alloc.get("allocation_confirmation"))
-                           + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]))
+                           + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]
+                           + _thread_note(alloc.get("one_thread"))))
     return out
 
 
@@ -112,6 +113,16 @@ def _allocation_note(confirmation: dict | None) -> list[str]:
     verdict = "kept" if confirmation["kept"] else f"not confirmed: {rival} kept"
     return [f"allocated widths best on the held-out shots; on the shots no score had seen {unseen['allocated']:.4f} "
             f"against {rival} {unseen[rival]:.4f} ({verdict})"]
+
+
+def _thread_note(timed: dict | None) -> list[str]:
+    """A pruned model faster on one thread than on every core should be served so, and searched so."""
+    if not timed or not timed["faster_on_one_thread"]:
+        return []
+    one, every = timed["one_thread_ms"], timed["all_cores_ms"]
+    return [f"faster on one thread: {one['slim']:.3f} ms against {every['slim']:.3f} ms on all cores "
+            f"({one['teacher'] / one['slim']:.2f}x the teacher on one thread); serve it on one thread and search "
+            f"with --threads 1"]
 
 
 def _refine_note(refinement: dict | None) -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 from typing import Callable
 
@@ -361,6 +362,11 @@ def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg
     assert rep["allocation"]["attempts"] and rep["allocation"]["keep"]
     assert rep["allocation"]["refinement"] is None and "allocated" in rep["allocation"]["candidates"]
     assert rep["totals"]["flops_after"] < rep["totals"]["flops_before"]
+    timed = rep["allocation"]["one_thread"]  # searched on every core: the kept model timed on one thread too
+    assert (timed is None) == ((os.cpu_count() or 1) < 2)
+    if timed:
+        assert set(timed["one_thread_ms"]) == set(timed["all_cores_ms"]) == {"teacher", "slim"}
+        assert timed["faster_on_one_thread"] == (timed["one_thread_ms"]["slim"] * 1.05 < timed["all_cores_ms"]["slim"])
 
 
 def test_a_candidate_that_met_the_goal_in_one_timing_only_is_not_chosen_over_one_that_met_twice():
@@ -473,3 +479,29 @@ def test_allocated_widths_that_miss_the_goal_timed_together_are_narrowed_and_tim
     assert "missed_later" not in kept and kept["measured_ms"] < demoted[0]["measured_ms"]
     assert alloc["candidates"]["allocated"]["target_met"] and "allocated" in alloc["timed_together"]["met"]
     assert not _demoted(alloc["candidates"]["uniform"])[0]  # what met in both timings is left as it was
+
+
+@pytest.mark.parametrize("one_ms, pointed_out", [(0.33, True), (0.37, False)])
+def test_a_target_on_every_core_says_where_one_thread_runs_the_pruned_model_faster(monkeypatch, one_ms, pointed_out):
+    """MobileNetV2 at batch 1: ratio 0.3 read 0.375 ms on two threads and 0.330 on one (the
+    teacher 0.72 and 0.88). Within 5% it is noise, not worth a line."""
+    from pipeline import bench as timing
+
+    readings = {("cpu", "teacher"): 0.72, ("cpu", "slim"): 0.375, ("cpu:1", "teacher"): 0.88, ("cpu:1", "slim"): one_ms}
+
+    def machine(models, providers, batches, **_):
+        return timing.BenchResult([timing.Timing(name, p, batches[0], t, t, t, t, 1.0, 40, 0.0)
+                                   for p in providers for name, _ in models for t in [readings[p, name]]])
+
+    monkeypatch.setattr(timing, "bench", machine)
+    monkeypatch.setattr(target.os, "cpu_count", lambda: 2)
+    problem = SimpleNamespace(threads=0, shape=(3, 64, 64))
+    lines = []
+    timed = target.one_thread(LatencyTarget(speedup=2.0, batch=1), problem, b"teacher", b"slim", lines.append)
+    assert timed["faster_on_one_thread"] == pointed_out and timed["one_thread_ms"]["slim"] == one_ms
+    assert bool(lines) == pointed_out and all("--threads 1" in line for line in lines)
+    note = render._thread_note(timed)
+    assert (note == ["faster on one thread: 0.330 ms against 0.375 ms on all cores (2.67x the teacher on one thread); "
+                     "serve it on one thread and search with --threads 1"]) == pointed_out and bool(note) == pointed_out
+    assert target.one_thread(LatencyTarget(speedup=2.0, batch=1), SimpleNamespace(threads=1, shape=(3, 64, 64)),
+                             b"teacher", b"slim", lines.append) is None  # searched on one thread already
