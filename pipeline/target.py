@@ -144,7 +144,8 @@ def search(target: LatencyTarget, problem: Problem, curves: allocate.Curves, ori
     chosen = tried[picked["chosen"]]
     picked.update(chosen.info)
     picked["refinement"] = refinement.to_json() if refinement else None
-    picked["one_thread"] = one_thread(target, problem, original, chosen.slim.SerializeToString(), progress)
+    with stage("allocate"):
+        picked["one_thread"] = one_thread(target, problem, original, chosen.slim.SerializeToString(), progress)
     return Candidate(chosen.alloc, chosen.result, chosen.slim, picked)
 
 
