@@ -366,7 +366,8 @@ def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg
     assert (timed is None) == ((os.cpu_count() or 1) < 2)
     if timed:
         assert set(timed["one_thread_ms"]) == set(timed["all_cores_ms"]) == {"teacher", "slim"}
-        assert timed["faster_on_one_thread"] == (timed["one_thread_ms"]["slim"] * 1.05 < timed["all_cores_ms"]["slim"])
+        one, every = timed["one_thread_ms"]["slim"], timed["all_cores_ms"]["slim"]
+        assert timed["faster_on_one_thread"] == (one * target.NOISE < every)
 
 
 def test_a_candidate_that_met_the_goal_in_one_timing_only_is_not_chosen_over_one_that_met_twice():
