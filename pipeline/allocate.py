@@ -116,13 +116,15 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     for g in eligible:
         step[g.id] = config.step(g.size, g.unit)
         floor[g.id] = min(g.size, max(step[g.id], math.ceil(MIN_SHARE * g.size)))
-        if not losses:
-            continue
-        problems = prune.group_problems(view, teacher, teacher, g, x, config, augmenter, cache=grams)
-        loss[g.id] = (removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
-                      if config.method != "l1" else np.linspace(0, 1, g.size - floor[g.id] + 1))
+        if losses and config.method == "l1":
+            loss[g.id] = np.linspace(0, 1, g.size - floor[g.id] + 1)
+
+    def curve(g: ChannelGroup, problems: list) -> None:
+        loss[g.id] = removal_curve(problems, floor[g.id], config.method, config.mu, config.damp)
         progress(f"allocation: removal curve of group {g.id} ({g.channels} channels)")
+
     if losses and config.method != "l1":
+        prune.teacher_problems(view, teacher, eligible, x, config, augmenter, grams, curve)
         weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, grams,
                                   progress)
         loss = {gid: curve * weights[gid] for gid, curve in loss.items()}

@@ -1,9 +1,11 @@
 """`--method auto` / `--mu auto`: pick the objective without labels and without test data.
 
-Each candidate prunes the model from most of the shots; the one whose masked student stays
-closest to the teacher on the shots it did not see (and their augmented variants) wins, and
-the real run then uses all shots. Fidelity is the relative error of the outputs, which needs
-no labels. Costs one pruning pass per candidate.
+The channels are chosen once, by the first candidate (cross distillation at the given mu) on all
+shots. Every candidate objective then refits those channels from most of the shots, in one walk
+over the network, reading only the kept columns' statistics; the one whose student stays closest
+to the teacher on the shots it did not see (and their augmented variants) wins, and refits the
+channels from all shots. Fidelity is the relative error of the outputs, which needs no labels.
+The selection, the costly part of a pruning, is paid once.
 """
 from __future__ import annotations
 
@@ -50,14 +52,15 @@ def candidates(config: prune.PruneConfig, auto_method: bool, auto_mu: bool) -> l
 
 
 def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
-           options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None,
+           options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None, kept: dict[int, np.ndarray],
            progress: Callable[[str], None] = lambda _: None) -> Choice:
-    """The candidate with the least held-out error; with few shots the error is averaged over
-    disjoint held-out sets, as one split of ten shots picked a different method by chance."""
+    """The candidate with the least held-out error refitting the channels `kept`; with few shots
+    the error is averaged over disjoint held-out sets, as one split of ten shots picked a
+    different method by chance."""
     named = {f"{config.method} mu={config.mu}": config for config in options}
     folds = min(disjoint_folds(len(x)), -(-MIN_HELD_OUT // _held(len(x))))
-    runs = {n: (c, None) for n, c in named.items()}
-    per_fold = [holdout_scores(view, teacher, groups, x, runs, seed, augmenter,
+    jobs = {n: prune.Job(c, kept=kept, ranking=True) for n, c in named.items()}
+    per_fold = [holdout_scores(view, teacher, groups, x, jobs, seed, augmenter,
                                "auto" if folds == 1 else f"auto, split {fold + 1}/{folds}", progress, fold)
                 for fold in range(folds)]
     scores = {n: float(np.mean([f[n] for f in per_fold])) for n in named}
@@ -93,9 +96,14 @@ class HoldOut:
 
     def score(self, config: prune.PruneConfig, keep: dict[int, int] | None = None) -> float:
         """Relative squared output error on the held-out inputs (the worst output's)."""
-        student = prune.prune(self.view, self.teacher, self.groups, self.fit, config, augmenter=self.augmenter,
-                              keep=keep, cache=self.grams, reuse=self.prefixes).student
-        return max(relative_squared_error(r, s) for r, s in zip(self.reference, run_torch(student, self.check)))
+        return self.scores([prune.Job(config, keep)])[0]
+
+    def scores(self, jobs: list[prune.Job]) -> list[float]:
+        """`score` of several prunings, pruned together in one walk over the fitted shots."""
+        results = prune.prune_jobs(self.view, self.teacher, self.groups, self.fit, jobs, augmenter=self.augmenter,
+                                   cache=self.grams, reuse=self.prefixes)
+        return [max(relative_squared_error(r, s) for r, s in zip(self.reference, run_torch(res.student, self.check)))
+                for res in results]
 
 
 def unseen_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
@@ -107,21 +115,18 @@ def unseen_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGrou
     the first: it confirmed refined widths whose relative error on the test images was 14% higher
     (ResNet-18) and 13% (GoogLeNet). On the unseen folds those two lost by 8% and 6%, and the ten
     refinements better on their test images (the demo's eight, two of ResNet-18's) won."""
-    runs = {name: (config, keep) for name, keep in widths.items()}
-    per_fold = [holdout_scores(view, teacher, groups, x, runs, seed, augmenter, f"unseen shots, split {fold + 1}",
+    jobs = {name: prune.Job(config, keep) for name, keep in widths.items()}
+    per_fold = [holdout_scores(view, teacher, groups, x, jobs, seed, augmenter, f"unseen shots, split {fold + 1}",
                                progress, fold) for fold in range(1, disjoint_folds(len(x)))]
     return {name: float(np.mean([f[name] for f in per_fold])) for name in widths}
 
 
 def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
-                   runs: dict[str, tuple[prune.PruneConfig, dict[int, int] | None]], seed: int,
-                   augmenter: Augmenter | None, label: str,
+                   jobs: dict[str, prune.Job], seed: int, augmenter: Augmenter | None, label: str,
                    progress: Callable[[str], None] = lambda _: None, fold: int = 0) -> dict[str, float]:
-    """Relative squared output error on held-out shots of each (config, widths) pruned from the rest."""
+    """Relative squared output error on held-out shots of each job, pruned together from the rest."""
     holdout = HoldOut(view, teacher, groups, x, seed, augmenter, fold)
-    scores: dict[str, float] = {}
-    for name, (config, keep) in runs.items():
-        scores[name] = holdout.score(config, keep)
-        progress(f"{label}: {name}: relative squared error {scores[name]:.4f} on {len(holdout.check)} held-out inputs")
+    scores = dict(zip(jobs, holdout.scores(list(jobs.values()))))
+    for name, score in scores.items():
+        progress(f"{label}: {name}: relative squared error {score:.4f} on {len(holdout.check)} held-out inputs")
     return scores
-

@@ -38,7 +38,11 @@ def guarded(fn):
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("crossprune: interrupted; no output was written", err=True)
-            sys.exit(130)
+            # not sys.exit: an interrupt that passed through code compiled from a string (torch.fx's
+            # generated forward) leaves Python to end by re-raising SIGINT, whatever the exit code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         except BrokenPipeError:  # the reader stopped early (| head): not an error to report
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at interpreter exit
             sys.exit(141)  # 128 + SIGPIPE, as a shell reports it

@@ -11,10 +11,9 @@ import numpy as np
 import onnx
 import torch
 from onnx import NodeProto, defs, helper, numpy_helper
-from onnx2torch.node_converters.registry import add_converter, get_converter
-from onnx2torch.onnx_graph import OnnxGraph
-from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
+from pipeline.converter import (OnnxGraph, OnnxToTorchModule, OperationConverterResult, add_converter, get_converter,
+                                onnx_mapping_from_node)
 from pipeline.runtime import SessionConfig, make_session
 
 

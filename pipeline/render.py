@@ -70,7 +70,7 @@ def sections(report: dict) -> list[Section]:
         out.append(Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
             [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
              "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
-            replayed + _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
+            replayed + _auto(report.get("auto")) + _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
                                  if frozen else []) + _engine(report.get("engine"))))
     lat = report.get("latency")
     if lat:
@@ -103,6 +103,16 @@ def sections(report: dict) -> list[Section]:
                            + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]
                            + _thread_note(alloc.get("one_thread"))))
     return out
+
+
+def _auto(auto: dict | None) -> list[str]:
+    """Which objective --method auto refit with, and who chose the channels."""
+    if not auto:
+        return []
+    splits = auto["holdout_splits"]
+    return [f"objective {auto['method']} mu={auto['mu']}, closest to the teacher on held-out shots"
+            f"{f' ({splits} splits)' if splits > 1 else ''} among {len(auto['holdout_relative_squared_error'])} "
+            f"refitting the channels {auto['channels_chosen_by']} chose"]
 
 
 def _allocation_note(confirmation: dict | None) -> list[str]:

@@ -311,7 +311,8 @@ def _pick(target: LatencyTarget, tried: dict[str, Candidate], original: bytes, p
     held_out = len(pool) > 1 and len(problem.x) >= choose.MIN_SAMPLES  # else the first in the pool stands
     if held_out:
         scores.update(choose.holdout_scores(problem.view, problem.teacher, problem.groups, problem.x,
-                                            {n: (problem.config, tried[n].alloc.keep) for n in pool if n not in known},
+                                            {n: prune.Job(problem.config, tried[n].alloc.keep) for n in pool
+                                             if n not in known},
                                             problem.seed, problem.augmenter, "latency target", progress))
     chosen = min(pool, key=lambda n: scores.get(n, 0.0))
     confirmation = None

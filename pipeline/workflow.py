@@ -175,16 +175,25 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         keep = allocate.replayed(groups, widths, options.widths_from,
                                  lambda g: prune.skip_reason(teacher, g, options.prune))
     layer_augmenter = ready.layer_augmenter(options.prune)
-    choice = None
+    choice, selection, selector = None, None, options.prune
     candidates = choose.candidates(options.prune, options.auto_method, options.auto_mu)
     if len(candidates) > 1 and len(shots.calib.x) < choose.MIN_SAMPLES:
         progress(f"auto: one sample, none to hold out; {options.prune.method} mu={options.prune.mu}")
     elif len(candidates) > 1:
+        with stage("prune"):  # the channels every candidate refits, chosen once, at the ratio
+            selection = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter)
         with stage("choose"):
             choice = choose.choose(view, teacher, groups, shots.calib.x, candidates, options.seed, layer_augmenter,
-                                   progress)
-            options = replace(options, prune=choice.config)
+                                   selection.kept, progress)
             progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
+        if options.target_flops is not None or options.target is not None or widths is not None:
+            selection = None  # other widths than the ratio's: pruned with the chosen objective
+        elif choice.config != options.prune:
+            with stage("prune"):
+                selection = prune.prune_jobs(view, teacher, groups, shots.calib.x,
+                                             [prune.Job(choice.config, kept=selection.kept)], progress,
+                                             layer_augmenter)[0]
+        options = replace(options, prune=choice.config)
     alloc, picked = None, None
     if widths is not None:
         cost = allocate.FlopsModel(view, groups).cost
@@ -204,8 +213,8 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
 
     def prune_and_export(keep: dict[int, int] | None):
         with stage("prune"):
-            result = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter,
-                                 keep=keep)
+            result = selection or prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress,
+                                              layer_augmenter, keep=keep)
             if not result.outcomes:
                 raise NothingToPruneError(f"{model_path}: every channel group was left whole "
                                           f"({'; '.join(result.skipped.values())})")
@@ -224,7 +233,9 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
                               progress)
         alloc, result, slim, picked = found.alloc, found.result, found.slim, found.info
     with stage("verify"):
-        check_x = np.concatenate([shots.calib.x, evalset.x[:256]])
+        check_x = convert.spread(shots.calib.x)
+        if evalset.x is not shots.calib.x:
+            check_x = np.concatenate([check_x, convert.spread(evalset.x)])
         verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
         quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
     slim_bytes = slim.SerializeToString()
@@ -259,7 +270,7 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     rep["augmentation"] = augmenter.to_json()
     rep["engine"] = engine.describe(teacher.device)
     rep["allocation"] = {**alloc.to_json(), **(picked or {})} if alloc else None
-    rep["auto"] = choice.to_json() if choice else None
+    rep["auto"] = {**choice.to_json(), "channels_chosen_by": f"{selector.method} mu={selector.mu}"} if choice else None
     rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
     rep["parity"]["onnxruntime_optimized_vs_as_written"] = ready.parity.optimizer_drift
     rep["parity"]["optimizer_changes_outputs"] = ready.parity.optimizer_changes_outputs

@@ -14,7 +14,8 @@ from pipeline.errors import VerificationError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
 from pipeline.load import load_model, signature
-from pipeline.prune import PruneConfig, TeacherGrams, _add_gram, _mirror, _rows, prune
+from pipeline.prune import PruneConfig, TeacherGrams, prune
+from pipeline.prune.stats import add_gram, mirror, rows as consumer_rows
 from pipeline.verify import check_slim
 from tests.conftest import (ChunkBlock, TinyChannelsLast, TinyGrouped, TinyGroupNorm, TinyMobile, TinyResidual, TinyVGG, export,
                             export_dynamo, make_data, randomise_bn)
@@ -207,7 +208,7 @@ def test_one_dimensional_convs_are_pruned_and_refit(tmp_path):
     for c in (c for g in groups for c in g.consumers if c.kind == "conv"):  # patches, as the conv sees them
         conv = twin.layer(c.node)
         inp = torch.randn(2, conv.in_channels, 32)
-        rows = _rows(view, c, inp)[:, :-1]
+        rows = consumer_rows(view, c, inp)[:, :-1]
         mat = conv.weight.detach().reshape(conv.out_channels, -1).T
         expected = conv(inp).detach().transpose(1, 2).reshape(-1, conv.out_channels) - conv.bias.detach()
         assert torch.allclose(rows @ mat, expected, atol=1e-5), c.node
@@ -249,7 +250,7 @@ def test_a_convtranspose_with_separate_patches_is_refit(tmp_path):
     twin = to_torch(model.proto)
     up = twin.layer(down.consumers[0].node)
     inp = torch.randn(2, 16, 5, 7)
-    rows = _rows(view, down.consumers[0], inp)[:, :-1]  # each input pixel's patch, as the layer writes it
+    rows = consumer_rows(view, down.consumers[0], inp)[:, :-1]  # each input pixel's patch, as the layer writes it
     patches = (rows @ up.weight.detach().reshape(16, -1)).reshape(2, 5, 7, 8, 2, 2)
     expected = (up(inp).detach() - up.bias.detach()[:, None, None]).reshape(2, 8, 5, 2, 7, 2)
     assert torch.allclose(patches.permute(0, 3, 1, 4, 2, 5), expected, atol=1e-5)
@@ -626,38 +627,42 @@ def test_every_method_exports_equivalently(vgg_path, method, solver):
     assert check_slim(out, result.student, x, ["logits"]) < 1e-4
 
 
-def test_teacher_grams_shared_between_candidates_change_nothing(vgg_path):
-    """What one candidate's pass leaves in the cache serves the next: the same channels and
-    weights as computed afresh, and cross distillation no longer runs the teacher at all."""
+def test_teacher_grams_shared_between_candidates_change_nothing(vgg_path, monkeypatch):
+    """What one candidate's walk leaves in the cache serves the next: the same channels and
+    weights as computed afresh, and no Gram matrix of the teacher's inputs is summed again."""
+    from pipeline.prune import stats
+
     model, view, groups = groups_of(vgg_path)
     x, _ = make_data(3)
     teacher = to_torch(model.proto)
-    runs = []
-    teacher.module.register_forward_pre_hook(lambda m, _: runs.append(1) if m is teacher.module else None)
+    summed = []
+    made = stats.Accumulator.__init__
+    monkeypatch.setattr(stats.Accumulator, "__init__",
+                        lambda self, dim, grams, device: (summed.extend(grams), made(self, dim, grams, device))[1])
     cache = TeacherGrams()
     prune(view, teacher, groups, x, PruneConfig(method="cross", mu=0.3), cache=cache)
-    assert runs
+    assert "tt" in summed
     for method in ("cross", "soft", "layerwise"):
         fresh = prune(view, teacher, groups, x, PruneConfig(method=method))
-        runs.clear()
+        summed.clear()
         shared = prune(view, teacher, groups, x, PruneConfig(method=method), cache=cache)
-        assert bool(runs) == (method != "cross")
+        assert "tt" not in summed
         for a, b in zip(fresh.outcomes, shared.outcomes):
             assert a.kept.tolist() == b.kept.tolist()
         for node, layer in fresh.layers.items():
             np.testing.assert_allclose(shared.layers[node].weight, layer.weight, rtol=1e-5, atol=1e-6)
     empty = TeacherGrams(budget=0)
     prune(view, teacher, groups, x, PruneConfig(), cache=empty)
-    assert empty.get(next(iter(fresh.layers)), PruneConfig().chunk) is None
+    assert empty.get(next(iter(fresh.layers)), PruneConfig()) is None
 
 
 @pytest.mark.parametrize("dims", [1, 7, 33])
 def test_symmetric_gram_from_its_upper_blocks(dims):
     a = torch.randn(50, dims)
     total = torch.zeros(dims, dims, dtype=torch.float64)
-    _add_gram(total, a, a)
-    _add_gram(total, a, a)
-    torch.testing.assert_close(_mirror(total), 2 * (a.T @ a).double(), rtol=1e-5, atol=1e-4)
+    add_gram(total, a, a)
+    add_gram(total, a, a)
+    torch.testing.assert_close(mirror(total), 2 * (a.T @ a).double(), rtol=1e-5, atol=1e-4)
 
 
 def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_path, npz_path):

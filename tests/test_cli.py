@@ -296,7 +296,8 @@ def test_few_shots_are_scored_over_disjoint_held_out_splits(vgg_path, npz_path):
     options = choose.candidates(prune.PruneConfig(ratio=0.5), auto_method=True, auto_mu=False)
     for shots, splits in ((10, 4), (40, 1)):
         said: list[str] = []
-        choice = choose.choose(view, teacher, groups, x[:shots], options, 0, None, said.append)
+        kept = prune.prune(view, teacher, groups, x[:shots], options[0]).kept
+        choice = choose.choose(view, teacher, groups, x[:shots], options, 0, None, kept, said.append)
         assert len(said) == splits * len(options) and len(choice.scores) == len(options)
         assert choice.splits == splits
         assert (f"split {splits}/{splits}" in said[-1]) == (splits > 1)

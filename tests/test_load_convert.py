@@ -139,3 +139,26 @@ def test_relative_error_is_scale_free():
     a = np.array([100.0, -200.0])
     assert relative_error(a, a * (1 + 1e-6)) < 2e-6
     assert relative_error(a, a[:1]) == float("inf")
+
+
+def test_detection_operators_convert_though_torchvision_loads_only_when_used():
+    """onnx2torch's NonMaxSuppression converter calls torchvision, which the twin defers
+    importing until a model has such a node: the twin still runs it as onnxruntime does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.runtime import make_session
+
+    scores = numpy_helper.from_array(np.array([[[0.9, 0.75, 0.6, 0.95, 0.5, 0.3]]], np.float32), "scores")
+    limits = [numpy_helper.from_array(np.array(v, dtype), n) for v, dtype, n in
+              (([3], np.int64, "keep"), ([0.5], np.float32, "iou"), ([0.4], np.float32, "low"))]
+    graph = helper.make_graph(
+        [helper.make_node("NonMaxSuppression", ["boxes", "scores", "keep", "iou", "low"], ["picked"], name="nms")],
+        "nms", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 6, 4])],
+        [helper.make_tensor_value_info("picked", TensorProto.INT64, [None, 3])], [scores, *limits])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    boxes = np.array([[[0, 0, 1, 1], [0, 0.1, 1, 1.1], [0, -0.1, 1, 0.9], [0, 10, 1, 11], [0, 10.1, 1, 11.1],
+                       [0, 100, 1, 101]]], np.float32)
+    twin = to_torch(proto)
+    got = twin.outputs(torch.from_numpy(boxes))[0].numpy()
+    expected = make_session(proto.SerializeToString()).run(None, {"boxes": boxes})[0]
+    np.testing.assert_array_equal(got, expected)

@@ -41,11 +41,11 @@ class UNet(nn.Module):
 
 
 class C2f(nn.Module):
-    """YOLOv8-style bottleneck stack: Split on channels, residual bottlenecks, Concat."""
+    """YOLOv8-style bottleneck stack: Split on channels, bottlenecks (residual in the backbone), Concat."""
 
-    def __init__(self, cin: int, cout: int, n: int = 1):
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = True):
         super().__init__()
-        self.c = cout // 2
+        self.c, self.shortcut = cout // 2, shortcut
         self.cv1 = _cbs(cin, 2 * self.c, 1)
         self.m = nn.ModuleList(nn.Sequential(_cbs(self.c, self.c), _cbs(self.c, self.c)) for _ in range(n))
         self.cv2 = _cbs((2 + n) * self.c, cout, 1)
@@ -53,7 +53,7 @@ class C2f(nn.Module):
     def forward(self, x):
         y = list(self.cv1(x).split((self.c, self.c), 1))
         for m in self.m:
-            y.append(y[-1] + m(y[-1]))
+            y.append(y[-1] + m(y[-1]) if self.shortcut else m(y[-1]))
         return self.cv2(torch.cat(y, 1))
 
 
@@ -93,6 +93,41 @@ class YoloBlock(nn.Module):
         return torch.cat([box * 2.0, cls.sigmoid()], 1)
 
 
+class YoloV8n(nn.Module):
+    """A YOLOv8n-class detector (widths 16-256, C2f depths 1-2-2-1, SPPF, a PAN neck over three
+    scales and a decoupled head whose boxes and class scores are decoded and concatenated into
+    (batch, 4 + classes, anchors)); about 4.4 GFLOPs per 320x320 image, as YOLOv8n at that size."""
+
+    def __init__(self, classes: int = 80):
+        super().__init__()
+        self.p3 = nn.Sequential(_cbs(3, 16, 3, 2), _cbs(16, 32, 3, 2), C2f(32, 32, 1), _cbs(32, 64, 3, 2), C2f(64, 64, 2))
+        self.p4 = nn.Sequential(_cbs(64, 128, 3, 2), C2f(128, 128, 2))
+        self.p5 = nn.Sequential(_cbs(128, 256, 3, 2), C2f(256, 256, 1), SPPF(256))
+        self.up4, self.up3 = C2f(384, 128, 1, False), C2f(192, 64, 1, False)
+        self.down4, self.out4 = _cbs(64, 64, 3, 2), C2f(192, 128, 1, False)
+        self.down5, self.out5 = _cbs(128, 128, 3, 2), C2f(384, 256, 1, False)
+        self.box = nn.ModuleList(nn.Sequential(_cbs(c, 64), _cbs(64, 64), nn.Conv2d(64, 4, 1)) for c in (64, 128, 256))
+        self.cls = nn.ModuleList(nn.Sequential(_cbs(c, 80), _cbs(80, 80), nn.Conv2d(80, classes, 1))
+                                 for c in (64, 128, 256))
+        self.classes = classes
+
+    def forward(self, x):
+        p3 = self.p3(x)
+        p4 = self.p4(p3)
+        p5 = self.p5(p4)
+        up = lambda t: nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")  # noqa: E731
+        n4 = self.up4(torch.cat([up(p5), p4], 1))
+        n3 = self.up3(torch.cat([up(n4), p3], 1))
+        n4 = self.out4(torch.cat([self.down4(n3), n4], 1))
+        n5 = self.out5(torch.cat([self.down5(n4), p5], 1))
+        outs = []
+        for feature, box, cls, stride in zip((n3, n4, n5), self.box, self.cls, (8.0, 16.0, 32.0)):
+            b = feature.shape[0]
+            outs.append(torch.cat([box(feature).reshape(b, 4, -1) * stride,
+                                   cls(feature).reshape(b, self.classes, -1).sigmoid()], 1))
+        return torch.cat(outs, 2)
+
+
 ZOO: dict[str, Callable[[], nn.Module]] = {
     "resnet18": lambda: tvm.resnet18(num_classes=10),
     "resnet50": lambda: tvm.resnet50(num_classes=10),
@@ -107,6 +142,7 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "convnext_tiny": lambda: tvm.convnext_tiny(num_classes=10),
     "unet": UNet,
     "yolo_block": YoloBlock,
+    "yolov8n": YoloV8n,
 }
 
 
