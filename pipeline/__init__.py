@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 
 _API = {"compress": "pipeline.workflow", "CompressOptions": "pipeline.workflow",
-        "CompressResult": "pipeline.workflow", "LatencyTarget": "pipeline.target", "PruneConfig": "pipeline.prune",
-        "FinetuneConfig": "pipeline.finetune"}
+        "CompressResult": "pipeline.workflow", "PruneConfig": "pipeline.prune", "FinetuneConfig": "pipeline.finetune",
+        "Ratio": "pipeline.search", "FlopsShare": "pipeline.search", "LatencyTarget": "pipeline.search",
+        "WidthsFrom": "pipeline.search"}
 __all__ = list(_API)
 
 

@@ -24,7 +24,7 @@ ANY_INPUT = {"noise": 0.02, "mixup": 0.5}
 BLENDS = ("mixup", "cutmix")  # most share of the other shot: at most 0.5, so each blend has a main shot
 DEFAULT_SPEC = "flip,shift:2,mixup:0.5,cutmix:0.5"
 MIN_AGREEMENT = 0.9  # teacher top-1 agreement on transformed shots needed to keep a transform
-MIN_BLEND_AGREEMENT = 0.5  # half-half blends answered like one of their two shots (demo: 0.5-1.0, mean 0.73)
+MIN_BLEND_AGREEMENT = 0.5  # share of half-half blends the teacher must answer like one of their two shots
 AUTO_INPUTS = 80  # the automatic factor aims at this many inputs in all, at most 8 per shot
 
 

@@ -1,10 +1,11 @@
-"""Stage 7: latency per execution provider and batch size, every model timed in the same run.
+"""Latency per execution provider and batch size, every model timed in the same run.
 
 Sessions are timed one at a time (their threads spin only while a run lasts: runtime.py), in
 interleaved rounds, so slow drifts of the machine hit every model alike; the speedup of each
-round is kept as a range beside the overall one, since on a shared machine one batch-1 pair
-can read 2.3x in one round and 2.8x in the next. A provider that is missing or would silently fall back to the CPU is reported as
-unavailable with the reason, never timed as if it were there.
+round is kept as a range beside the overall one, since on a shared machine the speedup of one
+batch-1 pair can move by a fifth from one round to the next. A provider that is missing or
+would silently fall back to the CPU is reported as unavailable with the reason, never timed as
+if it were there.
 """
 from __future__ import annotations
 

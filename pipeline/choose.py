@@ -55,8 +55,8 @@ def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
            options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None, kept: dict[int, np.ndarray],
            progress: Callable[[str], None] = lambda _: None) -> Choice:
     """The candidate with the least held-out error refitting the channels `kept`; with few shots
-    the error is averaged over disjoint held-out sets, as one split of ten shots picked a
-    different method by chance."""
+    the error is averaged over disjoint held-out sets, since one split of a handful of shots can
+    pick a method by chance."""
     named = {f"{config.method} mu={config.mu}": config for config in options}
     folds = min(disjoint_folds(len(x)), -(-MIN_HELD_OUT // _held(len(x))))
     jobs = {n: prune.Job(c, kept=kept, ranking=True) for n, c in named.items()}
@@ -111,10 +111,9 @@ def unseen_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGrou
                   augmenter: Augmenter | None, progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
     """Mean held-out error of each named widths over the folds of split `seed` after the first: the
     shots a search that scored on fold 0 never saw. The best of two dozen candidates on one fold is
-    partly the luckiest there, and a second random split shares a quarter of its held-out shots with
-    the first: it confirmed refined widths whose relative error on the test images was 14% higher
-    (ResNet-18) and 13% (GoogLeNet). On the unseen folds those two lost by 8% and 6%, and the ten
-    refinements better on their test images (the demo's eight, two of ResNet-18's) won."""
+    partly the luckiest there, and a second random split would share a quarter of its held-out
+    shots with the first, enough to confirm widths that are worse on independent images; the
+    other folds of the same split share none."""
     jobs = {name: prune.Job(config, keep) for name, keep in widths.items()}
     per_fold = [holdout_scores(view, teacher, groups, x, jobs, seed, augmenter, f"unseen shots, split {fold + 1}",
                                progress, fold) for fold in range(1, disjoint_folds(len(x)))]

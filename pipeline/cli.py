@@ -11,10 +11,17 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from pipeline.errors import EXIT_CODES, CrossPruneError, GateError, UsageError
+from pipeline.options import (Sectioned, bench_options, data_options, gate_options, memory_option, output_options,
+                              parse_shape, prune_options, quant_options)
+
+if TYPE_CHECKING:
+    from pipeline.search import Mode
+    from pipeline.workflow import CompressOptions
 
 EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
 
@@ -62,86 +69,6 @@ def guarded(fn):
     return click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")(wrapper)
 
 
-def _int_list(ctx, param, value: str, what: str = "batch sizes") -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
-    if not out or any(v < 1 for v in out):
-        raise click.BadParameter(f"{what} must be positive integers")
-    return out
-
-
-def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
-    return None if value is None else tuple(_int_list(ctx, param, value, "dimensions"))
-
-
-def _providers(ctx, param, value: str) -> list[str]:
-    from pipeline.runtime import PROVIDERS
-
-    out = [v.strip().lower() for v in value.split(",") if v.strip()] if value else []
-    for v in out:
-        name, _, threads = v.partition(":")
-        if name not in PROVIDERS or (threads and not threads.isdigit()):
-            raise click.BadParameter(f"unknown provider '{v}' (choose from {', '.join(PROVIDERS)}; "
-                                     f"NAME:N for N intra-op threads, e.g. cpu:1)")
-    return out
-
-
-def _floats(ctx, param, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
-
-
-def _auto_or(parse, valid, expected: str):
-    """Callback for an option that takes 'auto' (given as None) or a value `valid` accepts."""
-    def callback(ctx, param, value: str):
-        if value == "auto":
-            return None
-        try:
-            parsed = parse(value)
-        except ValueError:
-            parsed = None
-        if parsed is None or not valid(parsed):
-            raise click.BadParameter(f"expected auto or {expected}, got '{value}'")
-        return parsed
-    return callback
-
-
-_mu = _auto_or(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-_factor = _auto_or(int, lambda v: v >= 1, "a whole number from 1")
-
-
-def _size(ctx, param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected HxW such as 224x224, got '{value}'") from None
-    return [h, w]
-
-
-def _memory(ctx, param, value: str | None) -> int:
-    from pipeline.limits import default_budget, parse_size
-
-    if value is None:
-        return default_budget()
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-memory_option = click.option(
-    "--max-memory", callback=_memory, help="Refuse any tensor or data array declared larger than this "
-    "(e.g. 2G), before reading it. Default: half of physical memory.")
-
-
 def _say(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: click.echo(f"  {msg}", err=True))
 
@@ -158,207 +85,6 @@ def main() -> None:
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(4)  # its error lines repeat what our one-line errors say
-
-
-def prune_options(fn):
-    opts = [
-        click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-                     show_default=True, help="Share of each prunable channel group's channels to KEEP."),
-        click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     help="Instead of --ratio: keep at most this share of the model's FLOPs (e.g. 0.25 for 4x "
-                     "fewer), from the widest one ratio for all within it, refined by local search on held-out "
-                     "shots (--target-refine)."),
-        click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
-                     help="Instead of --ratio: be this many times faster than the original, measured on "
-                     "--target-provider at --target-batch. One ratio for all is found by timing against the "
-                     "original (a cached per-layer latency table predicts where to start; 4 rounds at most), then "
-                     "refined by local search (--target-refine); widths allocated from the solver's loss curves "
-                     "are steered the same way and compete."),
-        click.option("--target-latency-ms", type=click.FloatRange(0, min_open=True),
-                     help="Like --target-speedup, with a latency in milliseconds as the goal."),
-        click.option("--target-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
-                     show_default=True, help="Where a latency target is measured."),
-        click.option("--target-batch", type=click.IntRange(1), default=1, show_default=True,
-                     help="Batch size a latency target is measured at, on --threads intra-op threads: time "
-                     "it as it will be served, since at batch 1 a small model can run faster on one thread than "
-                     "on all (MobileNetV2 at 64x64, 2x at batch 1: 1-1.4 points lost on one thread, over 50 on two). "
-                     "A target timed on all cores times the kept model on one thread too and says so where it runs "
-                     "faster there."),
-        click.option("--widths", type=click.Path(path_type=Path, dir_okay=False), metavar="REPORT",
-                     help="Instead of --ratio: prune each channel group to the width it has in REPORT, an earlier "
-                     "--report (groups matched by the layers that write them). A --target-speedup search is "
-                     "steered by timings and differs from run to run; its widths, replayed with the same shots, "
-                     "--seed and options, give the same model every time, with nothing timed."),
-        click.option("--target-refine", type=click.IntRange(0), default=24, show_default=True,
-                     help="Prunings on held-out shots spent refining a target's widths by local search from one "
-                     "ratio for all (width moved to where narrowing hurts most per millisecond or FLOP saved); "
-                     "0: none. A latency target also steers widths allocated where the solver's loss per "
-                     "millisecond saved is lowest, kept only if they beat the rest on shots no score has seen; "
-                     "--target-flops with 0 takes such widths (loss per FLOP) instead of one ratio for all."),
-        click.option("--method", type=click.Choice(["cross", "layerwise", "soft", "l1", "auto"]), default="auto",
-                     show_default=True, help="cross: mu*correction + (1-mu)*imitation (the paper); layerwise: "
-                     "plain regression of the student on the teacher; soft: regression from a mix of "
-                     "teacher and student inputs (mu = teacher share); l1: magnitude, no refit; auto (default): "
-                     "the one whose student stays closest to the teacher on a quarter of the shots held out "
-                     "(on the paper-protocol tables never more than 0.3 points behind the best fixed choice)."),
-        click.option("--mu", default="auto", show_default=True, callback=_mu,
-                     help="Weight of the correction loss (cross) or of the teacher input (soft), or auto "
-                     "(chosen like --method auto; a method given alone keeps its usual mu: 0.6 for cross, 0.3 for soft)."),
-        click.option("--solver", type=click.Choice(["closed", "pgd"]), default="closed", show_default=True,
-                     help="closed: exact least squares with greedy group-OBS selection; pgd: the paper's "
-                     "Adam with a shrinking top-k proximal step."),
-        click.option("--damp", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
-                     help="Ridge added to each layer's Gram matrix, relative to its mean diagonal."),
-        click.option("--scope", type=click.Choice(["internal", "all"]), default="internal", show_default=True,
-                     help="internal: prune only channels written by one layer (as the paper did for "
-                     "ResNets); all: also channels tied across layers by residual Adds, gating Muls and Concats."),
-        click.option("--exclude", multiple=True, metavar="PATTERN",
-                     help="Leave whole every channel group with a producer or consumer whose node name "
-                     "matches this shell pattern (repeatable; `crossprune inspect` lists the names)."),
-        click.option("--round-to", type=click.IntRange(0), default=0, show_default=True,
-                     help="Round each group's kept channels to a multiple of this; 0: onnxruntime's CPU "
-                     "channel block (16 on AVX-512 CPUs, else 8) for groups of four blocks or more, 8 for "
-                     "groups of 32 or more, none for smaller ones (a width between two multiples runs as "
-                     "slowly as the next). TensorRT in fp16/int8 prefers 16."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where torch runs the model's twin, the layer statistics and the solver (onnxruntime's "
-                     "checks and timings are unaffected); auto: a CUDA GPU where torch sees one, else the CPU."),
-        click.option("--pgd-iters", type=click.IntRange(1), default=3000, show_default=True),
-        click.option("--pgd-lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling the shots."),
-        click.option("--augment", default="flip,shift:2,mixup:0.5,cutmix:0.5", show_default=True,
-                     help="Transforms that turn each shot into more inputs for the layer statistics: "
-                     "flip, shift[:pixels], scale[:fraction], noise[:fraction of std], and blends of two "
-                     "shots mixup[:max share] and cutmix[:max share of the area] (shares up to 0.5), "
-                     "comma-separated, or none. Each is kept only if the teacher's answers on the shots "
-                     "do not change under it (for a blend: stay one of the two shots' answers); flip, "
-                     "shift, scale and cutmix only for NCHW images."),
-        click.option("--augment-factor", default="auto", show_default=True, callback=_factor,
-                     help="Inputs per shot, the shot itself included (1 turns augmentation off); auto aims "
-                     "at about 80 inputs in all, at most 8 per shot."),
-        click.option("--shots", type=click.IntRange(1), help="Samples per class (labeled data)."),
-        click.option("--samples", type=click.IntRange(1), help="Number of samples (unlabeled data)."),
-    ]
-    return _decorate(fn, opts)
-
-
-def data_options(fn):
-    opts = [
-        click.option("--eval-data", type=click.Path(path_type=Path),
-                     help="Separate labeled data for accuracy; default: the samples not drawn as shots."),
-        click.option("--preprocess", "preprocess_file", type=click.Path(path_type=Path),
-                     help="Preprocessing JSON (default: <model>.preprocess.json beside the model)."),
-        click.option("--size", callback=_size, help="Resize images to HxW."),
-        click.option("--channels", type=click.Choice(["gray", "rgb", "bgr"]), help="Channel order of images."),
-        click.option("--scale", type=float, help="Pixels are divided by this first (default 255)."),
-        click.option("--mean", callback=_floats, help="Per-channel mean, e.g. 0.485,0.456,0.406."),
-        click.option("--std", callback=_floats, help="Per-channel std, e.g. 0.229,0.224,0.225."),
-        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Input layout of the model."),
-    ]
-    return _decorate(fn, opts)
-
-
-def bench_options(fn):
-    opts = [
-        click.option("--providers", default="cpu", show_default=True, callback=_providers,
-                     help="Execution providers to time: cpu, cuda, tensorrt (comma-separated); NAME:N runs it "
-                     "on N intra-op threads, e.g. cpu,cpu:1 for all cores and one."),
-        click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list,
-                     help="Batch sizes to time (comma-separated)."),
-        click.option("--runs", type=click.IntRange(1), default=50, show_default=True,
-                     help="Timed runs per model, provider and batch size."),
-        click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
-                     help="Intra-op threads (0: onnxruntime's default, all cores)."),
-    ]
-    return _decorate(fn, opts)
-
-
-def _decorate(fn, opts):
-    """Apply click options so that they list in the order given."""
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def _config(ctx: click.Context, _param, path: Path | None):
-    """--config FILE: option values from TOML or YAML become the command's defaults, so that
-    anything given on the command line still wins."""
-    if path is None:
-        return None
-    try:
-        text = path.read_text()
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            raise click.BadParameter(f"{path}: use a .toml, .yaml or .yml file")
-    except click.BadParameter:
-        raise
-    except Exception as exc:  # unreadable file, syntax error: one line, naming the file
-        from pipeline.runtime import first_line
-
-        raise click.BadParameter(f"{path}: cannot read it ({first_line(exc)})") from exc
-    if not isinstance(values, dict):
-        raise click.BadParameter(f"{path}: expected a table of option = value")
-    params = {p.name: p for p in ctx.command.params}
-    flags = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for opt in p.opts}
-    defaults = {}
-    for key, value in values.items():
-        name = flags.get(str(key).replace("-", "_"))
-        if name is None or name == "config" or not isinstance(params[name], click.Option):
-            raise click.BadParameter(f"{path}: '{key}' is not an option of `crossprune {ctx.command.name}`")
-        if isinstance(value, list) and not params[name].multiple:
-            value = ",".join(map(str, value))
-        defaults[name] = value
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    ctx.meta["config_file"] = str(path)
-    return path
-
-
-def output_options(fn):
-    """Where results go, for the commands that write a model."""
-    return _decorate(fn, [
-        click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), is_eager=True,
-                     expose_value=False, callback=_config,
-                     help="TOML or YAML file of option values (e.g. ratio = 0.5); options given here win."),
-        click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX model to write."),
-        click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here."),
-        click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables."),
-        click.option("--no-bench", is_flag=True, help="Skip the latency measurement."),
-        click.option("--force", is_flag=True, help="Allow -o to replace an existing file (never the input model)."),
-        click.option("--quiet", is_flag=True, help="No progress lines on stderr."),
-    ])
-
-
-def quant_options(fn):
-    return _decorate(fn, [
-        click.option("--quant-calibration", type=click.Choice(["minmax", "entropy", "percentile"]),
-                     default="minmax", show_default=True),
-        click.option("--quant-activations", type=click.Choice(["auto", "uint8", "int8"]), default="auto",
-                     show_default=True,
-                     help="auto: symmetric int8 when the first --providers entry is cuda or tensorrt (what "
-                          "TensorRT needs), else uint8 (onnxruntime's x86 CPU kernels are fastest with it)."),
-        click.option("--max-quant-error", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
-                     help="Relative output error against the float model allowed before layers stay in float."),
-        click.option("--quant-speed-check/--no-quant-speed-check", default=True, show_default=True,
-                     help="Time shallow layers (a stem conv over few channels, depthwise convs) in float vs "
-                          "int8 on the first --providers entry at the largest --batch; keep them in float "
-                          "where the whole model measures 5%+ faster. Off: the layers kept are reproducible."),
-    ])
-
-
-def gate_options(fn):
-    return _decorate(fn, [
-        click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 7) if top-1 "
-                     "accuracy drops by more than this many points (needs labels)."),
-        click.option("--min-fidelity", type=click.FloatRange(0, 1), help="Gate: fail (exit 7) if top-1 "
-                     "agreement with the teacher is below this (no labels needed)."),
-    ])
 
 
 def _quant_config(quant_calibration: str, quant_activations: str, max_quant_error: float, quant_speed_check: bool):
@@ -383,41 +109,53 @@ def _finish(result, output: Path, report_path: Path | None, as_json: bool, text:
                         + (f", report in {report_path}" if report_path else ""))
 
 
-def _options(data, shots, samples, seed, augment, augment_factor, ratio, method, mu, solver, damp, scope, exclude, round_to,
-             device,
-             target_flops, target_speedup, target_latency_ms, target_provider, target_batch, target_refine, widths,
-             pgd_iters, pgd_lr, max_accuracy_drop, min_fidelity, min_speedup,
-             eval_data, preprocess_file, size, channels, scale, mean, std, layout, providers, batches,
-             runs, threads, no_bench, max_memory):
-    from pipeline.choose import usual_mu
-    from pipeline.prune import PruneConfig
-    from pipeline.target import LatencyTarget
+def _options(data: Path, no_bench: bool, max_memory: int, kw: dict[str, Any]) -> CompressOptions:
+    """CompressOptions from the compress command's values: `kw` holds click's values by parameter
+    name. The target, the pruning and the preprocessing are taken out of it by what builds them;
+    the values left are CompressOptions' fields of the same names."""
     from pipeline.workflow import CompressOptions
 
-    given = [f"--{n}" for n, v in (("target-flops", target_flops), ("target-speedup", target_speedup),
-                                   ("target-latency-ms", target_latency_ms), ("widths", widths)) if v is not None]
-    if len(given) > 1:
-        raise UsageError(f"give one target, not {' and '.join(given)}")
-    target = None
-    if target_speedup is not None or target_latency_ms is not None:
-        target = LatencyTarget(target_speedup, target_latency_ms, target_provider, target_batch,
-                               refine_evals=target_refine)
+    mode = _take(_mode, kw)  # first: two targets are refused before anything else is read
+    pruning = _take(_pruning, kw)
+    preprocess = {name: kw.pop(name) for name in ("size", "channels", "scale", "mean", "std", "layout")}
+    providers, runs = kw.pop("providers"), kw.pop("runs")
+    return CompressOptions(data=data, mode=mode, **pruning, preprocess=preprocess,
+                           providers=[] if no_bench else providers, bench_runs=runs, max_memory=max_memory, **kw)
 
-    overrides = {"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout}
+
+def _take(build: Callable[..., Any], kw: dict[str, Any]) -> Any:
+    """`build` called with the values in `kw` that its parameters name, which leave `kw`."""
+    from inspect import signature  # not at the top: the `inspect` command takes that name
+
+    return build(**{name: kw.pop(name) for name in signature(build).parameters})
+
+
+def _mode(target_flops: float | None, target_speedup: float | None, target_latency_ms: float | None,
+          target_provider: str, target_batch: int, target_refine: int, widths: Path | None) -> Mode:
+    """The one target given, or one ratio for all; two are a UsageError naming both."""
+    from pipeline.search import FlopsShare, LatencyTarget, WidthsFrom, one
+
+    latency = lambda **goal: LatencyTarget(**goal, provider=target_provider, batch=target_batch,
+                                           refine_evals=target_refine)
+    return one(None if target_flops is None else FlopsShare(target_flops, refine_evals=target_refine),
+               None if target_speedup is None else latency(speedup=target_speedup),
+               None if target_latency_ms is None else latency(latency_ms=target_latency_ms),
+               None if widths is None else WidthsFrom(widths))
+
+
+def _pruning(ratio: float, method: str, mu: float | None, solver: str, damp: float, scope: str,
+             exclude: tuple[str, ...], round_to: int, pgd_iters: int, pgd_lr: float) -> dict[str, Any]:
+    """CompressOptions' prune, auto_method and auto_mu."""
+    from pipeline.choose import usual_mu
+    from pipeline.prune import PruneConfig
+
     # "--method cross" alone means the usual cross (mu 0.6); mu is searched when asked for or with auto
     mu_default = click.get_current_context().get_parameter_source("mu") == click.core.ParameterSource.DEFAULT
-    return CompressOptions(
-        data=data, shots=shots, samples=samples, seed=seed,
-        auto_method=method == "auto", auto_mu=mu is None and (method == "auto" or not mu_default),
-        prune=PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
-                          mu=usual_mu(method) if mu is None else mu, solver=solver, damp=damp,
-                          round_to=round_to, scope=scope, exclude=tuple(exclude), pgd_iters=pgd_iters, pgd_lr=pgd_lr),
-        max_accuracy_drop=max_accuracy_drop, min_fidelity=min_fidelity, min_speedup=min_speedup,
-        eval_data=eval_data, preprocess_file=preprocess_file, preprocess=overrides,
-        providers=[] if no_bench else providers, batches=batches, bench_runs=runs, threads=threads,
-        max_memory=max_memory, augment=augment, augment_factor=augment_factor, target_flops=target_flops,
-        flops_refine=target_refine,
-        target=target, widths_from=widths, device=device)
+    return {"auto_method": method == "auto", "auto_mu": mu is None and (method == "auto" or not mu_default),
+            "prune": PruneConfig(ratio=ratio, method="cross" if method == "auto" else method,
+                                 mu=usual_mu(method) if mu is None else mu, solver=solver, damp=damp,
+                                 round_to=round_to, scope=scope, exclude=tuple(exclude), pgd_iters=pgd_iters,
+                                 pgd_lr=pgd_lr)}
 
 
 def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> None:
@@ -429,7 +167,7 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
     click.echo(dumps(report) if as_json else text)
 
 
-@main.command(epilog=EPILOG)
+@main.command(cls=Sectioned, epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Folder of images in class subfolders (or flat, unlabeled), or an .npz with x (NCHW "
@@ -441,8 +179,8 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Quantize the slim model to INT8 (QDQ, per-channel weights), calibrated on the same shots.")
 @click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
-              help="After verification, Adam steps of end-to-end distillation of the slim model on the shots "
-              "and their augmented variants (no labels; BatchNorm statistics frozen). 0: none.")
+              help="Adam steps of end-to-end distillation of the slim model on the shots after verification "
+              "(no labels); 0: none.")
 @click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
               help="Learning rate of --finetune-steps.")
 @quant_options
@@ -466,7 +204,7 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
     from pipeline.workflow import compress as run
 
     _check_output(output, force)
-    options = _options(data, no_bench=no_bench, max_memory=max_memory, **kw)
+    options = _options(data, no_bench, max_memory, kw)
     options.int8 = quantize == "int8"
     options.finetune = FinetuneConfig(steps=finetune_steps, lr=finetune_lr)
     options.quant = _quant_config(quant_calibration, quant_activations, max_quant_error, quant_speed_check)
@@ -483,7 +221,7 @@ def _effective_options() -> dict:
     return {"config_file": ctx.meta.get("config_file"), **values}
 
 
-@main.command("quantize", epilog=EPILOG)
+@main.command("quantize", cls=Sectioned, epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Calibration samples: a folder of images or an .npz (as for compress).")
@@ -522,14 +260,14 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
     _finish(result, output, report_path, as_json, summary(result.report))
 
 
-@main.command(epilog=EPILOG)
+@main.command(cls=Sectioned, epilog=EPILOG)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
               help="Models are timed in turn, this many rounds each, so drift hits all alike.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--shape", callback=_shape, metavar="C,H,W",
+@click.option("--shape", callback=parse_shape, metavar="C,H,W",
               help="One sample's shape, for models whose input leaves dimensions other than the batch symbolic "
                    "(e.g. an image size exported as dynamic).")
 @memory_option
@@ -585,26 +323,43 @@ def report_cmd(report_json, fmt, output):
 @main.command(epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--shape", "--input-shape", "shape", callback=parse_shape, metavar="C,H,W",
+              help="One sample's shape, binding the input's free dimensions (FLOPs need them).")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Samples (as for compress) whose shape binds the input's free dimensions.")
 @memory_option
 @guarded
-def inspect(model, as_json, max_memory):
+def inspect(model, as_json, shape, data, max_memory):
     """List MODEL's channel groups, whether each can be pruned (and why not), and layer FLOPs."""
     from pipeline import analyze, flops
     from pipeline.graph import GraphView
-    from pipeline.load import load_model
+    from pipeline.load import load_model, refuse_quantized, sized
     from pipeline.render import table
     from pipeline.report import dumps
 
     loaded = load_model(model, max_tensor_bytes=max_memory)
-    view = GraphView(loaded.proto)
+    refuse_quantized(model, loaded.proto, "inspect the float model it was made from")
+    if shape is None and data is not None:
+        from pipeline.data import load_samples, preprocess_for
+
+        spec = loaded.inputs[0]
+        shape = load_samples(data, spec, preprocess_for(model, spec)[0], max_memory).x.shape[1:]
+    free = [i for i, d in enumerate(loaded.inputs[0].shape[1:]) if not isinstance(d, int)] if loaded.inputs else []
+    if shape is not None and len(shape) + 1 != len(loaded.inputs[0].shape):
+        raise UsageError(f"--shape {','.join(map(str, shape))}: {model}'s input has {len(loaded.inputs[0].shape) - 1} "
+                         f"dimensions besides the batch")
+    proto = sized(loaded.proto, tuple(shape)) if shape is not None else loaded.proto
+    view = GraphView(proto)
     groups = analyze.find_groups(view)
     costs = flops.layer_costs(view)
     if as_json:
         click.echo(dumps({"groups": [g.to_json() for g in groups], "layers": [c.to_json() for c in costs],
+                          "sample_shape": list(shape) if shape is not None else None,
                           "normalisation": loaded.notes}))
         return
     click.echo(table(["group", "producers", "channels", "consumers", "prunable"],
-                      [[str(g.id), _names(g.producers), str(g.channels) + (f" ({g.size}x{g.unit})" if g.unit > 1 else ""),
+                      [[str(g.id), _names(g.producers),
+                        str(g.channels) + (f" ({g.size}x{g.unit})" if g.unit > 1 else ""),
                         _names([c.node for c in g.consumers]), _prunable(g)] for g in groups]))
     prunable = sum(g.channels for g in groups if g.prunable)
     internal = sum(g.channels for g in groups if g.prunable and not g.coupling)
@@ -613,6 +368,11 @@ def inspect(model, as_json, max_memory):
     click.echo()
     click.echo(table(["layer", "op", "MFLOPs", "params"],
                       [[c.node, c.op, f"{c.flops / 1e6:.2f}", str(c.params)] for c in costs]))
+    if shape is not None:
+        click.echo(f"\nFLOPs per sample of shape {'x'.join(map(str, shape))}")
+    elif free:
+        click.echo(f"\nthe input leaves dimensions {', '.join(str(i + 1) for i in free)} free: FLOPs where they "
+                   f"matter read 0; give --shape C,H,W or --data")
 
 
 def _names(names: list[str], show: int = 3) -> str:

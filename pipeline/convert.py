@@ -1,4 +1,4 @@
-"""Stage 3: the torch twin of the ONNX model, proven equal to onnxruntime before use.
+"""The torch twin of the ONNX model, proven equal to onnxruntime before use.
 
 torch is only the numeric engine: layers are found by their ONNX node names, and nothing
 is trusted until the converted model reproduces onnxruntime on the user's own samples.

@@ -1,8 +1,8 @@
-"""Stage 2: few-shot data, read from an image folder or an .npz and shaped for the model.
+"""Few-shot data, read from an image folder or an .npz and shaped for the model.
 
 Images are preprocessed the way the model expects (size, channels, scale, mean/std), taken
 from options or a `<model>.preprocess.json` beside the model; a mismatch with the model's
-input shape is an error here, not a crash three stages later.
+input shape is an error here, not a crash in a later stage.
 """
 from __future__ import annotations
 
@@ -289,6 +289,28 @@ def draw_shots(samples: Samples, *, shots: int | None, count: int | None, seed: 
         calib = np.sort(rng.choice(len(samples), size=n, replace=False))
     rest = np.setdiff1d(np.arange(len(samples)), calib)
     return FewShot(samples.subset(calib), samples.subset(rest) if len(rest) else None)
+
+
+HOLD_OUT_SHARE = 0.2  # of the shots, set aside to measure fidelity where nothing else was left over
+HOLD_OUT_FROM = 10  # unlabeled samples needed before any is set aside (per class: 5, so that 4 stay)
+
+
+def set_aside(shots: FewShot, seed: int) -> tuple[FewShot, int]:
+    """Where every sample became a shot, set HOLD_OUT_SHARE of them aside (per class where labeled)
+    as the held-out set, so that fidelity is measured on inputs the solver did not see; too few
+    shots are all kept for the statistics. Returns the new split and how many were set aside."""
+    calib, rng = shots.calib, np.random.default_rng([seed, 7])
+    if calib.y is not None:
+        out = [rng.choice(idx, size=int(HOLD_OUT_SHARE * len(idx)), replace=False)
+               for idx in (np.flatnonzero(calib.y == label) for label in np.unique(calib.y))]
+        held = np.concatenate(out)
+    else:
+        held = rng.choice(len(calib), size=int(round(HOLD_OUT_SHARE * len(calib))), replace=False) \
+            if len(calib) >= HOLD_OUT_FROM else np.array([], int)
+    if not len(held):
+        return shots, 0
+    keep = np.setdiff1d(np.arange(len(calib)), held)
+    return FewShot(calib.subset(keep), calib.subset(np.sort(held))), len(held)
 
 
 def _class_pos(samples: Samples, label: int) -> int:

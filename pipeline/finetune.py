@@ -3,9 +3,9 @@
 Layer-wise refitting leaves each layer as close to the teacher as its inputs allow, but the
 errors of all layers still add up at the output. A few dozen steps of Adam on the slim model
 itself (channels already removed, so no masks to keep), matching the teacher's outputs on the
-few shots and their augmented variants, aim at that; no labels are used. On the paper-protocol
-tables it moved refit students by -1.0 to +0.3 points (it fits the shots, not the task), so it
-is off unless asked for.
+few shots and their augmented variants, aim at that; no labels are used. It fits the shots, not
+the task: on the paper-protocol nets it changes a refit student's accuracy by -1 to +0.3
+points, so it is off unless asked for.
 
 The torch twin of the slim model is trained (BatchNorm statistics frozen: a handful of
 samples cannot estimate them) and its Conv, Gemm and BatchNormalization parameters are

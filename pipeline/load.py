@@ -1,4 +1,4 @@
-"""Stage 1: read an ONNX model, check it and normalise it for conversion.
+"""Read an ONNX model, check it and normalise it for conversion.
 
 ONNX is the source of truth: everything later (analysis, export) works on the normalised
 proto returned here, and the torch model is derived from it. Normalisation may restructure
@@ -68,6 +68,15 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
 def quantized_nodes(proto: ModelProto) -> list[NodeProto]:
     """Nodes of an already quantized model (QDQ pairs, QLinear* and integer ops)."""
     return [n for n in proto.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")]
+
+
+def refuse_quantized(path: Path, proto: ModelProto, advice: str) -> None:
+    """A quantized model has no float weights to prune or calibrate: one line naming a node, and `advice`."""
+    quantized = quantized_nodes(proto)
+    if quantized:
+        first = quantized[0]
+        raise ModelError(f"{path}: already quantized ({len(quantized)} nodes such as {first.op_type} "
+                         f"'{first.name}'); {advice}")
 
 
 def onnx_opset(proto: ModelProto) -> int:

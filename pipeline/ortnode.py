@@ -117,8 +117,8 @@ REFUSED = "crossprune_refused"  # the copy's domain for nodes onnx2torch refuses
 
 
 # Opset versions that only added element types (bfloat16, float8, int4...) to an op: onnx2torch's
-# converter of the version before still applies. Without it an export at opset 22 ran every Conv
-# in onnxruntime, where the pruning cannot reach its weights (only the Gemm groups were cut).
+# converter of the version before still applies. Without it every Conv of an opset-22 export would run
+# in onnxruntime, where the pruning cannot reach its weights, and only the Gemm groups would be cut.
 TYPE_ONLY = {
     **dict.fromkeys(("Conv", "ConvTranspose", "MaxPool", "GlobalAveragePool", "HardSigmoid", "HardSwish", "Elu",
                      "Selu", "Softplus", "Softsign", "InstanceNormalization", "Dropout", "Round"), (22,)),
@@ -143,7 +143,7 @@ def _versions(proto: onnx.ModelProto) -> dict[str, int]:
 def _alias(op_type: str, version: int) -> None:
     """Register onnx2torch's converter of the op's newest earlier version for `version` (for the
     OLDER ones, of the version after); a node it refuses (Reshape's allowzero=1, say) is run by
-    onnxruntime as before."""
+    onnxruntime, as any refused node is."""
     try:
         get_converter(op_type, version, "")
         return  # onnx2torch has one (a later release), or an alias was made before

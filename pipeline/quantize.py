@@ -46,7 +46,7 @@ class QuantConfig:
     def for_provider(self, provider: str | None) -> "QuantConfig":
         """'auto' activations made concrete: symmetric int8 where TensorRT or CUDA will run the
         model, uint8 on the CPU (onnxruntime's x86 kernels are fastest with uint8 activations
-        and int8 weights: 5.16x against 3.92x with int8 activations on the demo)."""
+        and int8 weights)."""
         if self.activations != "auto":
             return self
         signed = (provider or "cpu").partition(":")[0] in SIGNED_PROVIDERS
@@ -143,8 +143,8 @@ def quantize(model: bytes, calib: np.ndarray, check: np.ndarray, config: QuantCo
 
 def _against_float(float_model: bytes, int8_model: bytes, config: QuantConfig, progress: Callable[[str], None],
                    shape: tuple[int, ...]) -> dict | None:
-    """On some CPUs every int8 kernel is slower than its float twin (a 16-core Xeon under a
-    hypervisor: 0.23x, docs/BENCHMARKS.md); said here, so that a run without --bench learns it too."""
+    """On some CPUs every int8 kernel is slower than its float twin (a 16-core Xeon at batch 32:
+    docs/BENCHMARKS.md); said here, so that a run without --bench learns it too."""
     timed = _timed_pair(float_model, int8_model, config, shape)
     if isinstance(timed, str):
         return None

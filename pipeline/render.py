@@ -18,91 +18,116 @@ class Section:
 
 
 def sections(report: dict) -> list[Section]:
-    out = []
+    """The report's tables in reading order; each builder returns None where its part is absent."""
+    built = (f(report) for f in (_size_section, _quality_section, _chain_section, _groups_section,
+                                 _latency_section, _target_section))
+    return [s for s in built if s is not None]
+
+
+def _size_section(report: dict) -> Section | None:
     totals = report.get("totals")
-    if totals:
-        out.append(Section("Size", ["", "before", "after", "ratio"], [
-            ["FLOPs/sample", f"{totals['flops_before'] / 1e6:.2f}M", f"{totals['flops_after'] / 1e6:.2f}M",
-             _ratio(totals["flops_before"], totals["flops_after"])],
-            ["parameters", f"{totals['params_before'] / 1e3:.1f}k", f"{totals['params_after'] / 1e3:.1f}k",
-             _ratio(totals["params_before"], totals["params_after"])],
-            ["file size", f"{totals['bytes_before'] / 1e3:.0f} kB", f"{totals['bytes_after'] / 1e3:.0f} kB",
-             _ratio(totals["bytes_before"], totals["bytes_after"])]]))
+    if not totals:
+        return None
+    return Section("Size", ["", "before", "after", "ratio"], [
+        ["FLOPs/sample", f"{totals['flops_before'] / 1e6:.2f}M", f"{totals['flops_after'] / 1e6:.2f}M",
+         _ratio(totals["flops_before"], totals["flops_after"])],
+        ["parameters", f"{totals['params_before'] / 1e3:.1f}k", f"{totals['params_after'] / 1e3:.1f}k",
+         _ratio(totals["params_before"], totals["params_after"])],
+        ["file size", f"{totals['bytes_before'] / 1e3:.0f} kB", f"{totals['bytes_after'] / 1e3:.0f} kB",
+         _ratio(totals["bytes_before"], totals["bytes_after"])]])
+
+
+def _quality_section(report: dict) -> Section | None:
     q = report.get("quality")
-    if q and "groups" in report:
-        rows = [["top-1 agreement with teacher", _pct(q["top1_agreement"])],
-                ["relative output error", f"{q['relative_error']:.4f}"]]
-        if q.get("teacher_accuracy") is not None:
-            rows += [["accuracy teacher", _pct(q["teacher_accuracy"])],
-                     ["accuracy slim", _pct(q["student_accuracy"])],
-                     ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
-        title = f"Quality on {q['samples']} {q['split']} samples"
-        parity = report.get("parity") or {}
-        drift = [f"onnxruntime's graph optimizations change the teacher's outputs by "
-                 f"{parity['onnxruntime_optimized_vs_as_written']:.2e} (relative) against its graph as written: "
-                 f"the slim model was verified as written, and is measured here as onnxruntime optimizes it, "
-                 f"as the teacher is"] if parity.get("optimizer_changes_outputs") else []
-        out.append(Section(title, [title.lower(), ""], rows, drift))
+    if not q or "groups" not in report:
+        return None
+    rows = [["top-1 agreement with teacher", _pct(q["top1_agreement"])],
+            ["relative output error", f"{q['relative_error']:.4f}"]]
+    if q.get("teacher_accuracy") is not None:
+        rows += [["accuracy teacher", _pct(q["teacher_accuracy"])],
+                 ["accuracy slim", _pct(q["student_accuracy"])],
+                 ["accuracy drop", f"{100 * q['accuracy_drop']:.2f} points"]]
+    title = f"Quality on {q['samples']} {q['split']} samples"
+    parity = report.get("parity") or {}
+    drift = [f"onnxruntime's graph optimizations change the teacher's outputs by "
+             f"{parity['onnxruntime_optimized_vs_as_written']:.2e} (relative) against its graph as written: "
+             f"the slim model was verified as written, and is measured here as onnxruntime optimizes it, "
+             f"as the teacher is"] if parity.get("optimizer_changes_outputs") else []
+    return Section(title, [title.lower(), ""], rows, drift)
+
+
+def _chain_section(report: dict) -> Section | None:
     chain = report.get("chain") or []
-    if len(chain) > 2 or "groups" not in report:
-        quant = report.get("quantization") or {}
-        faster = [t for t in quant.get("speed_trials", []) if t["kept_float"]]
-        for_error = [n for n in quant.get("kept_float") or [] if n not in {t["layer"] for t in faster}]
-        notes = [f"int8 activations: {quant['activations']}"] if quant.get("activations") else []
-        notes += ["kept in float for fidelity after the INT8 check: " + ", ".join(for_error)] if for_error else []
-        notes += [f"kept in float for speed: {t['layer']} ({t['float_ms']:.3f} ms vs {t['int8_ms']:.3f} ms "
-                  f"all int8, {t['provider']} batch {t['batch']})" for t in faster]
-        against = quant.get("timed_against_float")
-        if against and not report.get("latency") and against["int8_ms"] > SLOWER * against["float_ms"]:
-            notes.append(f"the int8 model ran slower than the float one in the quantize stage's timing "
-                         f"({against['int8_ms']:.3f} vs {against['float_ms']:.3f} ms, {against['provider']} batch "
-                         f"{against['batch']})")
-        out.append(Section("Chain", ["model", "accuracy", "agreement", "size"], [
-            [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"]
-            for c in chain], notes))
+    if len(chain) <= 2 and "groups" in report:
+        return None
+    quant = report.get("quantization") or {}
+    faster = [t for t in quant.get("speed_trials", []) if t["kept_float"]]
+    for_error = [n for n in quant.get("kept_float") or [] if n not in {t["layer"] for t in faster}]
+    notes = [f"int8 activations: {quant['activations']}"] if quant.get("activations") else []
+    notes += ["kept in float for fidelity after the INT8 check: " + ", ".join(for_error)] if for_error else []
+    notes += [f"kept in float for speed: {t['layer']} ({t['float_ms']:.3f} ms vs {t['int8_ms']:.3f} ms "
+              f"all int8, {t['provider']} batch {t['batch']})" for t in faster]
+    against = quant.get("timed_against_float")
+    if against and not report.get("latency") and against["int8_ms"] > SLOWER * against["float_ms"]:
+        notes.append(f"the int8 model ran slower than the float one in the quantize stage's timing "
+                     f"({against['int8_ms']:.3f} vs {against['float_ms']:.3f} ms, {against['provider']} batch "
+                     f"{against['batch']})")
+    return Section("Chain", ["model", "accuracy", "agreement", "size"], [
+        [c["model"], _pct(c["accuracy"]), _pct(c["top1_agreement"]), f"{c['bytes'] / 1e3:.0f} kB"]
+        for c in chain], notes)
+
+
+def _groups_section(report: dict) -> Section | None:
     groups = report.get("groups") or []
     pruned = [g for g in groups if g["channels_after"] != g["channels_before"]]
     frozen = [g for g in groups if g["reason"]]
-    if pruned or frozen:
-        cost = (report.get("allocation") or {}).get("cost", "")
-        replayed = [f"{cost} (--widths): nothing timed, the same model every run"] if cost.startswith("widths") else []
-        replayed += _flops_note(report["allocation"]) if cost.startswith("flops") else []
-        out.append(Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
-            [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
-             "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
-            replayed + _auto(report.get("auto")) + _rounding(pruned) + (["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)]
-                                 if frozen else []) + _engine(report.get("engine"))))
+    if not (pruned or frozen):
+        return None
+    cost = (report.get("allocation") or {}).get("cost", "")
+    notes = [f"{cost} (--widths): nothing timed, the same model every run"] if cost.startswith("widths") else []
+    notes += _flops_note(report["allocation"]) if cost.startswith("flops") else []
+    notes += _auto(report.get("auto")) + _rounding(pruned)
+    notes += ["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)] if frozen else []
+    return Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
+        [producers(g), f"{g['channels_before']} -> {g['channels_after']}",
+         "-" if g["loss"] is None else f"{g['loss']:.4f}", f"{g['seconds']:.2f}"] for g in pruned],
+        notes + _engine(report.get("engine")))
+
+
+def _latency_section(report: dict) -> Section | None:
     lat = report.get("latency")
-    if lat:
-        out.append(Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s",
-                                       "speedup", "cold start ms"],
-                           [[t["model"], t["provider"], str(t["batch"]), f"{t['p50_ms']:.3f}", f"{t['p90_ms']:.3f}",
-                             f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", _speedup(t),
-                             f"{t['cold_start_ms']:.1f}"]
-                            for t in lat["timings"]],
-                           [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]
-                           + _slower_links(lat["timings"])
-                           + ["steady state: medians of interleaved rounds, in brackets the lowest and highest "
-                              "speedup of one round; cold start: session creation and the first run, apart"]))
+    if not lat:
+        return None
+    return Section("Latency", ["model", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "speedup",
+                               "cold start ms"],
+                   [[t["model"], t["provider"], str(t["batch"]), f"{t['p50_ms']:.3f}", f"{t['p90_ms']:.3f}",
+                     f"{t['p99_ms']:.3f}", f"{t['throughput']:.0f}", _speedup(t), f"{t['cold_start_ms']:.1f}"]
+                    for t in lat["timings"]],
+                   [f"{p}: unavailable: {why}" for p, why in lat.get("unavailable", {}).items()]
+                   + _slower_links(lat["timings"])
+                   + ["steady state: medians of interleaved rounds, in brackets the lowest and highest "
+                      "speedup of one round; cold start: session creation and the first run, apart"])
+
+
+def _target_section(report: dict) -> Section | None:
     alloc = report.get("allocation")
-    if alloc and alloc.get("attempts"):
-        target = alloc["target"]
-        goal = f"{target['speedup']}x" if target["speedup"] else f"{target['latency_ms']} ms"
-        runs = alloc.get("candidates") or {"allocated": alloc}
-        scores = {n: c["holdout_relative_squared_error"] for n, c in runs.items()
-                  if c.get("holdout_relative_squared_error") is not None}
-        notes = [f"{alloc['chosen']} widths kept" + (" (relative squared error on held-out shots: " + ", ".join(
-            f"{n} {v:.4f}" for n, v in scores.items()) + ")" if scores else "")] if "chosen" in alloc else []
-        out.append(Section(f"Latency target ({goal} on {target['provider']} at batch {target['batch']})",
-                           ["widths", "attempt", "predicted ms", "measured ms", "goal ms", "teacher ms"],
-                           [[name, f"{i + 1}{' (kept)' if i + 1 == run.get('kept_attempt') else ''}",
-                             f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}",
-                             f"{a['goal_ms']:.3f}", f"{a['teacher_ms']:.3f}"]
-                            for name, run in runs.items() for i, a in enumerate(run["attempts"])],
-                           notes + _allocation_note(alloc.get("allocation_confirmation"))
-                           + _refine_note(alloc.get("refinement")) + [_met_note(alloc)]
-                           + _thread_note(alloc.get("one_thread"))))
-    return out
+    if not (alloc and alloc.get("attempts")):
+        return None
+    target = alloc["target"]
+    goal = f"{target['speedup']}x" if target["speedup"] else f"{target['latency_ms']} ms"
+    runs = alloc.get("candidates") or {"allocated": alloc}
+    scores = {n: c["holdout_relative_squared_error"] for n, c in runs.items()
+              if c.get("holdout_relative_squared_error") is not None}
+    notes = [f"{alloc['chosen']} widths kept" + (" (relative squared error on held-out shots: " + ", ".join(
+        f"{n} {v:.4f}" for n, v in scores.items()) + ")" if scores else "")] if "chosen" in alloc else []
+    return Section(f"Latency target ({goal} on {target['provider']} at batch {target['batch']})",
+                   ["widths", "attempt", "predicted ms", "measured ms", "goal ms", "teacher ms"],
+                   [[name, f"{i + 1}{' (kept)' if i + 1 == run.get('kept_attempt') else ''}",
+                     f"{a['predicted_ms']:.3f}", f"{a['measured_ms']:.3f}", f"{a['goal_ms']:.3f}",
+                     f"{a['teacher_ms']:.3f}"]
+                    for name, run in runs.items() for i, a in enumerate(run["attempts"])],
+                   notes + _allocation_note(alloc.get("allocation_confirmation"))
+                   + _refine_note(alloc.get("refinement")) + [_met_note(alloc)] + _thread_note(alloc.get("one_thread")))
 
 
 def _auto(auto: dict | None) -> list[str]:
@@ -147,7 +172,7 @@ def _refine_note(refinement: dict | None) -> list[str]:
 
 def _flops_note(alloc: dict) -> list[str]:
     head = f"--target-flops {alloc['target_share']:.3g}: {alloc['share']:.3g} of the FLOPs kept"
-    if alloc.get("chosen", "allocated") == "allocated":  # (reports before the refinement have no "chosen")
+    if alloc.get("chosen", "allocated") == "allocated":  # a report without "chosen" allocated its widths
         return [f"{head}, widths allocated from the solver's loss curves"]
     return [f"{head}, from one ratio for all ({alloc['ratio']:.2f})"] + _refine_note(alloc["refinement"])
 

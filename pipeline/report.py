@@ -1,4 +1,13 @@
-"""The report: one JSON-ready dict built by the stages (pipeline/render.py shows it to people)."""
+"""The report: one JSON-ready dict built by the stages (pipeline/render.py shows it to people).
+
+Its top-level "schema" numbers the layout. `--widths` reads reports back, and only this subset,
+which a change of SCHEMA must keep or migrate:
+
+    schema                   int, at most SCHEMA (absent in reports written before it existed)
+    groups[].producers       list of str: the ONNX nodes that write the group's channels
+    groups[].channels_before int
+    groups[].channels_after  int: channels kept (equal to channels_before where left whole)
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +15,9 @@ import importlib.metadata as md
 import json
 import resource
 import sys
+
+
+SCHEMA = 1
 
 
 def versions() -> dict:

@@ -2,10 +2,11 @@
 
 onnxruntime's threads spin between the parallel parts of a run by default, and keep spinning
 for a while after it, stealing cores from the next session timed or from torch. Spinning off
-stops that but makes every hand-off between threads a wake-up: the demo teacher read 0.224 ms
-at batch 1 against 0.127 ms with onnxruntime's defaults (docs/BENCHMARKS.md). So threads spin
-while a run lasts and stop when it returns (`session.force_spinning_stop`), which measured
-within 7% of a session timed alone on the teachers. The provider actually used is checked, never assumed.
+stops that but makes every hand-off between threads a wake-up, which nearly doubles a small
+model's batch-1 latency (docs/BENCHMARKS.md). So threads spin while a run lasts and stop when it
+returns (`session.force_spinning_stop`), which times the teachers within 7% of a session timed alone
+with onnxruntime's defaults, without the cost to whatever runs next. The provider actually used is
+checked, never assumed.
 """
 from __future__ import annotations
 

@@ -59,9 +59,9 @@ def objective(stats: Stats, weight: torch.Tensor, method: str, mu: float,
 
     The damping is a ridge toward the teacher's weights, damp * ||W - W_t||^2, for every
     method: directions of the input that the few samples never excite keep the teacher's
-    weights. A ridge toward zero, as in plain regularised regression, erased them wherever a
-    layer has more inputs than the shots give rows (the demo's classifier at one shot per
-    class: 129 inputs, 80 rows), and moved W* off W_t even where nothing had been pruned yet."""
+    weights. A ridge toward zero, as in plain regularised regression, would erase them wherever
+    a layer has more inputs than the shots give rows (a classifier over 128 features, fed one
+    shot per class, say), and would move W* off W_t even where nothing is pruned."""
     if method == "cross":
         h = stats.g_tt.mul(mu).add_(stats.g_ss, alpha=1 - mu)
         h.diagonal().add_(damp * _scale(h))

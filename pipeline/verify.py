@@ -1,4 +1,4 @@
-"""Stage 6: prove the slim model reproduces the masked student, and measure what pruning cost.
+"""Prove the slim model reproduces the masked student, and measure what pruning cost.
 
 The equivalence check is the guard on the whole export: a channel sliced in the wrong place
 shows up here as a large error and fails the command.
@@ -66,6 +66,22 @@ class Quality:
         return {"samples": self.samples, "split": self.split, "top1_agreement": self.agreement,
                 "relative_error": self.relative_error, "teacher_accuracy": self.teacher_accuracy,
                 "student_accuracy": self.student_accuracy, "accuracy_drop": self.accuracy_drop}
+
+
+COLLAPSED_AGREEMENT = 0.8  # top-1 agreement with the teacher below which a labeled model counts as collapsed
+COLLAPSED_ERROR = 0.5  # relative output error above which any model counts as collapsed
+
+
+def collapse(quality: Quality) -> str:
+    """Why the slim model counts as collapsed, or '': far from its teacher on the evaluation samples.
+    Agreement is judged only where labels say the output is class scores (a detector's argmax
+    means nothing); the relative error of the first output applies to every model."""
+    where = f"on {quality.samples} {quality.split} samples"
+    if quality.teacher_accuracy is not None and quality.agreement < COLLAPSED_AGREEMENT:
+        return f"top-1 agreement with the teacher is {quality.agreement:.2f} {where} (floor {COLLAPSED_AGREEMENT})"
+    if quality.relative_error > COLLAPSED_ERROR:
+        return f"relative output error is {quality.relative_error:.2f} {where} (floor {COLLAPSED_ERROR})"
+    return ""
 
 
 def compare(teacher: ModelProto | bytes, student: ModelProto, x: np.ndarray, y: np.ndarray | None,

@@ -1,14 +1,14 @@
-"""The whole job, stage by stage: load -> data -> convert -> analyze -> prune -> slim -> verify -> bench.
+"""The whole job, stage by stage: load -> data -> convert -> analyze -> search (prune, export) -> verify -> bench.
 
 Each stage gets what the previous one returned and nothing else; this module only passes
-results forward, times the stages and assembles the report. Nothing is written unless the
-slim model has passed verification.
+results forward and times the stages (pipeline/compress_report.py assembles the report).
+Nothing is written unless the slim model has passed verification.
 """
 from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,15 +16,13 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.slim import slim as slim_model
 from exporters.write import atomic_write
-from pipeline import (allocate, analyze, augment, bench, choose, convert, data, engine, finetune, flops, limits,
-                      load, precision, prune, quantize, report, target, verify)
+from pipeline import (analyze, augment, bench, choose, compress_report, convert, data, engine, finetune, limits, load,
+                      precision, prune, quantize, report, search, verify)
 from pipeline.errors import ModelError, NothingToPruneError, UsageError, VerificationError
 from pipeline.analyze import ChannelGroup
 from pipeline.graph import GraphView
 from pipeline.runtime import first_line
-from pipeline.target import LatencyTarget
 
 MAX_EVAL = 5000  # held-out samples used for quality and verification at most
 
@@ -51,10 +49,7 @@ class CompressOptions:
     min_speedup: float | None = None  # gate, on every timed provider and batch size
     auto_method: bool = False  # --method auto: pick cross/soft/layerwise on held-out shots
     auto_mu: bool = False  # --mu auto: pick mu the same way
-    target_flops: float | None = None  # share of FLOPs to keep, widths found across groups (overrides ratio)
-    flops_refine: int = 24  # held-out prunings refining --target-flops' widths; 0: allocated from loss curves
-    target: LatencyTarget | None = None  # a measured speedup or latency instead (overrides ratio)
-    widths_from: Path | None = None  # an earlier report whose groups' widths are replayed (overrides ratio)
+    mode: search.Mode = field(default_factory=search.Ratio)  # a FLOPs share, latency target or replayed widths instead
     finetune: finetune.FinetuneConfig = field(default_factory=finetune.FinetuneConfig)  # after verification
     int8: bool = False  # quantize after pruning, calibrated on the same shots
     quant: quantize.QuantConfig = field(default_factory=quantize.QuantConfig)
@@ -74,6 +69,7 @@ class CompressResult:
 
 
 Progress = Callable[[str], None]
+Stage = Callable[[str], AbstractContextManager]  # times the work inside it under a stage's name
 
 
 def compress(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
@@ -115,7 +111,7 @@ class Prepared:
 
 def prepare(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
             progress: Progress = lambda _: None,
-            stage: Callable[[str], AbstractContextManager] = lambda _: nullcontext()) -> Prepared:
+            stage: Stage = lambda _: nullcontext()) -> Prepared:
     """The stages before pruning: load -> data -> convert -> analyze -> augment, each under `stage`."""
     model_path = Path(model_path)
     with stage("load"):
@@ -153,6 +149,39 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     model_path = Path(model_path)
     torch.manual_seed(options.seed)
     stages: dict[str, float] = {}
+    stage = _stage_timer(stages, progress)
+    if options.min_speedup is not None and not (options.providers and options.batches):
+        raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
+    replay = search.Replay.of(options.mode)  # read before the model is loaded: an unreadable report fails first
+    ready = prepare(model_path, options, output, progress, stage)
+    # before any statistics: a report from another model fails at once
+    replayed = replay.fit(ready.groups, ready.teacher, options.prune) if replay else None
+    selector = options.prune
+    options, choice, selection = _choose(ready, options, progress, stage)
+    found = search.widths(ready, options, progress, stage, selection, replayed)
+    with stage("verify"):
+        check_x = convert.spread(ready.shots.calib.x)
+        if ready.evalset.x is not ready.shots.calib.x:
+            check_x = np.concatenate([check_x, convert.spread(ready.evalset.x)])
+        verify_err = verify.check_slim(found.slim, found.result.student, check_x, [o.name for o in ready.model.outputs])
+        quality = verify.compare(ready.original, found.slim, ready.evalset.x, ready.evalset.y, ready.evalset.source)
+    chain = _chain(ready, options, found.slim, quality, check_x, progress, stage)
+    timed = None
+    if options.providers and options.batches:
+        with stage("bench"):
+            timed = bench.bench([("teacher", ready.original)] + [(name, m) for name, m, _ in chain.links],
+                                options.providers, options.batches, runs=options.bench_runs, threads=options.threads,
+                                seed=options.seed, progress=progress, shape=ready.shots.calib.x.shape[1:])
+    failures = _gates(options, chain.quality, timed)
+    if output is not None and not failures:
+        atomic_write(output, chain.final)
+    auto = {**choice.to_json(), "channels_chosen_by": f"{selector.method} mu={selector.mu}"} if choice else None
+    rep = compress_report.build(ready, options, found, chain, verify_err, timed, stages, output, auto, failures)
+    return CompressResult(chain.slim_bytes, rep, failures, {name: m for name, m, _ in chain.links})
+
+
+def _stage_timer(stages: dict[str, float], progress: Progress) -> Stage:
+    """A stage: its name told to `progress`, its seconds added to `stages`."""
 
     @contextmanager
     def stage(name: str):
@@ -161,129 +190,75 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
         yield
         stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - start, 3)  # a stage may repeat
 
-    if options.min_speedup is not None and not (options.providers and options.batches):
-        raise UsageError("--min-speedup needs the latency measurement; drop --no-bench")
-    given = [name for name, value in (("--target-flops", options.target_flops), ("a latency target", options.target),
-                                      ("--widths", options.widths_from)) if value is not None]
-    if len(given) > 1:
-        raise UsageError(f"give one target, not {' and '.join(given)}")
-    widths = allocate.read_widths(Path(options.widths_from)) if options.widths_from is not None else None
-    ready = prepare(model_path, options, output, progress, stage)
-    model, original, shots, evalset = ready.model, ready.original, ready.shots, ready.evalset
-    teacher, view, groups, augmenter = ready.teacher, ready.view, ready.groups, ready.augmenter
-    if widths is not None:  # before any statistics: a report from another model fails at once
-        keep = allocate.replayed(groups, widths, options.widths_from,
-                                 lambda g: prune.skip_reason(teacher, g, options.prune))
-    layer_augmenter = ready.layer_augmenter(options.prune)
-    choice, selection, selector = None, None, options.prune
+    return stage
+
+
+def _choose(ready: Prepared, options: CompressOptions, progress: Progress,
+            stage: Stage) -> tuple[CompressOptions, choose.Choice | None, prune.PruneResult | None]:
+    """--method/--mu auto: the options with the objective closest to the teacher on held-out shots,
+    the choice, and the channels it refit, which the ratio's widths keep (a target prunes anew)."""
+    view, teacher, groups, x = ready.view, ready.teacher, ready.groups, ready.shots.calib.x
+    augmenter = ready.layer_augmenter(options.prune)
     candidates = choose.candidates(options.prune, options.auto_method, options.auto_mu)
-    if len(candidates) > 1 and len(shots.calib.x) < choose.MIN_SAMPLES:
+    if len(candidates) > 1 and len(x) < choose.MIN_SAMPLES:
         progress(f"auto: one sample, none to hold out; {options.prune.method} mu={options.prune.mu}")
-    elif len(candidates) > 1:
-        with stage("prune"):  # the channels every candidate refits, chosen once, at the ratio
-            selection = prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress, layer_augmenter)
-        with stage("choose"):
-            choice = choose.choose(view, teacher, groups, shots.calib.x, candidates, options.seed, layer_augmenter,
-                                   selection.kept, progress)
-            progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-        if options.target_flops is not None or options.target is not None or widths is not None:
-            selection = None  # other widths than the ratio's: pruned with the chosen objective
-        elif choice.config != options.prune:
-            with stage("prune"):
-                selection = prune.prune_jobs(view, teacher, groups, shots.calib.x,
-                                             [prune.Job(choice.config, kept=selection.kept)], progress,
-                                             layer_augmenter)[0]
-        options = replace(options, prune=choice.config)
-    alloc, picked = None, None
-    if widths is not None:
-        cost = allocate.FlopsModel(view, groups).cost
-        share = cost(keep) / cost({})
-        alloc = allocate.Allocation(keep, share, share, f"widths of {options.widths_from}")
-    elif options.target_flops is not None or options.target is not None:
-        with stage("allocate"):
-            evaluations = options.target.refine_evals if options.target else options.flops_refine
-            refining = target.refines(evaluations, len(shots.calib.x))
-            curves = allocate.curves(view, teacher, groups, shots.calib.x, options.prune, layer_augmenter, progress,
-                                     losses=options.target is not None or not refining)
-        problem = target.Problem(view, teacher, groups, shots.calib.x, options.prune, options.seed, layer_augmenter,
-                                 options.threads)
-        if options.target_flops is not None:
-            with stage("refine" if refining else "allocate"):
-                alloc, picked = target.flops_widths(options.target_flops, evaluations, problem, curves, progress)
-
-    def prune_and_export(keep: dict[int, int] | None):
+    if len(candidates) <= 1 or len(x) < choose.MIN_SAMPLES:
+        return options, None, None
+    with stage("prune"):  # the channels every candidate refits, chosen once, at the ratio
+        selection = prune.prune(view, teacher, groups, x, options.prune, progress, augmenter)
+    with stage("choose"):
+        choice = choose.choose(view, teacher, groups, x, candidates, options.seed, augmenter, selection.kept, progress)
+        progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
+    if not isinstance(options.mode, search.Ratio):
+        selection = None  # other widths than the ratio's: pruned with the chosen objective
+    elif choice.config != options.prune:
         with stage("prune"):
-            result = selection or prune.prune(view, teacher, groups, shots.calib.x, options.prune, progress,
-                                              layer_augmenter, keep=keep)
-            if not result.outcomes:
-                raise NothingToPruneError(f"{model_path}: every channel group was left whole "
-                                          f"({'; '.join(result.skipped.values())})")
-        with stage("export"):
-            return result, slim_model(model.proto, groups, result.kept, result.layers)
+            selection = prune.prune_jobs(view, teacher, groups, x, [prune.Job(choice.config, kept=selection.kept)],
+                                         progress, augmenter)[0]
+    return replace(options, prune=choice.config), choice, selection
 
-    def timing_model(keep: dict[int, int]) -> bytes:
-        """Widths alone decide latency: magnitude pruning on one shot, no solve."""
-        cut = prune.prune(view, teacher, groups, shots.calib.x[:1], replace(options.prune, method="l1"), keep=keep)
-        return slim_model(model.proto, groups, cut.kept, cut.layers).SerializeToString()
 
-    if options.target is None:
-        result, slim = prune_and_export(alloc.keep if alloc else None)
-    else:
-        found = target.search(options.target, problem, curves, original, prune_and_export, timing_model, stage,
-                              progress)
-        alloc, result, slim, picked = found.alloc, found.result, found.slim, found.info
-    with stage("verify"):
-        check_x = convert.spread(shots.calib.x)
-        if evalset.x is not shots.calib.x:
-            check_x = np.concatenate([check_x, convert.spread(evalset.x)])
-        verify_err = verify.check_slim(slim, result.student, check_x, [o.name for o in model.outputs])
-        quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
+@dataclass
+class Chain:
+    """The slim model and what was made from it, each link with its bytes and quality."""
+
+    slim: onnx.ModelProto  # the last float link
+    slim_bytes: bytes
+    links: list[tuple[str, bytes, verify.Quality]]
+    tuned: finetune.FinetuneResult | None = None
+    quant: quantize.QuantResult | None = None
+
+    @property
+    def final(self) -> bytes:
+        return self.links[-1][1]
+
+    @property
+    def quality(self) -> verify.Quality:
+        return self.links[-1][2]
+
+
+def _chain(ready: Prepared, options: CompressOptions, slim: onnx.ModelProto, quality: verify.Quality,
+           check_x: np.ndarray, progress: Progress, stage: Stage) -> Chain:
+    """The verified slim model, fine-tuned and quantized where asked, each link compared with the teacher."""
     slim_bytes = slim.SerializeToString()
-    chain, quant, tuned = [("slim", slim_bytes, quality)], None, None
+    chain = Chain(slim, slim_bytes, [("slim", slim_bytes, quality)])
+    original, evalset, x = ready.original, ready.evalset, ready.shots.calib.x
     if options.finetune.steps > 0:
         with stage("finetune"):
-            tuned = finetune.finetune(slim, teacher, shots.calib.x, options.finetune, options.seed, augmenter,
+            tuned = finetune.finetune(slim, ready.teacher, x, options.finetune, options.seed, ready.augmenter,
                                       progress)
-            verify.check_slim(tuned.model, tuned.twin, check_x, [o.name for o in model.outputs],
+            verify.check_slim(tuned.model, tuned.twin, check_x, [o.name for o in ready.model.outputs],
                               "its fine-tuned torch twin")
-            slim, slim_bytes = tuned.model, tuned.model.SerializeToString()
-            quality = verify.compare(original, slim, evalset.x, evalset.y, evalset.source)
-            chain.append(("slim-finetuned", slim_bytes, quality))
-    final = slim_bytes
+            chain.tuned, chain.slim, chain.slim_bytes = tuned, tuned.model, tuned.model.SerializeToString()
+            quality = verify.compare(original, chain.slim, evalset.x, evalset.y, evalset.source)
+            chain.links.append(("slim-finetuned", chain.slim_bytes, quality))
     if options.int8:
         with stage("quantize"):
-            calib = np.concatenate(list(augmenter.variants(shots.calib.x, 0)))
-            quant = _int8(slim_bytes, slim, calib, evalset.x[:256], options, progress)
-            final = quant.model
-            quality = verify.compare(original, final, evalset.x, evalset.y, evalset.source)
-            chain.append(("slim-int8", final, quality))
-    timed = None
-    if options.providers and options.batches:
-        with stage("bench"):
-            timed = bench.bench([("teacher", original)] + [(name, m) for name, m, _ in chain], options.providers,
-                                  options.batches, runs=options.bench_runs, threads=options.threads,
-                                  seed=options.seed, progress=progress, shape=shots.calib.x.shape[1:])
-    failures = _gates(options, quality, timed)
-    if output is not None and not failures:
-        atomic_write(output, final)
-    rep = _report(ready, options, result, slim, final, verify_err, quality, timed, stages, output)
-    rep["augmentation"] = augmenter.to_json()
-    rep["engine"] = engine.describe(teacher.device)
-    rep["allocation"] = {**alloc.to_json(), **(picked or {})} if alloc else None
-    rep["auto"] = {**choice.to_json(), "channels_chosen_by": f"{selector.method} mu={selector.mu}"} if choice else None
-    rep["parity"]["run_by_onnxruntime"] = teacher.fallbacks
-    rep["parity"]["onnxruntime_optimized_vs_as_written"] = ready.parity.optimizer_drift
-    rep["parity"]["optimizer_changes_outputs"] = ready.parity.optimizer_changes_outputs
-    rep["quantization"] = quant.to_json() if quant else None
-    rep["finetune"] = {**asdict(options.finetune), **tuned.to_json()} if tuned else None
-    teacher_quality = {"teacher_accuracy": quality.teacher_accuracy}
-    rep["chain"] = [{"model": "teacher", "bytes": len(original), "accuracy": teacher_quality["teacher_accuracy"],
-                     "top1_agreement": 1.0}] + [
-        {"model": name, "bytes": len(m), "accuracy": q.student_accuracy, "top1_agreement": q.agreement}
-        for name, m, q in chain]
-    rep["gates"] = {"max_accuracy_drop": options.max_accuracy_drop, "min_fidelity": options.min_fidelity,
-                    "min_speedup": options.min_speedup, "failures": failures, "passed": not failures}
-    return CompressResult(slim_bytes, rep, failures, {name: m for name, m, _ in chain})
+            calib = np.concatenate(list(ready.augmenter.variants(x, 0)))
+            chain.quant = _int8(chain.slim_bytes, chain.slim, calib, evalset.x[:256], options, progress)
+            quality = verify.compare(original, chain.quant.model, evalset.x, evalset.y, evalset.source)
+            chain.links.append(("slim-int8", chain.quant.model, quality))
+    return chain
 
 
 def _twin(model: load.LoadedModel, device: str, x: np.ndarray,
@@ -311,6 +286,10 @@ def _gates(options: CompressOptions, quality: verify.Quality, latency: bench.Ben
     if options.min_fidelity is not None and quality.agreement < options.min_fidelity:
         failures.append(f"top-1 agreement with the teacher is {quality.agreement:.4f}, below "
                         f"--min-fidelity {options.min_fidelity:g}")
+    collapsed = verify.collapse(quality) if options.min_fidelity is None else ""
+    if collapsed:
+        failures.append(f"the slim model collapsed: {collapsed}; try a higher --ratio, --scope internal or more "
+                        f"samples (--min-fidelity 0 writes it anyway)")
     if options.min_speedup is not None:
         final = latency.timings[-1].model if latency and latency.timings else None
         timed = [t for t in latency.timings if t.model == final and final != "teacher"] if latency else []
@@ -335,12 +314,8 @@ def _open(model_path: Path, options: CompressOptions, output,
     if len(model.inputs) != 1:
         raise UsageError(f"{model_path}: {len(model.inputs)} graph inputs; only single-input models "
                          f"can be fed few-shot data")
-    quantized = load.quantized_nodes(model.proto)
-    if quantized:
-        first = quantized[0]
-        raise ModelError(f"{model_path}: already quantized ({len(quantized)} nodes such as {first.op_type} "
-                         f"'{first.name}'); {'quantize' if quantizing else 'prune'} the float model it was made from"
-                         f"{'' if quantizing else ', with --quantize int8 to quantize the result'}")
+    load.refuse_quantized(model_path, model.proto, "quantize the float model it was made from" if quantizing else
+                          "prune the float model it was made from, with --quantize int8 to quantize the result")
     return model, model.original
 
 
@@ -367,6 +342,12 @@ def _data(model: load.LoadedModel, options: CompressOptions):
     if options.shots is None and options.samples is None and samples.y is not None:
         raise UsageError("--data has labels: give --shots K (samples per class) or --samples N")
     shots = data.draw_shots(samples, shots=options.shots, count=options.samples, seed=options.seed)
+    if options.eval_data is None and shots.holdout is None:
+        total = len(shots.calib)
+        shots, aside = data.set_aside(shots, options.seed)
+        if aside:
+            notes.append(f"{aside} of the {total} samples set aside to measure fidelity on inputs the pruning "
+                         f"does not see (no --eval-data and none left over); pruning uses the other {total - aside}")
     if options.eval_data is not None:
         evalset = data.load_samples(options.eval_data, spec, pre, options.max_memory)
         evalset.source = "eval"
@@ -379,53 +360,6 @@ def _data(model: load.LoadedModel, options: CompressOptions):
         evalset = data.Samples(shots.calib.x, shots.calib.y, shots.calib.classes, "calibration (in-sample)")
         notes.append("no held-out samples: quality is measured on the calibration samples themselves")
     return shots, evalset, notes, pre
-
-
-def _report(ready: Prepared, options: CompressOptions, result: prune.PruneResult, slim: onnx.ModelProto,
-            slim_bytes: bytes, verify_err: float, quality: verify.Quality, latency: bench.BenchResult | None,
-            stages: dict[str, float], output: str | Path | None) -> dict:
-    model, shots, evalset, view, groups = ready.model, ready.shots, ready.evalset, ready.view, ready.groups
-    before = {c.node: c for c in flops.layer_costs(view)}
-    slim_view = GraphView(load.sized(slim, shots.calib.x.shape[1:]))
-    after = {c.node: c for c in flops.layer_costs(slim_view)}
-    outcomes = {o.group: o for o in result.outcomes}
-    group_rows = []
-    for g in groups:
-        o = outcomes.get(g.id)
-        group_rows.append({**g.to_json(), "channels_before": g.channels,
-                           "channels_after": len(o.kept) * g.unit if o else g.channels,
-                           "kept": o.kept if o else None,  # in units of g.unit channels
-                           "multiple": options.prune.step(g.size, g.unit) * g.unit if o else None,
-                           "loss": None if o is None or np.isnan(o.loss) else o.loss,
-                           "seconds": o.seconds if o else 0.0,
-                           "reason": g.reason or result.skipped.get(g.id)})
-    layers = [{"node": n, "op": c.op, "flops_before": c.flops, "flops_after": after[n].flops,
-               "params_before": c.params, "params_after": after[n].params} for n, c in before.items()]
-    f0, f1 = sum(c.flops for c in before.values()), sum(c.flops for c in after.values())
-    return {
-        "tool": {"name": "crossprune", "versions": report.versions()},
-        "config": {**asdict(options.prune), "shots": options.shots, "samples": options.samples,
-                   "seed": options.seed, "data": str(options.data),
-                   "eval_data": str(options.eval_data) if options.eval_data else None},
-        "input": {"path": str(model.path), "sha256": report.sha256(ready.original), "opset": model.opset,
-                  "inputs": [s.to_json() for s in model.inputs], "outputs": [s.to_json() for s in model.outputs],
-                  "normalisation": model.notes},
-        "output": {"path": str(output) if output else None, "sha256": report.sha256(slim_bytes)},
-        "data": {"source": shots.calib.source, "calibration_samples": len(shots.calib),
-                 "classes": len(np.unique(shots.calib.y)) if shots.calib.y is not None else None,
-                 "evaluation": evalset.source, "evaluation_samples": len(evalset),
-                 "preprocess": ready.pre.to_json(), "notes": ready.data_notes},
-        "parity": {"torch_vs_onnxruntime": ready.parity.worst, "slim_vs_masked_student": verify_err},
-        "groups": group_rows,
-        "layers": layers,
-        "totals": {"flops_before": f0, "flops_after": f1, "flops_reduction": f0 / max(f1, 1),
-                   "params_before": flops.total_params(view), "params_after": flops.total_params(slim_view),
-                   "bytes_before": len(ready.original), "bytes_after": len(slim_bytes)},
-        "quality": quality.to_json(),
-        "latency": latency.to_json() if latency else None,
-        "stages_seconds": stages,
-        "peak_rss_mb": report.peak_rss_mb(),
-    }
 
 
 def quantize_only(model_path: str | Path, options: CompressOptions, output: str | Path | None = None,
@@ -450,7 +384,7 @@ def quantize_only(model_path: str | Path, options: CompressOptions, output: str 
     failures = _gates(options, quality, latency)
     if output is not None and not failures:
         atomic_write(output, quant.model)
-    rep = {"tool": {"name": "crossprune", "versions": report.versions()},
+    rep = {"schema": report.SCHEMA, "tool": {"name": "crossprune", "versions": report.versions()},
            "input": {"path": str(model.path), "sha256": report.sha256(original),
                      "inputs": [s.to_json() for s in model.inputs], "outputs": [s.to_json() for s in model.outputs]},
            "output": {"path": str(output) if output else None, "sha256": report.sha256(quant.model)},

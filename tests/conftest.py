@@ -15,7 +15,7 @@ def conv_bn(cin: int, cout: int, act: nn.Module | None = None, bias: bool = Fals
 
 
 class TinyVGG(nn.Module):
-    """A VGG-style chain with the ops of issue 2: Conv, BN, Relu/Clip, pools, GAP/Flatten, Gemm."""
+    """A VGG-style chain of the basic CNN ops: Conv, BN, Relu/Clip, pools, GAP/Flatten, Gemm."""
 
     def __init__(self, widths=(8, 16, 16), classes: int = 10, head: str = "gap"):
         super().__init__()

@@ -686,7 +686,7 @@ def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_p
 
 
 def test_flops_target_allocates_non_uniform_widths_and_meets_it(vgg_path):
-    from pipeline.allocate import FlopsModel, allocate, curves
+    from pipeline.search.allocate import FlopsModel, allocate, curves
 
     model, view, groups = groups_of(vgg_path)
     x, _ = make_data(3)
@@ -707,8 +707,8 @@ def test_flops_target_allocates_non_uniform_widths_and_meets_it(vgg_path):
 
 def test_removal_curves_are_scaled_to_what_each_group_does_to_the_output(vgg_path):
     """At the uniform width, a group's curve reads the output loss of pruning that group alone."""
-    from pipeline.allocate import curves
     from pipeline.convert import run_torch
+    from pipeline.search.allocate import curves
 
     model, view, groups = groups_of(vgg_path)
     x, _ = make_data(3)

@@ -1,6 +1,6 @@
 """Where torch computes (--device): a GPU must prune as the CPU does, and asking for one that is
-not there is a usage error, not a crash. The GPU tests run where torch sees CUDA (the lent GPU
-machine); everywhere else they skip, saying so."""
+not there is a usage error, not a crash. The GPU tests run where torch sees CUDA;
+everywhere else they skip, saying so."""
 from __future__ import annotations
 
 import json

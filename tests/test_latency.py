@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import CompressOptions, LatencyTarget, analyze, compress, hardware, latency, load, render, target
-from pipeline.allocate import Allocation, Curves, FlopsModel, uniform
+from pipeline import CompressOptions, FlopsShare, LatencyTarget, analyze, compress, hardware, load, render
+from pipeline.search import latency, one, steering, target
+from pipeline.search.allocate import Allocation, Curves, FlopsModel, uniform
 from pipeline.cli import main
 from pipeline.errors import UsageError
 from pipeline.graph import GraphView
 from pipeline.prune import PruneConfig
+from pipeline.report import SCHEMA
 from pipeline.runtime import SessionConfig
 
 
@@ -148,7 +150,7 @@ def test_with_one_shot_nothing_can_overrule_the_allocated_widths_of_a_latency_ta
     """No shot to hold out: no refinement, no scores and no folds to confirm on; of the candidates
     that met the goal, the allocation (steered first) stands."""
     options = CompressOptions(data=npz_path, samples=1, providers=[], threads=1,
-                              target=LatencyTarget(speedup=1.3, batch=4))
+                              mode=LatencyTarget(speedup=1.3, batch=4))
     alloc = compress(vgg_path, options).report["allocation"]
     assert alloc["refinement"] is None and alloc["allocation_confirmation"] is None
     assert all(run["holdout_relative_squared_error"] is None for run in alloc["candidates"].values())
@@ -162,9 +164,8 @@ def test_two_targets_are_refused(vgg_path, npz_path, tmp_path):
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "3",
                                     "-o", str(tmp_path / "x.onnx"), "--target-flops", "0.5", "--target-speedup", "2"])
     assert res.exit_code == 2 and "--target-flops and --target-speedup" in res.output
-    options = CompressOptions(data=npz_path, shots=3, target_flops=0.5, target=LatencyTarget(speedup=2))
     with pytest.raises(UsageError, match="one target"):  # the API too: neither silently wins
-        compress(vgg_path, options)
+        compress(vgg_path, CompressOptions(data=npz_path, shots=3, mode=one(FlopsShare(0.5), LatencyTarget(speedup=2))))
 
 
 def test_a_target_search_replayed_from_its_report_gives_the_same_model(vgg_path, npz_path, tmp_path, cache):
@@ -200,6 +201,14 @@ def test_widths_that_do_not_fit_the_model_are_one_line_and_nothing_is_written(vg
     assert res.exit_code == 2 and "not a crossprune compress report" in res.output and not out.exists()
     res = CliRunner().invoke(main, base + ["--widths", str(report), "--target-flops", "0.5"])
     assert res.exit_code == 2 and "--target-flops and --widths" in res.output
+    assert json.loads(report.read_text())["schema"] == SCHEMA
+    for field, value, said in (("schema", SCHEMA + 1, f"schema {SCHEMA + 1} is newer"),
+                               ("channels_after", "16", "no valid producers and channel counts")):
+        edited = json.loads(report.read_text())
+        (edited if field == "schema" else edited["groups"][0])[field] = value
+        other.write_text(json.dumps(edited))
+        res = CliRunner().invoke(main, base + ["--widths", str(other)])
+        assert res.exit_code == 2 and said in res.output and not out.exists()
 
 
 def test_one_ratio_for_all_finds_the_widest_that_meets_where_latency_is_flat():
@@ -208,7 +217,7 @@ def test_one_ratio_for_all_finds_the_widest_that_meets_where_latency_is_flat():
     groups = [SimpleNamespace(id=g, size=64) for g in range(3)]
     curves = Curves(groups, {g: 8 for g in range(3)}, {g: np.zeros(1) for g in range(3)}, {g: 8 for g in range(3)})
     predicted = SimpleNamespace(cost=lambda keep: float(sum(keep.values())))  # linear in width: wrong here
-    steer = latency.Steering(predicted, curves, 10.0, 5.0, SessionConfig(), 1, {"speedup": 2.0}, uniform=True)
+    steer = steering.Steering(predicted, curves, 10.0, 5.0, SessionConfig(), 1, {"speedup": 2.0}, uniform=True)
     widths = []
     for _ in range(4):
         alloc = steer.allocation()
@@ -218,15 +227,15 @@ def test_one_ratio_for_all_finds_the_widest_that_meets_where_latency_is_flat():
     assert widths[steer.best] == 16 and steer.target_met  # not 8, where 4.7 ms is already close to the aim
 
 
-def _steering(sizes: list[int], steps: list[int], cost, teacher_ms: float) -> latency.Steering:
+def _steering(sizes: list[int], steps: list[int], cost, teacher_ms: float) -> steering.Steering:
     """One ratio for all over groups of `sizes`, predicted by `cost`, for 2x."""
     groups = [SimpleNamespace(id=g, size=s) for g, s in enumerate(sizes)]
     curves = Curves(groups, dict(enumerate(steps)), {g: np.zeros(1) for g in range(len(sizes))}, dict(enumerate(steps)))
-    return latency.Steering(SimpleNamespace(cost=cost), curves, teacher_ms, teacher_ms / 2, SessionConfig(), 1,
-                            {"speedup": 2.0}, uniform=True)
+    return steering.Steering(SimpleNamespace(cost=cost), curves, teacher_ms, teacher_ms / 2, SessionConfig(), 1,
+                             {"speedup": 2.0}, uniform=True)
 
 
-def _rounds(steer: latency.Steering, sizes: list[int], read) -> None:
+def _rounds(steer: steering.Steering, sizes: list[int], read) -> None:
     """Up to four steering rounds on a machine where widths `keep` take `read(keep)` ms."""
     for _ in range(4):
         alloc = steer.allocation()
@@ -236,9 +245,9 @@ def _rounds(steer: latency.Steering, sizes: list[int], read) -> None:
 
 
 def test_a_bisection_that_lands_on_measured_widths_goes_on_within_the_bracket():
-    """The demo at batch 1: ratio 0.37 met, 0.53 missed by 3.5% in one slow reading, and the middle,
-    0.45, rounds to 0.53's widths. The search stopped there and kept 8 of 32 channels, 15 points
-    less accurate than the 16 a narrower bracket finds."""
+    """Ratio 0.37 met and 0.53 missed, and the middle, 0.45, rounds to 0.53's widths: the bracket
+    narrows toward 0.37 until the widths are new (16 of 32 channels), instead of the search
+    stopping at 0.37's 8."""
     sizes = [32, 32, 64, 64, 128, 128]
     steer = _steering(sizes, [8, 8, 16, 16, 16, 16], lambda keep: 1.0, 10.0)
     steer.ratios = [0.37, 0.5275]  # widest known to meet, narrowest known to miss
@@ -247,10 +256,9 @@ def test_a_bisection_that_lands_on_measured_widths_goes_on_within_the_bracket():
 
 
 def test_where_the_prediction_offers_nothing_wider_the_readings_not_the_middle_say_where_to_go():
-    """GoogLeNet at batch 1: ratios 0.37, 0.58 and 0.62 met (0.62 read 0.40 of the teacher's
-    time), the corrected table offered nothing wider than 0.62, and the bracket's middle, 0.81,
-    missed with no round left: 0.62 was kept at 2.5x for 2x asked. From 0.62's reading and the
-    teacher's, the aim (0.485) lies near 0.68."""
+    """Ratios 0.37, 0.58 and 0.62 met (0.62 read 0.40 of the teacher's time) and the corrected
+    table offers nothing wider than 0.62: the next ratio is where 0.62's reading and the
+    teacher's cross the aim (0.485), near 0.68, not the bracket's middle, 0.81."""
     sizes = [64, 128, 256, 512]
     cost = lambda keep: float(sum(keep.values()))
     steer = _steering(sizes, [16] * 4, cost, 10.0)
@@ -264,9 +272,9 @@ def test_where_the_prediction_offers_nothing_wider_the_readings_not_the_middle_s
 
 
 def test_a_ratio_that_misses_when_timed_again_gives_way_to_a_narrower_one_measured_anew():
-    """The demo at batch 1: ratio 0.62 read 2.14x when found and 1.85x when the candidates were
-    timed together, and was kept as nothing else met (1.92x later). It now counts as missed, and
-    the next ratio lies between the widest still met (0.37) and it, wider than 0.37's widths."""
+    """Ratio 0.62 met when found and missed when the candidates were timed together: it counts as
+    missed, and the next ratio lies between the widest still met (0.37) and it, wider than 0.37's
+    widths."""
     sizes = [32, 32, 64, 64, 128, 128]
     cost = lambda keep: float(sum(keep.values()))
     steer = _steering(sizes, [8, 8, 16, 16, 16, 16], cost, 10.0)
@@ -284,10 +292,10 @@ def test_a_ratio_that_misses_when_timed_again_gives_way_to_a_narrower_one_measur
 
 
 def test_after_a_reading_far_under_the_goal_the_next_ratio_follows_the_measured_saving():
-    """ResNet-18 at batch 1: ratio 0.56 read 4.4x for 2x asked, where the per-layer table had put it
-    near 2x. Scaling the whole predicted share by that reading asked for more than full width, and
-    the next round went to 0.98 (1.05x). Scaled on the saving, full width stays exact and the next
-    ratio lies where a model twice as fast as predicted at 0.56 should reach the goal."""
+    """A first ratio reads twice as fast as the per-layer table predicted. Scaled on the saving,
+    not on the whole predicted share (which would ask for about full width), full width stays
+    exact and the next ratio lies where a model that much faster than predicted should reach
+    the goal."""
     sizes = [64, 128, 256, 512]
     cost = lambda keep: sum((keep[g] / s) ** 2 for g, s in enumerate(sizes)) + 1.0  # the rest: a fifth
     full = cost(dict(enumerate(sizes)))
@@ -303,9 +311,8 @@ def test_after_a_reading_far_under_the_goal_the_next_ratio_follows_the_measured_
 
 
 def test_one_ratio_for_all_moves_to_where_the_measured_room_says_not_to_the_middle():
-    """ResNet-18 at batch 32: ratio 0.62 met with 21% to spare; halving the bracket spent the
-    three rounds left on 0.81, 0.715 and 0.667 and kept 0.62 (2.64x for 2x asked). The prediction,
-    scaled by what was measured, goes to the widest ratio that should meet."""
+    """After ratio 0.62 meets with room to spare, the prediction, scaled by what was measured,
+    goes to the widest ratio that should meet (0.68), not to the bracket's middle (0.81)."""
     sizes = [64, 128, 256, 512]
     cost = lambda keep: sum((keep[g] / s) ** 2 for g, s in enumerate(sizes)) + 0.4  # the rest of the network
     full = cost(dict(enumerate(sizes)))
@@ -318,10 +325,9 @@ def test_one_ratio_for_all_moves_to_where_the_measured_room_says_not_to_the_midd
 
 
 def test_between_a_ratio_that_met_and_one_that_missed_the_readings_say_where_the_aim_lies():
-    """MobileNetV2 at batch 32: the table put ratio 0.12 at 0.48 of the teacher's time (read 0.18)
-    and 0.47 at 0.67 (read 0.51, a miss for an aim of 0.485); the middle of the predicted shares
-    went to 0.27, then 0.37, kept at 2.7x for 2x asked. Interpolating the readings goes to where
-    they cross the aim, and the bracket closes on the widest ratio that meets."""
+    """A table pessimistic for narrow widths: one ratio reads far under its prediction, a wider one
+    misses the aim (0.485). Interpolating the readings goes to where they cross the aim, not to
+    the middle of the predicted shares, and the bracket closes on the widest ratio that meets."""
     sizes = [96, 192, 384, 960]
     width = lambda keep: sum(keep[g] / s for g, s in enumerate(sizes)) / len(sizes)
     steer = _steering(sizes, [16] * 4, lambda keep: 0.42 + 0.58 * width(keep), 10.0)  # pessimistic when narrow
@@ -339,7 +345,7 @@ def test_a_narrow_miss_is_told_from_a_clear_one_against_the_teacher_of_that_run(
     teacher timed in the same run (12 ms here, not the 10 ms it started from)."""
     groups = [SimpleNamespace(id=0, size=64)]
     curves = Curves(groups, {0: 8}, {0: np.zeros(1)}, {0: 8})
-    steer = latency.Steering(SimpleNamespace(cost=lambda keep: 1.0), curves, 10.0, goal, SessionConfig(), 1, target)
+    steer = steering.Steering(SimpleNamespace(cost=lambda keep: 1.0), curves, 10.0, goal, SessionConfig(), 1, target)
     teacher = 12.0
     aim = (teacher / 2 if "speedup" in target else goal) * 0.97
     assert not steer.narrowly_missed(aim, teacher)  # met
@@ -351,7 +357,7 @@ def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg
                                                                                monkeypatch):
     """Bisecting toward the widest ratio that meets the goal reaches widths where every group
     is whole; that is the teacher, not a candidate: the search stops there instead of pruning
-    nothing (which ended the command with 'every channel group was left whole')."""
+    nothing and failing with 'every channel group was left whole'."""
     monkeypatch.setenv("CROSSPRUNE_CACHE", str(tmp_path / "cache"))
     out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
     res = CliRunner().invoke(main, ["compress", str(vgg_path), "--data", str(npz_path), "--shots", "2", "-o", str(out),
@@ -371,8 +377,8 @@ def test_a_target_the_search_meets_at_nearly_full_width_keeps_a_pruned_model(vgg
 
 
 def test_a_candidate_that_met_the_goal_in_one_timing_only_is_not_chosen_over_one_that_met_twice():
-    """The demo at batch 1, seed 0: refined widths 7% over their aim when found, under the goal in
-    the joint timing, and with the best held-out score; chosen, they read 1.90x for 2x asked later."""
+    """Refined widths over the goal when found and under it in the joint timing may have met by
+    luck: they are not chosen, however good their held-out score, while any candidate met twice."""
     ms = {"teacher": 0.166, "allocated": 0.070, "uniform": 0.072, "refined": 0.080}
     found = {"allocated": 0.9, "uniform": 0.95, "refined": 1.04}  # time when found over the goal then
     met, twice, pool = target.eligible(ms, 0.083, found)
@@ -401,9 +407,9 @@ def test_allocated_widths_are_kept_only_where_the_shots_no_score_has_seen_confir
 
 
 def test_where_no_candidate_met_the_goal_twice_the_one_nearest_it_in_its_slower_reading_is_kept():
-    """The demo at batch 1, seed 0: refined widths 1.74x for 2x when found and 2x in the joint
-    timing, one ratio for all 2.15x when found and just over the goal there. Letting those that met
-    in the joint timing compete on held-out error kept the refined widths: 1.73x in a later timing."""
+    """Refined widths well over the goal when found and just under it in the joint timing, one
+    ratio for all under it when found and just over it there: the pool is the one whose slower
+    reading is nearest the goal (one ratio for all), not every candidate that met in the joint timing."""
     ms = {"teacher": 0.166, "uniform": 0.085, "refined": 0.082}
     met, twice, pool = target.eligible(ms, 0.083, {"uniform": 0.93, "refined": 1.15})
     assert met == ["refined"] and twice == [] and pool == ["uniform"]
@@ -440,7 +446,7 @@ def _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch, slow: dict[str, C
     monkeypatch.setattr(timing, "bench", machine)
     layer = lambda m, config, shape: 10.0 * flops(onnx.shape_inference.infer_shapes(onnx.load_from_string(m))) / teacher
     monkeypatch.setattr(latency, "_time", layer)  # the per-layer table reads the same machine
-    report = compress(model, CompressOptions(data=npz_path, shots=3, providers=[], target=LatencyTarget(
+    report = compress(model, CompressOptions(data=npz_path, shots=3, providers=[], mode=LatencyTarget(
         speedup=1.6, batch=1, refine_evals=4))).report
     return report, picks
 
@@ -452,9 +458,8 @@ def _demoted(run: dict) -> tuple[list[dict], dict]:
 
 def test_when_nothing_meets_the_goal_timed_together_one_ratio_for_all_narrows_and_the_pick_is_redone(
         tmp_path, npz_path, monkeypatch, cache):
-    """Every candidate 2x slower in the pick's first joint timing (the demo at batch 1: ratio 0.62
-    read 2.14x when found and 1.85x timed together). The ratio kept then counts as missed and the
-    model returned is one timed together again, not the one that missed."""
+    """Every candidate 2x slower in the pick's first joint timing: the ratio kept then counts as
+    missed and the model returned is one timed together again, not the one that missed."""
     twice = lambda ms: 2 * ms
     report, picks = _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch,
                                               {"uniform": twice, "allocated": twice, "refined": twice})
@@ -469,10 +474,9 @@ def test_when_nothing_meets_the_goal_timed_together_one_ratio_for_all_narrows_an
 
 def test_allocated_widths_that_miss_the_goal_timed_together_are_narrowed_and_timed_again(
         tmp_path, npz_path, monkeypatch, cache):
-    """Only the allocated widths read over the goal in the first joint timing (MobileNetV3-Small,
-    --scope all, batch 1: 0.94-0.96 of the goal when found, 1.5% over it timed together), while
-    one ratio for all met: they are narrowed once and compete in a second joint timing instead of
-    dropping out. Here they read 6% over the goal of 6.25 ms, wherever they were found."""
+    """Only the allocated widths read over the goal in the first joint timing, while one ratio for
+    all met: they are narrowed once and compete in a second joint timing instead of dropping out.
+    Here they read 6% over the goal of 6.25 ms, wherever they were found."""
     report, picks = _slowed_in_the_first_pick(tmp_path, npz_path, monkeypatch, {"allocated": lambda ms: 6.6})
     alloc = report["allocation"]
     demoted, kept = _demoted(alloc["candidates"]["allocated"])
@@ -484,8 +488,8 @@ def test_allocated_widths_that_miss_the_goal_timed_together_are_narrowed_and_tim
 
 @pytest.mark.parametrize("one_ms, pointed_out", [(0.33, True), (0.37, False)])
 def test_a_target_on_every_core_says_where_one_thread_runs_the_pruned_model_faster(monkeypatch, one_ms, pointed_out):
-    """MobileNetV2 at batch 1: ratio 0.3 read 0.375 ms on two threads and 0.330 on one (the
-    teacher 0.72 and 0.88). Within 5% it is noise, not worth a line."""
+    """A pruned model that reads 0.375 ms on two threads and 0.330 on one (the teacher 0.72 and 0.88)
+    is pointed out; within 5% it is noise, not worth a line."""
     from pipeline import bench as timing
 
     readings = {("cpu", "teacher"): 0.72, ("cpu", "slim"): 0.375, ("cpu:1", "teacher"): 0.88, ("cpu:1", "slim"): one_ms}

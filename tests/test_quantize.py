@@ -126,6 +126,8 @@ def test_quantize_command_without_pruning(vgg_path, npz_path, tmp_path):
                                         "--no-bench", "--quiet"])
         assert res.exit_code == 3 and "already quantized" in res.output and advice in res.output, res.output
         assert not again.exists()
+    res = CliRunner().invoke(main, ["inspect", str(out)])  # not two empty tables: the same line, the same code
+    assert res.exit_code == 3 and "already quantized" in res.output and "'" in res.output, res.output
 
 
 def test_without_a_bench_the_int8_model_is_still_timed_against_its_float_one(vgg_path, npz_path, tmp_path):

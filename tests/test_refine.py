@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.allocate import Curves
-from pipeline.refine import GAIN, refine
+from pipeline.search.allocate import Curves
+from pipeline.search.refine import GAIN, refine
 from tests.conftest import TinyVGG, export, randomise_bn
 
 SIZES = {0: 32, 1: 32, 2: 32}
@@ -151,11 +151,12 @@ def wide_stem_path(tmp_path_factory):
 
 
 def test_a_layer_is_not_refined_below_the_numbers_it_reads_per_output(wide_stem_path, npz_path):
-    from pipeline import allocate, prune
+    from pipeline import prune
     from pipeline.analyze import find_groups
     from pipeline.convert import to_torch
     from pipeline.graph import GraphView
     from pipeline.load import load_model
+    from pipeline.search import allocate
 
     proto = load_model(wide_stem_path).proto
     view, teacher = GraphView(proto), to_torch(proto)
@@ -175,10 +176,10 @@ def test_a_layer_is_not_refined_below_the_numbers_it_reads_per_output(wide_stem_
 
 
 def test_a_flops_target_refines_one_ratio_for_all_within_the_exact_flops(wide_stem_path, npz_path):
-    from pipeline import CompressOptions, compress, render
+    from pipeline import CompressOptions, FlopsShare, compress, render
     from pipeline.load import load_model
 
-    options = CompressOptions(data=npz_path, shots=3, providers=[], target_flops=0.3, flops_refine=12)
+    options = CompressOptions(data=npz_path, shots=3, providers=[], mode=FlopsShare(0.3, refine_evals=12))
     report = compress(wide_stem_path, options).report
     alloc = report["allocation"]
     assert alloc["cost"] == f"flops, {alloc['chosen']}" and alloc["chosen"] in ("uniform", "refined")
@@ -191,6 +192,6 @@ def test_a_flops_target_refines_one_ratio_for_all_within_the_exact_flops(wide_st
     start = refinement["start"][str(stem["id"])]
     assert stem["channels_after"] >= min(start, 16)  # never below the 9 numbers it reads, rounded to a step
     assert "--target-flops 0.3" in render.markdown(report)
-    single = compress(wide_stem_path, CompressOptions(data=npz_path, samples=1, providers=[], target_flops=0.3))
+    single = compress(wide_stem_path, CompressOptions(data=npz_path, samples=1, providers=[], mode=FlopsShare(0.3)))
     assert single.report["allocation"]["chosen"] == "allocated"  # nothing to hold out: the loss curves decide
     assert single.report["allocation"]["share"] <= 0.3

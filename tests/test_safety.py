@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -243,3 +244,24 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_folder_given_as_model(tmp_path):
     res = run("inspect", tmp_path)
     assert res.exit_code == 3 and "not a regular file" in res.output
+
+
+def test_a_collapsed_model_is_refused_with_what_to_try_and_the_floor_can_be_turned_off(tmp_path):
+    """The trained demo teacher cut to a sliver of its channels answers unlike itself on shots the
+    pruning never saw (set aside, since every sample is a shot): exit 7 with the reason, no model;
+    --min-fidelity 0 writes it. At its usual ratio the same command passes."""
+    assets = Path(__file__).resolve().parents[1] / "pipeline" / "assets"
+    out, report = tmp_path / "slim.onnx", tmp_path / "r.json"
+    base = ["compress", assets / "demo_vgg.onnx", "--data", assets / "demo_shots", "--shots", 10, "--method",
+            "cross", "--no-bench", "-o", out, "--report", report]
+    res = run(*base, "--ratio", 0.05)
+    assert res.exit_code == 7 and "collapsed" in res.output and "--ratio" in res.output, res.output
+    assert not out.exists()
+    rep = json.loads(report.read_text())
+    assert (rep["quality"]["split"], rep["quality"]["samples"], rep["data"]["calibration_samples"]) == \
+        ("held-out", 20, 80)
+    assert any("20 of the 100 samples set aside" in n for n in rep["data"]["notes"])
+    assert run(*base, "--ratio", 0.05, "--min-fidelity", 0).exit_code == 0 and out.exists()
+    out.unlink()
+    res = run(*base, "--ratio", 0.5)
+    assert res.exit_code == 0 and json.loads(report.read_text())["quality"]["top1_agreement"] > 0.8, res.output

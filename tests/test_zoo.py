@@ -1,4 +1,4 @@
-"""Issue 3's zoo: real architectures exported by torch.onnx.export, at opsets 13 and 17 and by the
+"""The zoo: real architectures exported by torch.onnx.export, at opsets 13 and 17 and by the
 dynamo exporter (opset 18+, external weights).
 
 CI runs the quicker half; CROSSPRUNE_ZOO=all runs every architecture (tools/bench_zoo.py

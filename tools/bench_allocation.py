@@ -1,6 +1,6 @@
 """--target-flops against one uniform --ratio at the same FLOPs.
 
-    python tools/bench_allocation.py --shots 1,5 --seeds 0,1,2 --ratio 0.5 --out docs/allocation.json
+    python tools/bench_allocation.py --shots 1,5 --seeds 0,1,2 --ratio 0.5
 
 For each K and seed, the uniform run sets the FLOPs share; the allocated run targets that share.
 Both see the same shots; accuracy on the demo's held-out images; CPU latency at batch 32 of
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline import CompressOptions, FlopsShare, PruneConfig, compress  # noqa: E402
 from pipeline.bench import bench  # noqa: E402
 
 ASSETS = ROOT / "pipeline" / "assets"
@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=0, help="--round-to (0: the tool's default per group and CPU)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "allocation.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "allocation.json",
+                   help="JSON written here (default: results/allocation.json under the current directory)")
     args = p.parse_args()
     rows = []
     for k in [int(s) for s in args.shots.split(",")]:
@@ -44,7 +45,7 @@ def main() -> None:
                                    prune=PruneConfig(ratio=args.ratio, round_to=args.round_to))
             uniform = compress(args.model, base)
             share = 1 / uniform.report["totals"]["flops_reduction"]
-            allocated = compress(args.model, replace(base, target_flops=share))
+            allocated = compress(args.model, replace(base, mode=FlopsShare(share)))
             timing = bench([("teacher", args.model.read_bytes()), ("uniform", uniform.slim),
                                   ("allocated", allocated.slim)], ["cpu"], [args.batch], runs=args.runs)
             speed = {t.model: t.speedup for t in timing.timings}
@@ -65,6 +66,7 @@ def main() -> None:
         sel = [r for r in rows if r["shots"] == k]
         print(f"K={k} mean: uniform {statistics.mean(r['accuracy_uniform'] for r in sel):.2f}  "
               f"allocated {statistics.mean(r['accuracy_allocated'] for r in sel):.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "ratio": args.ratio, "round_to": args.round_to,
                                     "batch": args.batch, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

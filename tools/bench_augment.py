@@ -1,6 +1,6 @@
 """Default augmentation against none, on identical shots: accuracy and whole-run time.
 
-    python tools/bench_augment.py --shots 1,2,3,5,10 --seeds 0,1,2 --out docs/augment_default.json
+    python tools/bench_augment.py --shots 1,2,3,5,10 --seeds 0,1,2
 
 Each row runs the complete `compress` with the command's defaults (`--method auto --mu auto`,
 CPU bench at batch 32 included), so the time ratio is what a user of the command sees.
@@ -27,7 +27,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shots", default="1,2,3,5,10")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "augment_default.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "augment_default.json",
+                   help="JSON written here (default: results/augment_default.json under the current directory)")
     args = p.parse_args()
     rows = []
     for k in [int(s) for s in args.shots.split(",")]:

@@ -9,8 +9,7 @@ with the teacher, accuracy). A confirmation is right when it prefers the widths 
 prefer by relative error; accuracy differences of a few tenths are within the noise of 2,000
 images. Nothing is timed.
 
-    python tools/bench_confirm.py docs/target_seeds_falsi.json docs/target_resnet18_trained_10k.json \\
-        docs/target_googlenet_trained.json --out docs/confirm.json
+    python tools/bench_confirm.py results/target.json results/target_seeds.json    # tools/bench_target.py outputs
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from pipeline import choose, convert, prune, workflow  # noqa: E402
-from pipeline.refine import beats  # noqa: E402  what a confirmation asks of the refined widths
+from pipeline.search.refine import beats  # noqa: E402  what a confirmation asks of the refined widths
 from bench_target import setups  # noqa: E402
 
 
@@ -74,7 +73,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", type=Path, nargs="+", help="outputs of tools/bench_target.py")
     p.add_argument("--eval-count", type=int, default=2000, help="Fashion-MNIST test images for the trained teachers")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "confirm.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "confirm.json",
+                   help="JSON written here (default: results/confirm.json under the current directory)")
     args = p.parse_args()
     rows = refined_rows(args.rows)
     results = []
@@ -87,6 +87,7 @@ def main() -> None:
     for rule in ("second_split_keeps", "unseen_folds_keep"):
         right = sum(r[rule] == r["test_prefers_refined"] for r in results)
         print(f"{rule.replace('_', ' ')}: agrees with the test images on {right} of {len(results)} refinements")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": results}, indent=2))
     print(f"wrote {args.out}")
 

@@ -1,7 +1,7 @@
 """Pruning time with torch on the CPU and on a GPU (`--device`): same machine, model and shots.
 
     python tools/bench_engine.py --models demo,resnet50,resnext50 --devices cpu,cuda \
-        --methods cross,auto --out docs/engine.json
+        --methods cross,auto
 
 Per model, method and device: seconds of each stage and of the whole compress (no latency
 timing: this measures the pruning, not the model), whether the GPU kept the very channels the
@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--models", default="demo,resnet50")
     p.add_argument("--devices", default="cpu,cuda")
     p.add_argument("--methods", default="cross,auto", help="cross (mu 0.6) and/or auto")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "engine.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "engine.json",
+                   help="JSON written here (default: results/engine.json under the current directory)")
     args = p.parse_args()
     rows = []
     print(f"{'model':<11}{'method':<7}{'device':<7}{'total s':>9}{'choose':>8}{'prune':>8}{'convert':>9}"
@@ -79,6 +80,7 @@ def main() -> None:
                     print(f"{name:<11}{method:<7}{device:<7}{seconds:>9.1f}{stages.get('choose', 0):>8.1f}"
                           f"{stages['prune']:>8.1f}{stages['convert']:>9.1f}{str(kept == first[0]):>15}"
                           f"{diff:>10.1e}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2, default=str))
     print(f"wrote {args.out}")
 

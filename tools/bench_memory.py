@@ -1,6 +1,6 @@
 """Peak memory of `crossprune compress` on the demo teacher as the number of shots grows.
 
-    python tools/bench_memory.py --shots 10,100 --out docs/memory.json
+    python tools/bench_memory.py --shots 10,100
 
 Each run is a fresh process (peak RSS is per process) fed K training images per class from
 Fashion-MNIST (Debian package dataset-fashion-mnist). Statistics are accumulated in chunks,
@@ -28,7 +28,8 @@ ASSETS = ROOT / "pipeline" / "assets"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shots", default="10,100")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "memory.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "memory.json",
+                   help="JSON written here (default: results/memory.json under the current directory)")
     args = p.parse_args()
     x, y = fmnist.load("train")
     rows = []

@@ -1,6 +1,6 @@
 """Methods side by side on identical few-shot samples: accuracy, fidelity and pruning time.
 
-    python tools/bench_methods.py --shots 1 --seeds 0,1,2 --out docs/methods.json
+    python tools/bench_methods.py --shots 1 --seeds 0,1,2
 
 Defaults to the embedded demo teacher and its data. Every method and solver of a seed sees
 the same samples; the table gives mean and spread over seeds. No end-to-end fine-tuning.
@@ -87,7 +87,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated; each {VARIANT_HELP}")
     p.add_argument("--pgd-seeds", type=int, default=1, help="run the slow pgd solver on this many seeds")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "methods.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "methods.json",
+                   help="JSON written here (default: results/methods.json under the current directory)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []

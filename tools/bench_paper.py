@@ -1,6 +1,6 @@
 """The paper's protocol on Fashion-MNIST (32x32), the whole table from one command:
 
-    python tools/bench_paper.py            # vgg16, resnet56, resnet56-all -> docs/paper_<net>.json
+    python tools/bench_paper.py            # vgg16, resnet56, resnet56-all -> results/paper_<net>.json
 
 Teachers come from tools/train_teacher.py (committed under tools/teachers/). For each K and seed,
 K training images per class are drawn once and every method sees exactly those. Each model is
@@ -208,6 +208,7 @@ def _save(out: Path, net_name: str, args, rows: list[dict], seconds: float) -> N
             "eval_count": args.eval_count, "val_count": args.val_count, "seeds": args.seeds,
             "pgd_iters": args.pgd_iters, "finetune": bench_methods.FINETUNE.__dict__,
             "unit_seconds": round(seconds, 1), "summary": summary(rows, NETS[net_name].mu), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
 
 
@@ -229,7 +230,8 @@ def main() -> None:
     p.add_argument("--eval-count", type=int, default=2000, help="test images (balanced, fixed)")
     p.add_argument("--val-count", type=int, default=1000, help="validation images from the training split")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--out-dir", type=Path, default=TOOLS.parent / "docs")
+    p.add_argument("--out-dir", type=Path, default=Path("results"),
+                   help="folder of the paper_<net>.json files (default: results/ under the current directory)")
     p.add_argument("--jobs", type=int, default=2, help="processes, one thread each, taking (net, K) units from "
                    "one queue, largest first (ResNet-56's small convs use a second thread poorly)")
     p.add_argument("--show", type=Path, nargs="+", help="print the tables of saved JSON files and stop")

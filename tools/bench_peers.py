@@ -2,8 +2,8 @@
 teacher and the same few labelled shots.
 
     pip install torch-pruning==1.6.1     # the peer; not a dependency of crossprune
-    python tools/bench_peers.py --shots 5 --seeds 0,1,2 --out docs/peers.json
-    python tools/bench_peers.py --model tools/teachers/vgg16.onnx --paper --exclude '*Gemm*' --out docs/peers_vgg16.json
+    python tools/bench_peers.py --shots 5 --seeds 0,1,2
+    python tools/bench_peers.py --model tools/teachers/vgg16.onnx --paper --exclude '*Gemm*' --out results/peers_vgg16.json
 
 Rows, each from the same shots per seed:
 * Torch-Pruning (DepGraph) on the onnx2torch twin of the teacher, at the same keep ratio (so
@@ -187,7 +187,8 @@ def main() -> None:
     p.add_argument("--ft-steps", type=int, default=300)
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "peers.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "peers.json",
+                   help="JSON written here (default: results/peers.json under the current directory)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, list[float]] = {}

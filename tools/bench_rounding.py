@@ -6,7 +6,7 @@ in tools/bench_target.py (the demo, or a zoo architecture with random weights an
 random shots, --scope all); each ratio and multiple is one `compress`, then the teacher and every
 slim model are timed together (CPU, medians, lowest-highest round in brackets).
 
-    python tools/bench_rounding.py --model resnet18 --ratios 0.6,0.7 --multiples 8,16 --out docs/rounding.json
+    python tools/bench_rounding.py --model resnet18 --ratios 0.6,0.7 --multiples 8,16
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def main() -> None:
     p.add_argument("--multiples", default="8,16")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "rounding.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "rounding.json",
+                   help="JSON written here (default: results/rounding.json under the current directory)")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,6 +59,7 @@ def main() -> None:
         cells = [f"{r[f'batch {b}']['speedup']:.2f}x ({r[f'batch {b}']['speedup_low']:.2f}-"
                  f"{r[f'batch {b}']['speedup_high']:.2f})" for b in batches]
         print(f"| {name} | {', '.join(map(str, r['widths']))} | {r['flops_reduction']:.2f}x | " + " | ".join(cells) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "rows": rows, "timing": timed.to_json()}, indent=2,
                                    default=str))
     print(f"wrote {args.out}")

@@ -11,7 +11,7 @@ package installed, each pair is also compared on 5,000 random images of the trai
 demo teacher learned from and its shots were drawn from (`--train-images`), to tell the score's
 fault from a difference between where the shots come from and where the model is tested.
 
-    python tools/bench_scores.py --seeds 0,1,2,3,4,5,6,7,8,9 --out docs/scores.json
+    python tools/bench_scores.py --seeds 0,1,2,3,4,5,6,7,8,9 --out results/scores.json
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fmnist  # noqa: E402
-from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+from pipeline import CompressOptions, FlopsShare, PruneConfig, compress  # noqa: E402
 from pipeline.convert import relative_squared_error  # noqa: E402
 from pipeline.runtime import make_session, run_batched  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
     teacher = logits((ASSETS / "demo_vgg.onnx").read_bytes())
     teacher_train = logits((ASSETS / "demo_vgg.onnx").read_bytes(), train[0]) if train else None
     setups = {"ratio 0.5": dict(prune=PruneConfig(ratio=0.5)), "ratio 0.6": dict(prune=PruneConfig(ratio=0.6)),
-              "flops 0.3": dict(target_flops=0.3)}
+              "flops 0.3": dict(mode=FlopsShare(0.3))}
     pairs = [("ratio 0.5", "flops 0.3"), ("ratio 0.5", "ratio 0.6")]
     rng = np.random.default_rng(0)
     models, rows, hits = [], [], {}
@@ -139,6 +139,7 @@ def main() -> None:
     for n, s in share.items():
         print(f"  {n:<24} {s:.2f}")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"models": models, "pairs": rows, "subset_share": share,
                                         "subset": args.subset, "draws": args.draws}, indent=1))
 

@@ -10,8 +10,8 @@ beside it. Models and commands:
   demo      the embedded teacher and its shots, K=5 (`crossprune demo`)
   vgg16     tools/teachers/vgg16.onnx, 5 Fashion-MNIST training images per class (seed 0)
   resnet56  tools/teachers/resnet56.onnx, the same shots
-  resnet50  torchvision's ResNet-50 (seeded random weights) at 224x224, 64 images, --scope all --no-bench
-  yolov8n   a YOLOv8n-class detector (tests/zoo.py) at 320x320, 64 images, --scope all --no-bench
+  resnet50  torchvision's ResNet-50 (seeded random weights) at 224x224, 64 of 128 images, --scope all --no-bench
+  yolov8n   a YOLOv8n-class detector (tests/zoo.py) at 320x320, 64 of 128 images, --scope all --no-bench
 
 all at --ratio 0.5. The floor of a pruning is what any layer-wise method must do with the same
 inputs: one forward pass of the teacher and one of the student over them (timed here with the
@@ -69,11 +69,12 @@ def setups(folder: Path, names: list[str]) -> dict[str, Setup]:
             model = _export(name, folder, size)
             data = folder / f"images_{size}.npz"
             x, _ = fmnist.load("t10k")
-            grey = torch.from_numpy(fmnist.normalise(x[:64]))
+            grey = torch.from_numpy(fmnist.normalise(x[:128]))  # 64 drawn for pruning, the rest held out
             np.savez(data, x=torch.nn.functional.interpolate(grey, size=(size, size), mode="bilinear")
                      .repeat(1, 3, 1, 1).numpy())
-            out[name] = Setup(model, ["--data", str(data), "--samples", "64", "--scope", "all", "--no-bench"], data,
-                              {"samples": 64, "scope": "all"})
+            args = ["--data", str(data), "--samples", "64", "--scope", "all", "--no-bench",
+                    "--min-fidelity", "0"]  # random weights: fidelity to them says nothing
+            out[name] = Setup(model, args, data, {"samples": 64, "scope": "all"})
     return out
 
 

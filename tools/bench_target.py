@@ -21,8 +21,8 @@ MobileNetV3-Small (mobilenet_v3_small-trained, --scope internal: its expansions;
 --scope all: its residual stream too). With
 several seeds, a last summary gives the mean gain over both readings per model and batch.
 
-    python tools/bench_target.py --models demo,resnet56,vgg16 --out docs/target.json
-    python tools/bench_target.py --models demo --seeds 0,1,2,3,4 --batches 32,1 --out docs/target_seeds.json
+    python tools/bench_target.py --models demo,resnet56,vgg16
+    python tools/bench_target.py --models demo --seeds 0,1,2,3,4 --batches 32,1 --out results/target_seeds.json
     python tools/bench_target.py --models mobilenet_v2-trained --batches 1 --threads 1 --eval-count 10000
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def sweep(model: Path, base: CompressOptions, ratios: tuple[float, ...]) -> dict
 def run(name: str, model: Path, base: CompressOptions, uniform: dict[float, object], batch: int, speedup: float,
         runs: int, refine: int) -> dict:
     base = replace(base, providers=[], batches=[batch])
-    target = compress(model, replace(base, target=LatencyTarget(speedup=speedup, batch=batch, refine_evals=refine)))
+    target = compress(model, replace(base, mode=LatencyTarget(speedup=speedup, batch=batch, refine_evals=refine)))
     distinct = {}  # ratios whose widths round to the same model are timed once
     for r, u in uniform.items():
         distinct.setdefault(u.slim, []).append(r)
@@ -175,12 +175,14 @@ def main() -> None:
                    help="uniform ratios to compare with; the measured speedup must fall within their range")
     p.add_argument("--eval-count", type=int, default=2000,
                    help="Fashion-MNIST test images the trained teachers are scored on (10000: all)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "target.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "target.json",
+                   help="JSON written here (default: results/target.json under the current directory)")
     p.add_argument("--summarize", type=Path, nargs="+", help="only print the summary of these earlier outputs")
     args = p.parse_args()
     if args.summarize:
         summary([r for f in args.summarize for r in json.loads(f.read_text())["rows"]])
         return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     ratios = tuple(float(x) for x in args.ratios.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

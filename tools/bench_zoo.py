@@ -1,7 +1,7 @@
 """Issue 3's zoo: every architecture of tests/zoo.py through `compress --scope all --ratio 0.3`.
 
-    python tools/bench_zoo.py --opsets 13,17 --out docs/zoo.json
-    python tools/bench_zoo.py --opsets dynamo --out docs/zoo_dynamo.json
+    python tools/bench_zoo.py --opsets 13,17
+    python tools/bench_zoo.py --opsets dynamo --out results/zoo_dynamo.json
 
 Per model and opset ("dynamo": torch's dynamo exporter at its own opset, external weights): channels prunable (scope internal / all), FLOPs before and after, whether
 the slim model equals its masked student, and CPU latency (batch 1, both models timed in one
@@ -63,7 +63,8 @@ def main() -> None:
     p.add_argument("--opsets", default="13,17", help="TorchScript exporter opsets, or 'dynamo'")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--no-latency", action="store_true", help="skip timing (e.g. while the machine is busy)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "zoo.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "zoo.json",
+                   help="JSON written here (default: results/zoo.json under the current directory)")
     args = p.parse_args()
     torch.manual_seed(0)
     opsets = [None if o == "dynamo" else int(o) for o in args.opsets.split(",")]
@@ -87,6 +88,7 @@ def main() -> None:
                 print(f"{name:<20}{label:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%}"
                       f"{r['flops_before'] / 1e6:>15.1f}{r['flops_after'] / 1e6:>9.1f}{r['slim_vs_masked']:>13.1e}"
                       f"{lat}{r['seconds']:>7.0f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"input": [1, 3, 64, 64], "ratio": 0.3, "scope": "all", "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 

@@ -1,6 +1,6 @@
 """Accuracy against K per method, from a tools/bench_paper.py JSON (PNG next to it).
 
-    python tools/plot_paper.py docs/paper_vgg16.json        # writes docs/paper_vgg16.png
+    python tools/plot_paper.py results/paper_vgg16.json     # writes results/paper_vgg16.png
 
 Needs matplotlib (`pip install -e ".[bench]"`); nothing else in the project does.
 """

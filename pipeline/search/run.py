@@ -1,0 +1,39 @@
+"""The search's entry point: the widths a mode asks for, pruned and exported."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline import prune
+from pipeline.search import flops_share, target
+from pipeline.search.allocate import Allocation, FlopsModel
+from pipeline.search.modes import FlopsShare, LatencyTarget, WidthsFrom
+from pipeline.search.problem import Problem, Pruner
+from pipeline.search.records import FlopsChoice, Keep, Progress, SearchOutcome, Stage
+
+if TYPE_CHECKING:
+    from pipeline.workflow import CompressOptions, Prepared
+
+
+def widths(ready: Prepared, options: CompressOptions, progress: Progress, stage: Stage,
+           selection: prune.PruneResult | None = None, replayed: Keep | None = None) -> SearchOutcome:
+    """Prune `ready`'s model to the widths `options.mode` asks for, with `options.prune`'s
+    objective, and export it; every step runs under `stage`.
+
+    `selection`: channels --method auto already pruned at the ratio, used as they are (Ratio
+    only). `replayed`: a WidthsFrom mode's widths, fitted to this model by Replay.fit."""
+    mode = options.mode
+    problem = Problem(ready.view, ready.teacher, ready.groups, ready.shots.calib.x, options.prune, options.seed,
+                      ready.layer_augmenter(options.prune), options.threads)
+    pruner = Pruner(problem, ready.model.proto, ready.model.path, stage, progress, selection)
+    if isinstance(mode, LatencyTarget):
+        return target.search(mode, problem, ready.original, pruner, stage, progress)
+    alloc: Allocation | None = None
+    choice: FlopsChoice | None = None
+    if isinstance(mode, WidthsFrom):
+        cost = FlopsModel(ready.view, ready.groups).cost
+        share = cost(replayed) / cost({})
+        alloc = Allocation(replayed, share, share, f"widths of {mode.report}")
+    elif isinstance(mode, FlopsShare):
+        alloc, choice = flops_share.widths(mode, problem, stage, progress)
+    result, slim = pruner.slim(alloc.keep if alloc else None)
+    return SearchOutcome(result, slim, alloc, choice)
