@@ -93,19 +93,40 @@ def run(tree: Path, setup: Setup, method: str, device: str, folder: Path, timeou
            "--report", str(report)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"seconds": None, "error": f"over {timeout:.0f} s"}
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        return {"seconds": seconds, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    with tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak = _watch(child, start + timeout)
+        if peak is None:
+            return {"seconds": None, "error": f"over {timeout:.0f} s"}
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        lines = err.read().strip().splitlines()
+    if child.returncode != 0:
+        return {"seconds": seconds, "error": lines[-1] if lines else "failed"}
     rep = json.loads(report.read_text())
     kept = [g["kept"] for g in rep["groups"]]
-    return {"seconds": seconds, "stages": rep["stages_seconds"], "peak_rss_mb": rep["peak_rss_mb"],
+    return {"seconds": seconds, "stages": rep["stages_seconds"], "peak_rss_mb": peak,
             "accuracy": rep["quality"].get("student_accuracy"), "agreement": rep["quality"].get("agreement"),
             "flops_reduction": rep["totals"]["flops_reduction"], "kept": kept,
             "chosen": rep["auto"]["method"] + f" mu={rep['auto']['mu']}" if rep.get("auto") else None}
+
+
+def _watch(child: subprocess.Popen, deadline: float) -> float | None:
+    """The child's peak resident MB, read from its VmHWM until it exits (None: killed at the
+    deadline). Read from outside, as getrusage's maxrss of a child starts from this process's."""
+    peak = 0.0
+    while child.poll() is None:
+        if time.perf_counter() > deadline:
+            child.kill()
+            child.wait()
+            return None
+        try:
+            with open(f"/proc/{child.pid}/status") as status:
+                peak = max(peak, next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.05)
+    return peak
 
 
 def gemm_rate() -> float:
@@ -159,7 +180,7 @@ def floor(setup: Setup, rate: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="demo,vgg16,resnet56,resnet50,yolov8n")
-    p.add_argument("--methods", default="cross,auto")
+    p.add_argument("--methods", default="cross,auto", help="methods this checkout runs ('' for none)")
     p.add_argument("--old", help="git revision to time beside this checkout")
     p.add_argument("--old-methods", default="cross,auto", help="methods the old code runs (auto is slow there)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -184,7 +205,7 @@ def main() -> None:
             for name, setup in setups(folder, args.models.split(",")).items():
                 low = floor(setup, rate)
                 for code, tree in trees:
-                    for method in (args.methods if code == "new" else args.old_methods).split(","):
+                    for method in filter(None, (args.methods if code == "new" else args.old_methods).split(",")):
                         got = run(tree, setup, method, args.device, folder, args.timeout)
                         row = {"model": name, "code": code, "method": method, "device": args.device, **low, **got}
                         rows.append(row)
@@ -193,8 +214,8 @@ def main() -> None:
                         total = f"{got['seconds']:.1f}" if got.get("seconds") is not None else "-"
                         print(f"{name:<10}{code:<5}{method:<7}{total:>9}{st.get('choose', 0):>8.1f}"
                               f"{st.get('prune', 0):>8.1f}{st.get('bench', 0):>7.1f}{got.get('peak_rss_mb', 0):>9.0f}"
-                              f"{low['floor_s']:>9.1f}{work / low['floor_s']:>12.1f}  {got.get('chosen') or got.get('error', '')}",
-                              flush=True)
+                              f"{low['floor_s']:>9.1f}{work / low['floor_s']:>12.1f}  "
+                              f"{got.get('chosen') or got.get('error', '')}", flush=True)
         finally:
             if args.old:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "old")],
