@@ -157,23 +157,27 @@ def floor(setup: Setup, rate: float) -> dict:
             for piece in unit:
                 ready.teacher.module(piece)
     forward = time.perf_counter() - start
-    flops = 0.0
     teacher = ready.teacher
-    for group in ready.groups:
-        if not group.prunable or prune.skip_reason(teacher, group, config):
-            continue
-        for c in group.consumers:
-            dim = len(prune.problem(ready.view, c, group.size, None, teacher.device).weight)
-            probe = teacher.entry(c.node)
-            seen = []
-            handle = probe.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
-            with torch.no_grad():
-                teacher.module(units[0][0][:1])
-            handle.remove()
-            per_sample = stats.positions(ready.view, c, torch.empty(seen[0]))
-            rows = sum(len(piece) for unit in units for piece in unit) * per_sample
-            rows = min(rows, config.rows) if config.rows else rows
-            flops += 2 * rows * dim * (dim + 1)  # two symmetric Gram matrices, G_tt and G_ss
+    pruned = [(g, c) for g in ready.groups if g.prunable and not prune.skip_reason(teacher, g, config)
+              for c in g.consumers]
+    shapes: dict[str, torch.Size] = {}  # each consumer's input shape, from one forward of one sample
+
+    def seen(node: str):
+        def hook(_module, args) -> None:  # a pre-hook that returns something replaces the inputs
+            shapes.setdefault(node, args[0].shape)
+        return hook
+
+    handles = [teacher.entry(c.node).register_forward_pre_hook(seen(c.node)) for _, c in pruned]
+    with torch.no_grad():
+        teacher.module(units[0][0][:1])
+    for handle in handles:
+        handle.remove()
+    flops = 0.0
+    for group, c in pruned:
+        dim = len(prune.problem(ready.view, c, group.size, None, teacher.device).weight)
+        per_sample = stats.positions(ready.view, c, torch.empty(shapes[c.node]))
+        rows = stats.picked(sum(len(piece) for unit in units for piece in unit) * per_sample, config.rows)
+        flops += 2 * rows * dim * (dim + 1)  # two symmetric Gram matrices, G_tt and G_ss
     return {"forward_s": forward, "gram_gflop": flops / 1e9, "floor_s": 2 * forward + flops / 1e9 / rate}
 
 

@@ -292,7 +292,7 @@ def _consumer_refits(view: GraphView, c: Consumer, made: list[Problem], t: int, 
                 sums.add(mixed[a], outputs["t"] if target == "t" or aliased else rs @ weight)
                 seen.add(id(sums))
         seen.clear()
-    total = sum(counts) if not config.rows else min(sum(counts), config.rows)
+    total = stats.picked(sum(counts), config.rows)
     done: dict[int, tuple] = {}
     for terms in own:
         for s in terms.values():

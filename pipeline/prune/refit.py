@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.prune.stats import Accumulator, add_gram, mirror
+from pipeline.prune.stats import RowBlocks, add_gram, mirror
 from pipeline.solve import Problem, Solution, kept_rows
 
 TERMS = {  # method -> (weight as a function of mu, rows of A, rows whose W_t output is the target)
@@ -33,25 +33,21 @@ class KeptSums:
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=dev)
         self.cross = torch.zeros(dim, out, dtype=torch.float64, device=dev)
         self.diag = torch.zeros(len(weight), dtype=torch.float64, device=dev)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._bytes = 0
+        self._blocks = RowBlocks()
 
     def add(self, a: torch.Tensor, target: torch.Tensor) -> None:
-        self._pending.append((a, target))
-        self._bytes += a.numel() * a.element_size()
-        if self._bytes >= Accumulator.FLUSH_BYTES:
+        if self._blocks.add(a, target):
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        joined = self._blocks.take()
+        if joined is None:
             return
-        a = torch.cat([p[0] for p in self._pending])
-        target = torch.cat([p[1] for p in self._pending])
+        a, target = joined
         a_k = a.index_select(1, self.k)
         add_gram(self.gram, a_k, a_k)
         self.cross += (a_k.T @ target).double()
         self.diag += (a * a).sum(0).double()
-        self._pending, self._bytes = [], 0
 
     def done(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._flush()

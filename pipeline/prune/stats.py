@@ -28,7 +28,7 @@ def picks(consumer: str, counts: list[int], budget: int, device: torch.device) -
     where the units hold no more than `budget` rows together, else a share of the budget in
     proportion to each unit's rows, drawn without replacement."""
     total = sum(counts)
-    if not budget or total <= budget:
+    if picked(total, budget) == total:
         return [None] * len(counts)
     quota = np.floor(np.asarray(counts) * budget / total).astype(int)
     quota[np.argsort(-(np.asarray(counts) * budget / total - quota), kind="stable")[:budget - quota.sum()]] += 1
@@ -38,6 +38,11 @@ def picks(consumer: str, counts: list[int], budget: int, device: torch.device) -
         chosen = np.sort(np.random.default_rng([seed, unit]).choice(n, int(q), replace=False))
         out.append(torch.from_numpy(chosen).to(device))
     return out
+
+
+def picked(total: int, budget: int) -> int:
+    """How many of `total` rows `picks` keeps under `budget` (0: no budget)."""
+    return min(total, budget) if budget else total
 
 
 def rows(view: GraphView, consumer: Consumer, inp: torch.Tensor, pick: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,40 +55,57 @@ def positions(view: GraphView, consumer: Consumer, inp: torch.Tensor) -> int:
     return len(inp) * KINDS[consumer.kind].positions(view, consumer, inp)
 
 
-class Accumulator:
-    """Sums the Gram matrices one consumer's objective needs over units of inputs (float32
-    products, float64 sums). Rows are gathered across units into blocks of about FLUSH_BYTES
-    before each product: a few sampled rows per unit would otherwise pay a D x D conversion and
-    sum per unit for little work."""
+class RowBlocks:
+    """Rows gathered across units into blocks of about FLUSH_BYTES (counted on the first part
+    given) before each product: a few sampled rows per unit would otherwise pay a D x D
+    conversion and sum per unit for little work."""
 
     FLUSH_BYTES = 64 << 20
+
+    def __init__(self):
+        self._pending: list[tuple[torch.Tensor | None, ...]] = []
+        self._bytes = 0
+
+    def add(self, *parts: torch.Tensor | None) -> bool:
+        """Keep one unit's rows (parts None where nothing reads them); True once a block is full."""
+        first = next(p for p in parts if p is not None)
+        self._pending.append(parts)
+        self._bytes += first.numel() * first.element_size()
+        return self._bytes >= self.FLUSH_BYTES
+
+    def take(self) -> list[torch.Tensor | None] | None:
+        """Each part's rows joined over the units kept (None if none were), and start afresh."""
+        if not self._pending:
+            return None
+        joined = [None if first is None else torch.cat([p[i] for p in self._pending])
+                  for i, first in enumerate(self._pending[0])]
+        self._pending, self._bytes = [], 0
+        return joined
+
+
+class Accumulator:
+    """Sums the Gram matrices one consumer's objective needs over units of inputs (float32
+    products over RowBlocks, float64 sums)."""
 
     def __init__(self, dim: int, grams: tuple[str, ...], device: torch.device):
         self.grams = grams
         self.sums = {g: torch.zeros(dim, dim, dtype=torch.float64, device=device) for g in grams}
         self.rows = 0
-        self._pending: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-        self._bytes = 0
+        self._blocks = RowBlocks()
 
     def add(self, student: torch.Tensor | None, teacher: torch.Tensor | None) -> None:
         """Rows of one unit; either side None where no Gram matrix asked for reads it."""
-        some = student if student is not None else teacher
-        self.rows += len(some)
-        if not self.grams:
-            return
-        self._pending.append((student, teacher))
-        self._bytes += some.numel() * some.element_size()
-        if self._bytes >= self.FLUSH_BYTES:
+        self.rows += len(student if student is not None else teacher)
+        if self.grams and self._blocks.add(student, teacher):
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        joined = self._blocks.take()
+        if joined is None:
             return
-        join = lambda side: None if self._pending[0][side] is None else torch.cat([p[side] for p in self._pending])  # noqa: E731
-        a = {"s": join(0), "t": join(1)}
+        a = {"s": joined[0], "t": joined[1]}
         for g, total in self.sums.items():
             add_gram(total, a[g[0]], a[g[1]])
-        self._pending, self._bytes = [], 0
 
     def means(self, node: str) -> dict[str, torch.Tensor]:
         self._flush()

@@ -122,7 +122,8 @@ class Walk:
     values, version 0) over units of inputs, each unit a list of pieces (a model that fixes
     its batch takes a unit in pieces of that batch)."""
 
-    def __init__(self, teacher: fx.GraphModule, students: Sequence[fx.GraphModule], units: Sequence[Sequence[torch.Tensor]]):
+    def __init__(self, teacher: fx.GraphModule, students: Sequence[fx.GraphModule],
+                 units: Sequence[Sequence[torch.Tensor]]):
         self.teacher = fx.Interpreter(teacher)
         self.students = [fx.Interpreter(s) for s in students]
         self.units = [len(u) for u in units]
