@@ -91,10 +91,10 @@ def test_target_speedup_runs_the_measured_loop(vgg_path, npz_path, tmp_path, cac
     assert alloc["attempts"] == runs[alloc["chosen"]]["attempts"]
     refined = alloc["refinement"]  # local search from the uniform widths, every move scored on held-out shots
     missed_later = lambda a: "missed_later" in a  # met when found, over the goal timed together: narrowed once more
-    if not any(map(missed_later, runs["uniform"]["attempts"])):
+    if not any(map(missed_later, runs["uniform"]["attempts"])):  # else narrowed and scored again after refining
         assert all(refined["start"][k] == v for k, v in runs["uniform"]["keep"].items())
+        assert refined["start_holdout_relative_squared_error"] == runs["uniform"]["holdout_relative_squared_error"]
     assert len(refined["moves"]) < refined["evaluations"] <= 24  # the start is scored too; the cap holds
-    assert refined["start_holdout_relative_squared_error"] == runs["uniform"]["holdout_relative_squared_error"]
     if "refined" in runs:  # only widths that beat the start become a candidate
         assert runs["refined"]["holdout_relative_squared_error"] == refined["holdout_relative_squared_error"]
         assert refined["holdout_relative_squared_error"] < refined["start_holdout_relative_squared_error"]
