@@ -31,9 +31,9 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
         node = view.nodes[name]
         editor.set(node, 1, layers[name].weight)
         if layers[name].bias is not None:
-            if len(node.input) < 3:
-                node.input.append("")
-            editor.set(node, 2, layers[name].bias)
+            slot = layers[name].bias_slot
+            node.input.extend([""] * (slot + 1 - len(node.input)))
+            editor.set(node, slot, layers[name].bias)
     masks: dict[tuple[str, int, int], np.ndarray] = {}  # (node, input slot, axis) -> entries kept
 
     def drop(node: str, index: int, axis: int, entries: np.ndarray) -> None:

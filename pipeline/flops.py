@@ -7,6 +7,9 @@ import numpy as np
 
 from pipeline.graph import GraphView
 
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT = ("LSTM", "GRU", "RNN")
+
 
 @dataclass(frozen=True)
 class LayerCost:
@@ -14,40 +17,79 @@ class LayerCost:
     op: str
     flops: int  # 2 x multiply-accumulates for one sample
     params: int
+    fixed: int = 0  # of `flops`, those no channel count changes (a recurrent layer's recurrence)
 
     def to_json(self) -> dict:
         return {"node": self.node, "op": self.op, "flops": self.flops, "params": self.params}
 
 
 def layer_costs(view: GraphView) -> list[LayerCost]:
-    """Conv, ConvTranspose, Gemm and MatMul layers: the ones channel pruning makes cheaper."""
+    """Conv, ConvTranspose, Gemm, MatMul and recurrent layers: the ones channel pruning makes cheaper."""
     costs = []
+    batch = _fixed_batch(view)
     for node in view.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op_type not in LINEAR + RECURRENT:
             continue
         params = sum(int(np.prod(view.initializers[i].dims)) for i in node.input if i in view.initializers)
-        costs.append(LayerCost(node.name, node.op_type, _flops(view, node), params))
+        if node.op_type in RECURRENT:
+            flops, fixed = _recurrent_flops(view, node, batch)
+            costs.append(LayerCost(node.name, node.op_type, flops, params, fixed))
+        else:
+            costs.append(LayerCost(node.name, node.op_type, _flops(view, node, batch), params))
     return costs
 
 
-def _flops(view: GraphView, node) -> int:
+def _fixed_batch(view: GraphView) -> int | None:
+    """The first input's leading dimension where the graph fixes every one of its dimensions;
+    None where one is free (that one is the batch)."""
+    first = next((v for v in view.graph.input if v.name not in view.initializers), None)
+    dims = view.shape(first.name) if first is not None else None
+    return None if not dims or None in dims or not dims[0] else int(dims[0])
+
+
+def _per_sample(dims, batch: int | None) -> int | None:
+    """The product of `dims` for one sample, None where unknown. Where the batch is free, the one
+    free dimension is it (not always axis 0: a sequence model's steps come first); where the graph
+    fixes the batch, every dimension must be known and the product is shared by the batch."""
+    if dims is None:
+        return None
+    free = sum(d is None for d in dims)
+    known = int(np.prod([d for d in dims if d is not None], dtype=np.int64))
+    if batch is None:
+        return known if free <= 1 else None
+    return known // batch if not free else None
+
+
+def _flops(view: GraphView, node, batch: int | None) -> int:
     out = view.shape(node.output[0])
     if node.op_type in ("Conv", "ConvTranspose"):
         w = view.shape(node.input[1]) if len(node.input) > 1 else None
-        if out is None or w is None or len(w) < 2 or any(d is None for d in list(out[1:]) + list(w)):
+        if w is None or len(w) < 2 or None in w:
             return 0
-        per_output = int(np.prod(w[1:]))  # (C_in / group) x kernel
-        if node.op_type == "ConvTranspose":
-            x = view.shape(node.input[0])
-            return 0 if x is None or None in x[1:] else 2 * int(np.prod(x[1:])) * int(np.prod(w[1:]))
-        return 2 * per_output * int(np.prod(out[1:]))
+        if node.op_type == "ConvTranspose":  # every input value is spread over a kernel for each output channel
+            inputs = _per_sample(view.shape(node.input[0]), batch)
+            return 0 if inputs is None else 2 * inputs * int(np.prod(w[1:]))
+        outputs = _per_sample(out, batch)
+        return 0 if outputs is None else 2 * int(np.prod(w[1:])) * outputs  # (C_in / group) x kernel per output
     a, b = view.shape(node.input[0]), view.shape(node.input[1]) if len(node.input) > 1 else None
-    if a is None or b is None or len(a) < 2 or len(b) < 2 or None in a[1:] or None in b:
+    if a is None or b is None or len(a) < 2 or len(b) < 2 or None in b:
         return 0
     inner = a[-2] if node.op_type == "Gemm" and view.attr(node, "transA", 0) else a[-1]
     width = b[0] if node.op_type == "Gemm" and view.attr(node, "transB", 0) else b[-1]
-    rows = int(np.prod(a[1:-1])) if len(a) > 2 else 1
-    return 2 * rows * int(inner) * int(width)
+    rows = _per_sample(a[:-2] + a[-1:] if node.op_type == "Gemm" and view.attr(node, "transA", 0) else a[:-1], batch)
+    return 0 if rows is None or inner is None else 2 * rows * int(inner) * int(width)
+
+
+def _recurrent_flops(view: GraphView, node, batch: int | None) -> tuple[int, int]:
+    """(all, recurrence): each step multiplies its input by W and the state by R, per direction."""
+    x, w = view.shape(node.input[0]), view.shape(node.input[1])
+    r = view.shape(node.input[2]) if len(node.input) > 2 else None
+    steps = _per_sample(x[:-1], batch) if x is not None and len(x) == 3 else None
+    if steps is None or w is None or r is None or None in w or None in r:
+        return 0, 0
+    directions, gates, inputs = w
+    recurrence = 2 * steps * directions * gates * int(r[-1])
+    return 2 * steps * directions * gates * inputs + recurrence, recurrence
 
 
 def total_params(view: GraphView) -> int:

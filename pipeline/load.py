@@ -128,13 +128,40 @@ def load_model(path: str | os.PathLike, *, normalise: bool = True,
     notes: list[str] = []
     if normalise:
         proto = _normalise(path, proto, notes)
-    proto = _infer_shapes(path, proto)
+    proto = _declared_where_true(proto, _infer_shapes(path, _hints_dropped(proto)))
     if normalise:
         _fold_channels_last_flatten(proto, notes)
         _split_sizes_written_out(proto, notes)
     if precision.is_half(proto):
         notes.append("float16 model: computed in float32 by the torch engine, written back in float16")
     return LoadedModel(path=path, proto=proto, inputs=inputs, outputs=outputs, original=original, notes=notes)
+
+
+def _hints_dropped(proto: ModelProto) -> ModelProto:
+    """The graph without its declared intermediate and output shapes: exporters write wrong
+    ones (a sequence model declaring [1, seqlen] for a [T, 1, classes] result), and whatever
+    is derived from the graph must follow what its nodes compute. The signature recorded by
+    `signature` still holds what the file declared."""
+    out = ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.value_info[:]
+    for value in out.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    return out
+
+
+def _declared_where_true(declared: ModelProto, inferred: ModelProto) -> ModelProto:
+    """Output shapes as declared where the graph agrees with them (same rank, no fixed size
+    contradicted), so the names of free dimensions survive; as inferred elsewhere."""
+    for said, got in zip(declared.graph.output, inferred.graph.output):
+        a, b = said.type.tensor_type, got.type.tensor_type
+        if not a.HasField("shape"):
+            continue
+        if b.HasField("shape") and len(a.shape.dim) == len(b.shape.dim) and all(
+                not (x.HasField("dim_value") and y.HasField("dim_value")) or x.dim_value == y.dim_value
+                for x, y in zip(a.shape.dim, b.shape.dim)):
+            b.shape.CopyFrom(a.shape)
+    return inferred
 
 
 def _check_names(path: Path, proto: ModelProto) -> None:

@@ -78,7 +78,8 @@ def test_channels_last_matmul_mlp(tmp_path):
     model, view, groups = groups_of(path)
     hidden = next(g for g in groups if g.size == 32)
     assert hidden.prunable and [view.nodes[c.node].op_type for c in hidden.consumers] == ["MatMul"]
-    assert "Transpose" in next(g for g in groups if g.size == 8 and not g.prunable).reason
+    stream = next(g for g in groups if g.size == 8)  # the residual stream, across both Transposes
+    assert stream.prunable and len(stream.producers) == 2 and stream.coupling
     x, _ = make_data(4)
     result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5))
     assert [(o.group, len(o.kept)) for o in result.outcomes] == [(hidden.id, 16)]
@@ -86,6 +87,9 @@ def test_channels_last_matmul_mlp(tmp_path):
     shapes = {tuple(i.dims) for i in out.graph.initializer}
     assert {(8, 16), (16,), (16, 8)} <= shapes and not {(8, 32), (32, 8)} & shapes
     assert check_slim(out, result.student, x, ["logits"]) < 1e-5
+    result = prune(view, to_torch(model.proto), groups, x, PruneConfig(ratio=0.5, scope="all"))
+    assert {o.group for o in result.outcomes} == {hidden.id, stream.id}
+    assert check_slim(slim(model.proto, groups, result.kept, result.layers), result.student, x, ["logits"]) < 1e-5
 
 
 def test_depthwise_and_squeeze_excitation(tmp_path):

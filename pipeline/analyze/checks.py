@@ -4,7 +4,7 @@ A few also record on the group the edits that the fact implies (a per-channel co
 slice, a written-out shape entry)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from onnx import NodeProto
 
@@ -171,6 +171,32 @@ def consumer(view: GraphView, node: NodeProto, tensor: str, place: Place) -> Con
     if len(view.initializers[node.input[1]].dims) != 2 or len(view.shape(tensor) or ()) < 2:
         raise Frozen(f"MatMul node '{name}' does not multiply by a constant matrix")
     return Consumer(name, "gemm", in_axis=0, block=block, offset=offset, extra=place.also)
+
+
+def recurrent_consumer(view: GraphView, node: NodeProto, tensor: str, place: Place) -> Consumer:
+    """An LSTM, GRU or RNN reading the group as the features (last axis) of its input sequence:
+    its W, (directions, gates x hidden, inputs), holds a column per channel."""
+    name = node.name
+    if node.input[0] != tensor or not place.last or place.block != 1 or len(view.shape(tensor) or ()) != 3:
+        raise Frozen(f"{node.op_type} node '{name}' reads these channels other than as the features of its sequence")
+    if not view.is_const(node.input[1]) or (len(node.input) > 3 and node.input[3] and not view.is_const(node.input[3])):
+        raise Frozen(f"{node.op_type} node '{name}' has computed weights")
+    return Consumer(name, "rnn", in_axis=2, offset=place.offset, extra=place.also)
+
+
+def transposed_place(view: GraphView, node: NodeProto, tensor: str, place: Place, forward: bool) -> Place:
+    """Where a Transpose puts the channels of `tensor` (its input if `forward`, else its output):
+    on axis 1 or on the last axis of the other side; anywhere else freezes."""
+    shape = view.shape(tensor)
+    if shape is None or place.block != 1:
+        raise Frozen(f"Transpose node '{node.name}' of flattened channels or of unknown rank")
+    rank = len(shape)
+    perm = [int(p) for p in view.attr(node, "perm", list(range(rank))[::-1])]
+    axis = rank - 1 if place.last else 1
+    moved = perm.index(axis) if forward else perm[axis]
+    if moved not in (1, rank - 1):
+        raise Frozen(f"Transpose node '{node.name}' moves the channels to axis {moved}")
+    return replace(place, last=moved != 1)
 
 
 def deconv_consumer(view: GraphView, node: NodeProto, place: Place) -> Consumer:

@@ -20,7 +20,8 @@ class ParamSlice:
 @dataclass(frozen=True)
 class Consumer:
     """A linear layer reading the group: Conv (kind 'conv'), a ConvTranspose whose patches do not
-    overlap (kind 'deconv') or Gemm/MatMul (kind 'gemm').
+    overlap (kind 'deconv'), Gemm/MatMul (kind 'gemm') or the input weights of an LSTM, GRU or
+    RNN (kind 'rnn').
 
     `in_axis` is the axis of its ONNX weight that holds input channels, `block` how many
     consecutive input features one channel spans (H*W after a Flatten, else 1).

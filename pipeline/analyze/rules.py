@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Literal
 from onnx import NodeProto
 
 from pipeline.analyze.checks import (GroupNorm, carries_channels, consumer, conv_unit, group_norm,
-                                     only_first_output_used, pad_keeps_channels, per_channel_const, reduce_block,
-                                     reshape_block, resize_keeps_channels, shape_batch_only, slice_bounds, spatial,
-                                     squeeze_block)
-from pipeline.analyze.model import Frozen, ParamSlice, Place, ShapeEdit
+                                     only_first_output_used, pad_keeps_channels, per_channel_const,
+                                     recurrent_consumer, reduce_block, reshape_block, resize_keeps_channels,
+                                     shape_batch_only, slice_bounds, spatial, squeeze_block, transposed_place)
+from pipeline.analyze.model import Consumer, Frozen, ParamSlice, Place, ShapeEdit
 from pipeline.graph import GraphView
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"}
 PER_CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 LINEAR = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+RECURRENT = {"LSTM", "GRU", "RNN"}  # read the channels through their input weights W
 
 Handler = Callable[["Tracer", NodeProto, str], None]  # (tracer, node reached, tensor it was reached by)
 Operands = Callable[["Tracer", NodeProto, str, Place, bool], "list[str] | None"]  # (..., place, flat) -> data inputs
@@ -243,8 +244,19 @@ def _write_linear(t: Tracer, node: NodeProto, tensor: str) -> None:
 
 @rule(*LINEAR, backward=_write_linear, once="direction", repeats=True, channels_last=True, when=_as_grouped_conv)
 def _read_linear(t: Tracer, node: NodeProto, tensor: str) -> None:
+    _reads(t, node, tensor, consumer(t.view, node, tensor, t.layout[tensor]))
+
+
+@rule(*RECURRENT, channels_last=True)
+def _read_recurrent(t: Tracer, node: NodeProto, tensor: str) -> None:
+    """An LSTM, GRU or RNN reading the channels as the features of its input sequence: the
+    input projection (W) is a linear layer like any other; the recurrence does not see them."""
+    _reads(t, node, tensor, recurrent_consumer(t.view, node, tensor, t.layout[tensor]))
+
+
+def _reads(t: Tracer, node: NodeProto, tensor: str, reader: Consumer) -> None:
     place = t.layout[tensor]
-    t.group.consumers.append(consumer(t.view, node, tensor, place))
+    t.group.consumers.append(reader)
     if place.offset or place.width != t.group.size:
         t.coupled(f"concatenated with other channels before '{node.name}'")
 
@@ -400,6 +412,17 @@ def _reshape(t: Tracer, node: NodeProto, tensor: str) -> None:
 def _squeeze(t: Tracer, node: NodeProto, tensor: str) -> None:
     place = t.layout[tensor]
     t.add(node.output[0], replace(place, block=squeeze_block(t.view, node, tensor, place)), node.name)
+
+
+def _transpose_back(t: Tracer, node: NodeProto, tensor: str) -> None:
+    t.add(node.input[0], transposed_place(t.view, node, tensor, t.layout[tensor], forward=False), node.name)
+
+
+@rule("Transpose", backward=_transpose_back, channels_last=True)
+def _transpose(t: Tracer, node: NodeProto, tensor: str) -> None:
+    """A constant permutation moves the channel axis; the channels go on where it lands on axis
+    1 or on the last axis (a sequence's features)."""
+    t.add(node.output[0], transposed_place(t.view, node, tensor, t.layout[tensor], forward=True), node.name)
 
 
 @layout("ReduceMean", "ReduceMax", "ReduceSum")

@@ -26,6 +26,7 @@ class LayerWeights:
 
     weight: np.ndarray
     bias: np.ndarray | None  # None where the layer has no bias to refit (MatMul, ConvTranspose)
+    bias_slot: int = 2  # the node input that holds the bias
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class Matrix:
 
 class Kind:
     """How one kind of consumer maps between ONNX, the solver and torch."""
+
+    modules: tuple[str, ...] = ()  # torch module types that can take its refit weights
+
+    def accepts(self, module: torch.nn.Module | None) -> bool:
+        return type(module).__name__ in self.modules
 
     def matrix(self, view: GraphView, consumer: Consumer) -> Matrix:
         raise NotImplementedError
@@ -63,6 +69,8 @@ class Kind:
 
 class _Conv(Kind):
     """Conv (1-D or 2-D): each output position reads a patch of every input channel."""
+
+    modules = ("Conv1d", "Conv2d")
 
     def matrix(self, view, consumer):
         node = view.nodes[consumer.node]
@@ -126,6 +134,8 @@ class _Deconv(Kind):
     own, a matrix from input channels to (output channel, patch position). Its bias is per
     output channel, not per patch entry, so it is kept rather than refit."""
 
+    modules = ("ConvTranspose2d",)
+
     def matrix(self, view, consumer):
         w = view.const(view.nodes[consumer.node].input[1]).astype(np.float64)
         return Matrix(_with_bias(w.reshape(w.shape[0], -1), None), consumer.block, True)
@@ -148,6 +158,8 @@ class _Deconv(Kind):
 class _Gemm(Kind):
     """Gemm or MatMul by a constant matrix: every sample (Gemm) or every position of an N...C
     tensor (MatMul) is a row. MatMul has no bias input, so its bias row stays zero."""
+
+    modules = ("Linear", "OnnxMatMul")
 
     def matrix(self, view, consumer):
         node = view.nodes[consumer.node]
@@ -187,7 +199,45 @@ class _Gemm(Kind):
         _set_bias(module, torch.from_numpy(beta * layer.bias))
 
 
-KINDS: dict[str, Kind] = {"conv": _Conv(), "deconv": _Deconv(), "gemm": _Gemm()}
+class _Recurrent(_Gemm):
+    """The input projection of an LSTM, GRU or RNN: W, (directions, gates x hidden, inputs), maps
+    every step of the sequence to every gate of every direction, a matrix like a MatMul's, and
+    the first half of B (Wb) is its bias; the recurrence (R and Rb) never sees the channels.
+    onnx2torch has no converter for these nodes, so onnxruntime runs them in the twin, fed W and
+    B as constants."""
+
+    modules = ("OrtNode",)
+
+    def matrix(self, view, consumer):
+        w = view.const(view.nodes[consumer.node].input[1]).astype(np.float64)
+        b = self._bias(view, consumer)
+        bias = None if b is None else b[:, :w.shape[1]].reshape(-1)
+        return Matrix(_with_bias(w.transpose(2, 0, 1).reshape(w.shape[2], -1), bias), consumer.block, b is None)
+
+    def to_onnx(self, view, consumer, w):
+        orig = view.const(view.nodes[consumer.node].input[1])
+        directions, gates, inputs = orig.shape
+        weight = w[:-1].reshape(inputs, directions, gates).transpose(1, 2, 0).astype(orig.dtype)
+        b = self._bias(view, consumer)
+        if b is None:
+            return LayerWeights(weight, None, 3)
+        bias = b.copy()
+        bias[:, :gates] = w[-1].reshape(directions, gates)
+        return LayerWeights(weight, bias, 3)
+
+    @torch.no_grad()
+    def write(self, student, view, consumer, layer):
+        student.constant_input(consumer.node, 1).copy_(torch.from_numpy(layer.weight))
+        if layer.bias is not None:
+            student.constant_input(consumer.node, 3).copy_(torch.from_numpy(layer.bias))
+
+    @staticmethod
+    def _bias(view: GraphView, consumer: Consumer) -> np.ndarray | None:
+        node = view.nodes[consumer.node]
+        return view.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+
+
+KINDS: dict[str, Kind] = {"conv": _Conv(), "deconv": _Deconv(), "gemm": _Gemm(), "rnn": _Recurrent()}
 
 
 def _with_bias(mat: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -208,8 +258,7 @@ def unsupported(teacher: TorchModel, group: ChannelGroup) -> str:
     """Why the torch twin cannot take refit weights for one of the group's consumers, or ''."""
     for c in group.consumers:
         module = teacher.modules_by_node.get(c.node)
-        if not isinstance(module, (*CONVS, torch.nn.ConvTranspose2d, torch.nn.Linear)) \
-                and type(module).__name__ != "OnnxMatMul":
+        if not KINDS[c.kind].accepts(module):
             return (f"consumer '{c.node}' became {type(module).__name__} in torch, not "
-                    f"Conv1d/Conv2d/ConvTranspose2d/Linear/MatMul")
+                    f"{'/'.join(KINDS[c.kind].modules)}")
     return ""

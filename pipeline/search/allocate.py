@@ -51,7 +51,7 @@ class FlopsModel:
     """Linear-layer FLOPs as a function of each group's kept channels (bilinear per layer)."""
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup]):
-        self.layers: dict[str, dict] = {c.node: {"flops": c.flops, "in": [], "out": []}
+        self.layers: dict[str, dict] = {c.node: {"flops": c.flops - c.fixed, "fixed": c.fixed, "in": [], "out": []}
                                         for c in layer_costs(view)}
         self.size = {g.id: g.size for g in groups}
         dims = lambda node: view.initializers[view.nodes[node].input[1]].dims  # the layer's weight shape
@@ -79,7 +79,8 @@ class FlopsModel:
         return out
 
     def cost(self, keep: dict[int, int]) -> float:
-        return sum(self.layers[n]["flops"] * fin * fout for n, (fin, fout) in self.fractions(keep).items())
+        return sum(self.layers[n]["flops"] * fin * fout + self.layers[n]["fixed"]
+                   for n, (fin, fout) in self.fractions(keep).items())
 
 
 @dataclass
