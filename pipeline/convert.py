@@ -191,6 +191,10 @@ def _worst_difference(model: LoadedModel, reference: list[np.ndarray], twin: Tor
         raise ModelError(f"{model.path}: the onnx2torch conversion fails on the samples ({first_line(exc)})") from exc
     worst = 0.0
     for name, ref, got in zip((o.name for o in model.outputs), reference, ours):
+        if ref.shape != got.shape:
+            raise ModelError(f"{model.path}: the torch conversion gives output '{name}' the shape "
+                             f"{tuple(got.shape)} where {what} gives {tuple(ref.shape)}; refusing to prune a "
+                             f"model we cannot reproduce")
         err = relative_error(ref, got)
         worst = max(worst, err)
         if not err <= tolerance:

@@ -37,6 +37,9 @@ def check_slim(slim: ModelProto, student: TorchModel, x: np.ndarray, output_name
 def _worst(ref: list[np.ndarray], got: list[np.ndarray], names: list[str], tolerance: float, what: str) -> float:
     worst = 0.0
     for name, r, g in zip(names, ref, got):
+        if r.shape != g.shape:
+            raise VerificationError(f"{what} on output '{name}' (shape {tuple(g.shape)}, not {tuple(r.shape)}); "
+                                    f"nothing was written")
         err = relative_error(r, g)
         worst = max(worst, err)
         if not err <= tolerance:
