@@ -17,7 +17,7 @@ import click
 
 from pipeline.errors import EXIT_CODES, CrossPruneError, GateError, UsageError
 from pipeline.options import (Sectioned, bench_options, data_options, gate_options, memory_option, output_options,
-                              parse_shape, prune_options, quant_options)
+                              parse_shape, prune_options, quant_options, solver_options)
 
 if TYPE_CHECKING:
     from pipeline.search import Mode
@@ -131,16 +131,19 @@ def _take(build: Callable[..., Any], kw: dict[str, Any]) -> Any:
 
 
 def _mode(target_flops: float | None, target_speedup: float | None, target_latency_ms: float | None,
-          target_provider: str, target_batch: int, target_refine: int, widths: Path | None) -> Mode:
-    """The one target given, or one ratio for all; two are a UsageError naming both."""
-    from pipeline.search import FlopsShare, LatencyTarget, WidthsFrom, one
+          target_provider: str, target_batch: int, target_refine: int, widths: Path | None, uniform: bool) -> Mode:
+    """The one target given, or the ratio; two are a UsageError naming both."""
+    from pipeline.search import FlopsShare, LatencyTarget, Ratio, WidthsFrom, one
 
     latency = lambda **goal: LatencyTarget(**goal, provider=target_provider, batch=target_batch,
                                            refine_evals=target_refine)
-    return one(None if target_flops is None else FlopsShare(target_flops, refine_evals=target_refine),
+    mode = one(None if target_flops is None else FlopsShare(target_flops, refine_evals=target_refine),
                None if target_speedup is None else latency(speedup=target_speedup),
                None if target_latency_ms is None else latency(latency_ms=target_latency_ms),
-               None if widths is None else WidthsFrom(widths))
+               None if widths is None else WidthsFrom(widths), ratio=Ratio(spread=not uniform))
+    if uniform and not isinstance(mode, Ratio):
+        raise UsageError(f"--uniform is about --ratio; {mode.given_as} chooses its own widths")
+    return mode
 
 
 def _pruning(ratio: float, method: str, mu: float | None, solver: str, damp: float, scope: str,
@@ -186,6 +189,7 @@ def _emit(report: dict, report_path: Path | None, as_json: bool, text: str) -> N
 @quant_options
 @memory_option
 @prune_options
+@solver_options
 @data_options
 @bench_options
 @guarded

@@ -90,8 +90,8 @@ memory_option = click.option(
 SECTIONS = {
     "Data and output": ["data", "shots", "samples", "seed", "eval_data", "output", "report_path", "as_json",
                         "force", "quiet", "config"],
-    "What to prune": ["ratio", "target_flops", "target_speedup", "target_latency_ms", "widths", "scope", "exclude",
-                      "round_to"],
+    "What to prune": ["ratio", "target_flops", "target_speedup", "target_latency_ms", "widths", "scope", "uniform",
+                      "exclude", "round_to"],
     "How": ["method", "mu", "augment", "augment_factor", "target_refine", "solver", "damp", "pgd_iters", "pgd_lr",
             "device"],
     "Quality gates (exit 7, nothing written)": ["max_accuracy_drop", "min_fidelity", "min_speedup"],
@@ -155,13 +155,23 @@ def prune_options(fn):
                      help="Ridge added to each layer's Gram matrix, relative to its mean diagonal."),
         click.option("--scope", type=click.Choice(["internal", "all"]), default="internal", show_default=True,
                      help="internal: prune only channels written by one layer (as the paper did for "
-                     "ResNets); all: also channels tied across layers by residual Adds, gating Muls and Concats."),
+                     "ResNets); all: also channels tied across layers by residual Adds, gating Muls and Concats, "
+                     "with --ratio's FLOPs spread over the groups by their loss curves where held-out shots agree."),
+        click.option("--uniform", is_flag=True,
+                     help="With --scope all: every group at --ratio, its FLOPs not spread."),
         click.option("--exclude", multiple=True, metavar="PATTERN",
                      help="Leave whole every channel group with a producer or consumer whose node name "
                      "matches this shell pattern (repeatable; `crossprune inspect` lists the names)."),
         click.option("--round-to", type=click.IntRange(0), default=0, show_default=True,
                      help="Round kept channels to a multiple of this; 0: onnxruntime's CPU channel block (8 or 16) "
                      "for wide groups, none for narrow ones."),
+    ]
+    return _decorate(fn, opts)
+
+
+def solver_options(fn):
+    """Where and how the statistics are taken and solved: the device, the paper's PGD, the shots and their variants."""
+    opts = [
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where torch computes the statistics and solves; auto: a CUDA GPU if torch sees one. "
                      "onnxruntime's checks and timings are unaffected."),

@@ -85,7 +85,8 @@ def _groups_section(report: dict) -> Section | None:
         return None
     cost = (report.get("allocation") or {}).get("cost", "")
     notes = [f"{cost} (--widths): nothing timed, the same model every run"] if cost.startswith("widths") else []
-    notes += _flops_note(report["allocation"]) if cost.startswith("flops") else []
+    notes += _spread_note(report["allocation"]) if cost.endswith("spread") else \
+        _flops_note(report["allocation"]) if cost.startswith("flops") else []
     notes += _auto(report.get("auto")) + _rounding(pruned)
     notes += ["left whole: " + "; ".join(f"{producers(g)} ({g['reason']})" for g in frozen)] if frozen else []
     return Section("Pruned channel groups", ["group (producer)", "channels", "loss", "s"], [
@@ -175,6 +176,17 @@ def _flops_note(alloc: dict) -> list[str]:
     if alloc.get("chosen", "allocated") == "allocated":  # a report without "chosen" allocated its widths
         return [f"{head}, widths allocated from the solver's loss curves"]
     return [f"{head}, from one ratio for all ({alloc['ratio']:.2f})"] + _refine_note(alloc["refinement"])
+
+
+def _spread_note(alloc: dict) -> list[str]:
+    """Whether the ratio's FLOPs were spread by the loss curves, and what the held-out shots said."""
+    scores = alloc["holdout_relative_squared_error"]
+    said = "" if scores is None else (f" (held-out error: allocated {scores['allocated']:.4f}, one ratio for all "
+                                      f"{scores['uniform']:.4f})")
+    kept = "spread over the groups by their loss curves" if alloc["chosen"] == "allocated" else \
+        "kept one ratio for all: spreading them was not closer to the teacher"
+    return [f"--scope all: the ratio's {alloc['ratio_share']:.3g} of the FLOPs {kept}{said}; --uniform turns "
+            f"this off"]
 
 
 def _engine(engine: dict | None) -> list[str]:

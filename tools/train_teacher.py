@@ -7,6 +7,7 @@
     python tools/train_teacher.py --arch googlenet --epochs 4
     python tools/train_teacher.py --arch resnet50 --epochs 2
     python tools/train_teacher.py --arch mobilenet_v3_small --epochs 4
+    python tools/train_teacher.py --arch tiny_se --epochs 4
 
 CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifier) and ResNet-56
 (three stages of nine basic blocks, 16/32/64 channels, 1x1 projection shortcuts where the shape
@@ -79,9 +80,21 @@ def resnet56(classes: int = 10, blocks: int = 9) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
+def tiny_se(classes: int = 10) -> nn.Module:
+    """MobileNetV3-Small at a quarter width (0.12 M parameters: SE blocks, HardSwish, residual
+    streams 8-24 channels wide) on the 32x32 images themselves: the size of the small SE
+    classifiers that ship inside OCR and document pipelines."""
+    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+
+    return _grey_stem(MobileNetV3(*_mobilenet_v3_conf("mobilenet_v3_small", width_mult=0.25), num_classes=classes))
+
+
 def grey(name: str) -> nn.Module:
     """A zoo architecture whose first convolution reads one channel instead of three."""
-    model = ZOO[name]()
+    return _grey_stem(ZOO[name]())
+
+
+def _grey_stem(model: nn.Module) -> nn.Module:
     path, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent), leaf, nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride,
@@ -90,7 +103,7 @@ def grey(name: str) -> nn.Module:
 
 
 ZOO_NETS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "googlenet")
-ARCHS = {"vgg16": vgg16, "resnet56": resnet56, **{name: partial(grey, name) for name in ZOO_NETS}}
+ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "tiny_se": tiny_se, **{name: partial(grey, name) for name in ZOO_NETS}}
 UPSAMPLE = dict.fromkeys(ZOO_NETS, 2)  # the zoo's stems divide by 32: pixels doubled, 64x64 inputs
 
 

@@ -1,6 +1,6 @@
 """What compress prunes to: one mode, chosen once.
 
-    Ratio          every group at PruneConfig.ratio (the default)
+    Ratio          every group at PruneConfig.ratio (the default); its FLOPs spread under --scope all
     FlopsShare     at most a share of the FLOPs (--target-flops)
     LatencyTarget  a measured speedup or latency (--target-speedup, --target-latency-ms)
     WidthsFrom     the widths of an earlier report, replayed (--widths)
@@ -18,7 +18,11 @@ REFINE_EVALS = 24  # held-out prunings a target spends refining its widths, unle
 
 @dataclass(frozen=True)
 class Ratio:
-    """One ratio for all: every eligible group at PruneConfig.ratio of its channels."""
+    """PruneConfig.ratio of every eligible group's channels. Under --scope all, unless `spread` is
+    off (--uniform), the FLOPs those widths keep are spread over the groups by their loss curves
+    where that is closer to the teacher on held-out shots (search/spread.py)."""
+
+    spread: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,10 @@ Mode = Union[Ratio, FlopsShare, LatencyTarget, WidthsFrom]
 Target = Union[FlopsShare, LatencyTarget, WidthsFrom]
 
 
-def one(*given: Target | None) -> Mode:
-    """The one target given (None: not given), or Ratio() where none is. Two or more raise a
+def one(*given: Target | None, ratio: Ratio = Ratio()) -> Mode:
+    """The one target given (None: not given), or `ratio` where none is. Two or more raise a
     UsageError naming each, so that neither silently wins."""
     named = [mode for mode in given if mode is not None]
     if len(named) > 1:
         raise UsageError(f"give one target, not {' and '.join(mode.given_as for mode in named)}")
-    return named[0] if named else Ratio()
+    return named[0] if named else ratio

@@ -134,16 +134,29 @@ class FlopsChoice:
 
 
 @dataclass
+class SpreadChoice:
+    """--ratio under --scope all: its FLOPs `share` allocated from the loss curves, kept
+    ("allocated") or not ("uniform") by the held-out error of both."""
+
+    chosen: str
+    share: float
+    scores: dict[str, float] | None = None  # held-out relative squared error of each; None: none held out
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen, "ratio_share": self.share, "holdout_relative_squared_error": self.scores}
+
+
+@dataclass
 class SearchOutcome:
     """The widths a mode led to, pruned and exported."""
 
     result: PruneResult
     slim: onnx.ModelProto
     alloc: Allocation | None = None  # None: one ratio for all
-    choice: FlopsChoice | LatencyChoice | None = None
+    choice: FlopsChoice | LatencyChoice | SpreadChoice | None = None
 
     def to_json(self) -> dict | None:
         """The report's `allocation` section."""
         if self.alloc is None:
-            return None
+            return None if self.choice is None else {"cost": "flops of the ratio, spread", **self.choice.to_json()}
         return {**self.alloc.to_json(), **(self.choice.to_json() if self.choice else {})}

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline import prune
-from pipeline.search import flops_share, target
+from pipeline.search import flops_share, spread, target
 from pipeline.search.allocate import Allocation, FlopsModel
-from pipeline.search.modes import FlopsShare, LatencyTarget, WidthsFrom
+from pipeline.search.modes import FlopsShare, LatencyTarget, Ratio, WidthsFrom
 from pipeline.search.problem import Problem, Pruner
-from pipeline.search.records import FlopsChoice, Keep, Progress, SearchOutcome, Stage
+from pipeline.search.records import FlopsChoice, Keep, Progress, SearchOutcome, SpreadChoice, Stage
 
 if TYPE_CHECKING:
     from pipeline.workflow import CompressOptions, Prepared
@@ -19,8 +19,8 @@ def widths(ready: Prepared, options: CompressOptions, progress: Progress, stage:
     """Prune `ready`'s model to the widths `options.mode` asks for, with `options.prune`'s
     objective, and export it; every step runs under `stage`.
 
-    `selection`: channels --method auto already pruned at the ratio, used as they are (Ratio
-    only). `replayed`: a WidthsFrom mode's widths, fitted to this model by Replay.fit."""
+    `selection`: channels --method auto already pruned at the ratio, used as they are where the
+    ratio's widths are (Ratio, not spread). `replayed`: a WidthsFrom mode's widths, fitted to this model by Replay.fit."""
     mode = options.mode
     problem = Problem(ready.view, ready.teacher, ready.groups, ready.shots.calib.x, options.prune, options.seed,
                       ready.layer_augmenter(options.prune), options.threads)
@@ -28,8 +28,12 @@ def widths(ready: Prepared, options: CompressOptions, progress: Progress, stage:
     if isinstance(mode, LatencyTarget):
         return target.search(mode, problem, ready.original, pruner, stage, progress)
     alloc: Allocation | None = None
-    choice: FlopsChoice | None = None
-    if isinstance(mode, WidthsFrom):
+    choice: FlopsChoice | SpreadChoice | None = None
+    if isinstance(mode, Ratio) and spread.applies(mode, problem):
+        alloc, choice = spread.widths(problem, stage, progress)
+        if alloc is not None:
+            pruner.selection = None  # channels chosen at the ratio's widths, not these
+    elif isinstance(mode, WidthsFrom):
         cost = FlopsModel(ready.view, ready.groups).cost
         share = cost(replayed) / cost({})
         alloc = Allocation(replayed, share, share, f"widths of {mode.report}")
