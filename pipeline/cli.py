@@ -94,9 +94,13 @@ def _quant_config(quant_calibration: str, quant_activations: str, max_quant_erro
                        speed_provider=QuantConfig.speed_provider if quant_speed_check else None)
 
 
-def _check_output(output: Path, force: bool) -> None:
+def _check_output(output: Path, force: bool, report_path: Path | None = None) -> None:
+    """Before any work: the files can be written where they are asked for."""
     if output.exists() and not force:
         raise UsageError(f"-o {output}: file exists; pass --force to replace it")
+    for option, path in (("-o", output), ("--report", report_path)):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
 
 
 def _finish(result, output: Path, report_path: Path | None, as_json: bool, text: str) -> None:
@@ -207,7 +211,7 @@ def compress(model, data, output, report_path, as_json, no_bench, force, quiet, 
     from pipeline.render import summary
     from pipeline.workflow import compress as run
 
-    _check_output(output, force)
+    _check_output(output, force, report_path)
     options = _options(data, no_bench, max_memory, kw)
     options.int8 = quantize == "int8"
     options.finetune = FinetuneConfig(steps=finetune_steps, lr=finetune_lr)
@@ -252,7 +256,7 @@ def quantize_cmd(model, data, output, report_path, as_json, no_bench, force, qui
     from pipeline.render import summary
     from pipeline.workflow import CompressOptions, quantize_only
 
-    _check_output(output, force)
+    _check_output(output, force, report_path)
     options = CompressOptions(
         data=data, shots=shots, samples=samples, seed=seed, eval_data=eval_data, preprocess_file=preprocess_file,
         preprocess={"size": size, "channels": channels, "scale": scale, "mean": mean, "std": std, "layout": layout},

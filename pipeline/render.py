@@ -180,10 +180,11 @@ def _flops_note(alloc: dict) -> list[str]:
 
 def _spread_note(alloc: dict) -> list[str]:
     """Whether the ratio's FLOPs were spread by the loss curves, and what the held-out shots said."""
-    scores = alloc["holdout_relative_squared_error"]
-    said = "" if scores is None else (f" (held-out error: allocated {scores['allocated']:.4f}, one ratio for all "
-                                      f"{scores['uniform']:.4f})")
+    scores = alloc["holdout_relative_squared_error"] or {}
+    said = ", ".join(f"{'one ratio for all' if n == 'uniform' else n} {v:.4f}" for n, v in scores.items())
+    said = f" (held-out error: {said})" if said else ""
     kept = "spread over the groups by their loss curves" if alloc["chosen"] == "allocated" else \
+        "kept one ratio for all: close to the teacher already" if "allocated" not in scores else \
         "kept one ratio for all: spreading them was not closer to the teacher"
     return [f"--scope all: the ratio's {alloc['ratio_share']:.3g} of the FLOPs {kept}{said}; --uniform turns "
             f"this off"]

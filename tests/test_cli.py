@@ -162,6 +162,9 @@ def test_never_overwrites_input_or_existing_output(vgg_path, npz_path, tmp_path)
     existing.write_bytes(b"keep me")
     res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, "-o", existing, "--no-bench")
     assert res.exit_code == 2 and "--force" in res.output and existing.read_bytes() == b"keep me"
+    for where in (["-o", tmp_path / "no" / "slim.onnx"], ["-o", tmp_path / "s.onnx", "--report", tmp_path / "no" / "r.json"]):
+        res = run("compress", vgg_path, "--data", npz_path, "--shots", 2, *where, "--no-bench")
+        assert res.exit_code == 2 and f"{tmp_path / 'no'} does not exist" in res.output  # before any work
 
 
 def test_console_script_exit_code_and_one_line_error(tmp_path):

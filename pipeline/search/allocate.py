@@ -22,13 +22,15 @@ import numpy as np
 from pipeline import prune
 from pipeline.analyze import ChannelGroup
 from pipeline.augment import Augmenter
-from pipeline.convert import TorchModel, relative_squared_error, run_torch
+from pipeline.convert import TorchModel, relative_squared_error, run_torch, spread
 from pipeline.errors import NothingToPruneError
 from pipeline.flops import layer_costs
 from pipeline.graph import GraphView
 from pipeline.solve import removal_curve
 
 MIN_SHARE = 0.1  # no group is cut below this share of its channels
+WEIGHT_INPUTS = 32  # inputs each group's output weight is measured on
+JOBS_PER_WALK = 4  # single-group prunings walked together: each student holds its own activations
 
 
 class CostModel(Protocol):
@@ -120,31 +122,34 @@ def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
 
     if losses and config.method != "l1":
         prune.teacher_problems(view, teacher, eligible, x, config, augmenter, grams, curve)
-        weights = _output_weights(view, teacher, groups, eligible, floor, loss, x, config, augmenter, grams,
-                                  progress)
+        weights = _output_weights(view, teacher, groups, eligible, floor, x, config, progress)
         loss = {gid: curve * weights[gid] for gid, curve in loss.items()}
     return Curves(eligible, floor, loss, step)
 
 
 def _output_weights(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], eligible: list[ChannelGroup],
-                    floor: dict[int, int], loss: dict[int, np.ndarray], x: np.ndarray, config: prune.PruneConfig,
-                    augmenter: Augmenter | None, grams: prune.TeacherGrams,
+                    floor: dict[int, int], x: np.ndarray, config: prune.PruneConfig,
                     progress: Callable[[str], None]) -> dict[int, float]:
-    """Per group: output loss over layer loss, with the group alone pruned to the uniform ratio."""
-    reference = run_torch(teacher, x)
-    found = {}
-    for g in eligible:
-        count = min(g.size - 1, max(floor[g.id], config.kept_count(g.size, g.unit)))
-        layer_loss = float(loss[g.id][g.size - count])
-        if layer_loss <= 0:
-            continue
-        student = prune.prune(view, teacher, groups, x, config, augmenter=augmenter, keep={g.id: count},
-                              cache=grams).student
-        out = run_torch(student, x)
-        output_loss = np.mean([relative_squared_error(r, o) for r, o in zip(reference, out)])
-        found[g.id] = float(output_loss) / layer_loss
-        progress(f"allocation: group {g.id} alone at {count * g.unit}/{g.channels}: output loss {output_loss:.4f}, "
-                 f"{found[g.id]:.2f}x its layer loss")
+    """Per group: output loss over layer loss, with the group alone pruned to the uniform ratio.
+    Both come from the same few inputs (WEIGHT_INPUTS, no variants): the ratio of two losses is
+    steady on few, and each group's pruning costs a forward pass from its layers to the output.
+    The prunings are walked JOBS_PER_WALK at a time, the teacher's values shared among them."""
+    xs = spread(x, WEIGHT_INPUTS)
+    reference = run_torch(teacher, xs)
+    alone = [g for g in eligible if g.size > 1]
+    counts = {g.id: min(g.size - 1, max(floor[g.id], config.kept_count(g.size, g.unit))) for g in alone}
+    grams, found = prune.TeacherGrams(), {}
+    for i in range(0, len(alone), JOBS_PER_WALK):
+        chunk = alone[i:i + JOBS_PER_WALK]
+        jobs = [prune.Job(config, {g.id: counts[g.id]}) for g in chunk]
+        for g, result in zip(chunk, prune.prune_jobs(view, teacher, groups, xs, jobs, cache=grams)):
+            layer_loss = result.outcomes[0].loss if result.outcomes else 0.0
+            if layer_loss <= 0:
+                continue
+            output_loss = np.mean([relative_squared_error(r, o) for r, o in zip(reference, run_torch(result.student, xs))])
+            found[g.id] = float(output_loss) / layer_loss
+            progress(f"allocation: group {g.id} alone at {counts[g.id] * g.unit}/{g.channels}: output loss "
+                     f"{output_loss:.4f}, {found[g.id]:.2f}x its layer loss")
     typical = float(np.median(list(found.values()))) if found else 1.0
     return {g.id: found.get(g.id, typical) for g in eligible}
 

@@ -21,7 +21,8 @@ from pipeline.search.problem import Problem
 from pipeline.search.records import Progress, SpreadChoice, Stage
 from pipeline.search.refine import beats
 
-FOLDS = 2  # held-out folds both widths are scored on, where the shots allow
+FOLDS = 1  # held-out folds the widths are scored on
+SETTLED = 0.02  # one ratio for all this close to the teacher on held-out shots is kept without a search
 
 
 def applies(mode: Ratio, problem: Problem) -> bool:
@@ -34,29 +35,36 @@ def applies(mode: Ratio, problem: Problem) -> bool:
 
 def widths(problem: Problem, stage: Stage, progress: Progress) -> tuple[Allocation | None, SpreadChoice]:
     """The allocation at one ratio for all's FLOPs, where it beats one ratio for all on held-out
-    shots (None: one ratio for all, pruned as without spreading)."""
+    shots (None: one ratio for all, pruned as without spreading). One ratio for all within
+    SETTLED of the teacher there is kept as it is: the loss curves cost a pruning per group."""
     p = problem
     with stage("allocate"):
-        curves = allocate.curves(p.view, p.teacher, p.groups, p.x, p.config, p.augmenter, progress)
         model = FlopsModel(p.view, p.groups)
-        full = model.cost(curves.sizes)
-        share = model.cost({g.id: p.config.kept_count(g.size, g.unit) for g in curves.groups}) / full
+        uniform = {g.id: p.config.kept_count(g.size, g.unit) for g in p.groups
+                   if g.prunable and not prune.skip_reason(p.teacher, g, p.config)}
+        share = model.cost(uniform) / model.cost({})
+        held = len(p.x) >= choose.MIN_SAMPLES
+        scores = {"uniform": _score(p, None, "uniform", progress)} if held else {}
+        if held and scores["uniform"] <= SETTLED:
+            progress(f"ratio {p.config.ratio}: one ratio for all is within {SETTLED} of the teacher on held-out "
+                     f"shots ({scores['uniform']:.4f}); kept")
+            return None, SpreadChoice("uniform", share, scores)
+        curves = allocate.curves(p.view, p.teacher, p.groups, p.x, p.config, p.augmenter, progress)
         alloc = allocate.allocate(curves, model, share, f"flops of --ratio {p.config.ratio}, spread", strict=False)
         progress(f"ratio {p.config.ratio} under --scope all: {share:.3f} of the FLOPs, spread over "
                  f"{len(curves.groups)} groups by their loss curves")
-        if len(p.x) < choose.MIN_SAMPLES:
+        if not held:
             return alloc, SpreadChoice("allocated", share)
-        scores = _scores(p, alloc.keep, progress)
+        scores["allocated"] = _score(p, alloc.keep, "allocated", progress)
     chosen = "allocated" if beats(scores["allocated"], scores["uniform"]) else "uniform"
     progress(f"ratio {p.config.ratio}: {chosen} widths kept (held-out error allocated {scores['allocated']:.4f}, "
              f"one ratio for all {scores['uniform']:.4f})")
     return (alloc if chosen == "allocated" else None), SpreadChoice(chosen, share, scores)
 
 
-def _scores(p: Problem, keep: dict[int, int], progress: Progress) -> dict[str, float]:
-    """Mean held-out error of both widths over the first FOLDS disjoint folds of the shots."""
-    jobs = {"uniform": prune.Job(p.config), "allocated": prune.Job(p.config, keep)}
-    folds = [choose.holdout_scores(p.view, p.teacher, p.groups, p.x, jobs, p.seed, p.augmenter,
-                                   f"spread, held-out fold {fold + 1}", progress, fold)
-             for fold in range(min(FOLDS, choose.disjoint_folds(len(p.x))))]
-    return {name: float(np.mean([f[name] for f in folds])) for name in jobs}
+def _score(p: Problem, keep: dict[int, int] | None, name: str, progress: Progress) -> float:
+    """Mean held-out error of the widths (None: the ratio's) over the first FOLDS disjoint folds."""
+    return float(np.mean([choose.holdout_scores(p.view, p.teacher, p.groups, p.x, {name: prune.Job(p.config, keep)},
+                                                p.seed, p.augmenter, f"spread, held-out fold {fold + 1}", progress,
+                                                fold)[name]
+                          for fold in range(min(FOLDS, choose.disjoint_folds(len(p.x))))]))
