@@ -1,4 +1,4 @@
-"""Issue 3's zoo: every architecture of tests/zoo.py through `compress --scope all --ratio 0.3`.
+"""The architecture zoo: every architecture of tests/zoo.py through `compress --scope all --ratio 0.3`.
 
     python tools/bench_zoo.py --opsets 13,17
     python tools/bench_zoo.py --opsets dynamo --out results/zoo_dynamo.json
