@@ -5,10 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.analyze import LINEAR, RECURRENT
 from pipeline.graph import GraphView
-
-LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,7 @@ def layer_costs(view: GraphView) -> list[LayerCost]:
     costs = []
     batch = _fixed_batch(view)
     for node in view.graph.node:
-        if node.op_type not in LINEAR + RECURRENT:
+        if node.op_type not in LINEAR | RECURRENT:
             continue
         params = sum(int(np.prod(view.initializers[i].dims)) for i in node.input if i in view.initializers)
         if node.op_type in RECURRENT:

@@ -6,8 +6,8 @@
     checks.py  what the rules read from the graph (linear layers, Slice bounds, GroupNorm, Resize sizes)
 """
 from pipeline.analyze.model import ChannelGroup, Consumer, ParamSlice, ShapeEdit
-from pipeline.analyze.rules import BINARY, LINEAR, PER_CHANNEL_PARAMS, POOL, RULES, UNARY, Rule, rule_for
+from pipeline.analyze.rules import BINARY, LINEAR, PER_CHANNEL_PARAMS, POOL, RECURRENT, RULES, UNARY, Rule, rule_for
 from pipeline.analyze.tracer import find_groups
 
-__all__ = ["BINARY", "LINEAR", "PER_CHANNEL_PARAMS", "POOL", "RULES", "UNARY", "ChannelGroup", "Consumer", "ParamSlice",
-           "Rule", "ShapeEdit", "find_groups", "rule_for"]
+__all__ = ["BINARY", "LINEAR", "PER_CHANNEL_PARAMS", "POOL", "RECURRENT", "RULES", "UNARY", "ChannelGroup", "Consumer",
+           "ParamSlice", "Rule", "ShapeEdit", "find_groups", "rule_for"]
