@@ -100,12 +100,17 @@ class Curves:
         return {g.id: g.size for g in self.groups}
 
 
+def eligible_groups(teacher: TorchModel, groups: list[ChannelGroup], config: prune.PruneConfig) -> list[ChannelGroup]:
+    """The groups a pruning under `config` may cut: prunable, and not skipped (prune.skip_reason)."""
+    return [g for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)]
+
+
 def curves(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
            config: prune.PruneConfig, augmenter: Augmenter | None = None,
            progress: Callable[[str], None] = lambda _: None, losses: bool = True) -> Curves:
     """Without `losses`, only the groups, floors and steps: what one ratio for all and the
     refinement need (the loss curves take a pruning per group)."""
-    eligible = [g for g in groups if g.prunable and not prune.skip_reason(teacher, g, config)]
+    eligible = eligible_groups(teacher, groups, config)
     if not eligible:
         raise NothingToPruneError("no prunable group to allocate a target over")
     floor, loss, step = {}, {}, {}

@@ -133,6 +133,9 @@ class FlopsChoice:
         return {"chosen": self.chosen, "ratio": self.ratio, "refinement": self.refinement.to_json()}
 
 
+SPREAD_COST = "flops of the ratio, spread"  # the report's allocation cost for a spread ratio, either choice
+
+
 @dataclass
 class SpreadChoice:
     """--ratio under --scope all: its FLOPs `share` allocated from the loss curves, kept
@@ -143,7 +146,8 @@ class SpreadChoice:
     scores: dict[str, float] | None = None  # held-out relative squared error of each; None: none held out
 
     def to_json(self) -> dict:
-        return {"chosen": self.chosen, "ratio_share": self.share, "holdout_relative_squared_error": self.scores}
+        return {"cost": SPREAD_COST, "chosen": self.chosen, "ratio_share": self.share,
+                "holdout_relative_squared_error": self.scores}
 
 
 @dataclass
@@ -158,5 +162,5 @@ class SearchOutcome:
     def to_json(self) -> dict | None:
         """The report's `allocation` section."""
         if self.alloc is None:
-            return None if self.choice is None else {"cost": "flops of the ratio, spread", **self.choice.to_json()}
+            return None if self.choice is None else self.choice.to_json()
         return {**self.alloc.to_json(), **(self.choice.to_json() if self.choice else {})}

@@ -18,7 +18,7 @@ from pipeline.search import allocate
 from pipeline.search.allocate import Allocation, FlopsModel
 from pipeline.search.modes import Ratio
 from pipeline.search.problem import Problem
-from pipeline.search.records import Progress, SpreadChoice, Stage
+from pipeline.search.records import SPREAD_COST, Progress, SpreadChoice, Stage
 from pipeline.search.refine import beats
 
 FOLDS = 1  # held-out folds the widths are scored on
@@ -28,9 +28,8 @@ SETTLED = 0.02  # one ratio for all this close to the teacher on held-out shots 
 def applies(mode: Ratio, problem: Problem) -> bool:
     """Spread where the ratio would cut channels tied across layers: --scope all, and a coupled
     group (residual, gating, Concat) among those it prunes."""
-    config, teacher = problem.config, problem.teacher
-    return mode.spread and config.scope == "all" and any(
-        g.prunable and g.coupling and not prune.skip_reason(teacher, g, config) for g in problem.groups)
+    return mode.spread and problem.config.scope == "all" and any(
+        g.coupling for g in allocate.eligible_groups(problem.teacher, problem.groups, problem.config))
 
 
 def widths(problem: Problem, stage: Stage, progress: Progress) -> tuple[Allocation | None, SpreadChoice]:
@@ -40,8 +39,8 @@ def widths(problem: Problem, stage: Stage, progress: Progress) -> tuple[Allocati
     p = problem
     with stage("allocate"):
         model = FlopsModel(p.view, p.groups)
-        uniform = {g.id: p.config.kept_count(g.size, g.unit) for g in p.groups
-                   if g.prunable and not prune.skip_reason(p.teacher, g, p.config)}
+        uniform = {g.id: p.config.kept_count(g.size, g.unit) for g in allocate.eligible_groups(p.teacher, p.groups,
+                                                                                              p.config)}
         share = model.cost(uniform) / model.cost({})
         held = len(p.x) >= choose.MIN_SAMPLES
         scores = {"uniform": _score(p, None, "uniform", progress)} if held else {}
@@ -50,7 +49,7 @@ def widths(problem: Problem, stage: Stage, progress: Progress) -> tuple[Allocati
                      f"shots ({scores['uniform']:.4f}); kept")
             return None, SpreadChoice("uniform", share, scores)
         curves = allocate.curves(p.view, p.teacher, p.groups, p.x, p.config, p.augmenter, progress)
-        alloc = allocate.allocate(curves, model, share, f"flops of --ratio {p.config.ratio}, spread", strict=False)
+        alloc = allocate.allocate(curves, model, share, SPREAD_COST, strict=False)
         progress(f"ratio {p.config.ratio} under --scope all: {share:.3f} of the FLOPs, spread over "
                  f"{len(curves.groups)} groups by their loss curves")
         if not held:
