@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
+from exporters import heads
 from pipeline.analyze import ChannelGroup
 from pipeline.graph import GraphView
 from pipeline.prune import LayerWeights
@@ -62,6 +63,12 @@ def slim(proto: ModelProto, groups: list[ChannelGroup], kept: dict[int, np.ndarr
         node = view.nodes[name]
         weight = editor.get(node, 1)  # (channels, channels per group, ...): as many in as out
         _set_int_attr(node, "group", weight.shape[0] // weight.shape[1])
+    lost_heads = [g for g in pruned if g.attention is not None and len(kept[g.id]) < g.size]
+    for group in lost_heads:
+        dtype = editor.get(view.nodes[group.attention.out], 1).dtype
+        heads.rewrite(out, group.attention, group.follows, len(kept[group.id]), dtype)
+    if lost_heads:
+        heads.drop_dead(out.graph)
     editor.drop_unused()
     del out.graph.value_info[:]
     out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)

@@ -367,7 +367,8 @@ def inspect(model, as_json, shape, data, max_memory):
         return
     click.echo(table(["group", "producers", "channels", "consumers", "prunable"],
                       [[str(g.id), _names(g.producers),
-                        str(g.channels) + (f" ({g.size}x{g.unit})" if g.unit > 1 else ""),
+                        str(g.channels) + (f" ({g.size}{' heads' if g.attention else ''}x{g.unit})"
+                                           if g.unit > 1 else ""),
                         _names([c.node for c in g.consumers]), _prunable(g)] for g in groups]))
     prunable = sum(g.channels for g in groups if g.prunable)
     internal = sum(g.channels for g in groups if g.prunable and not g.coupling)

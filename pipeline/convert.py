@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import ModelProto, helper
+from onnx import ModelProto, TensorProto, helper
 
 from pipeline import precision
 from pipeline.converter import OnnxGraph
@@ -73,7 +73,7 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None,
              device: torch.device = torch.device("cpu")) -> TorchModel:
     """Convert with onnx2torch, in float32 (precision.py), onto `device`; nodes it has no converter
     for are run by onnxruntime."""
-    prepared = _explicit_pads(precision.widened(proto))
+    prepared = _explicit_pads(_float_input(precision.widened(proto)))
     proto = with_fallbacks(prepared)
     try:
         try:
@@ -94,6 +94,23 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None,
     fallbacks = [name for name, layer in by_node.items() if isinstance(layer, OrtNode)]
     entries = {name: m for name, m in made.items() if by_node[name] is not m}
     return TorchModel(module, by_node, fallbacks, batch, device, entries)
+
+
+def _float_input(proto: ModelProto) -> ModelProto:
+    """The twin takes float32 samples like every model; an input of integers (token ids, raw
+    pixels) is cast back to its type first thing inside it (float32 holds them exactly)."""
+    inits = {i.name for i in proto.graph.initializer}
+    first = next((v for v in proto.graph.input if v.name not in inits), None)
+    elem = first.type.tensor_type.elem_type if first is not None else TensorProto.FLOAT
+    if elem not in (TensorProto.INT64, TensorProto.INT32):
+        return proto
+    out = ModelProto()
+    out.CopyFrom(proto)
+    value = next(v for v in out.graph.input if v.name == first.name)
+    value.name = f"{first.name}_as_float"
+    value.type.tensor_type.elem_type = TensorProto.FLOAT
+    out.graph.node.insert(0, helper.make_node("Cast", [value.name], [first.name], name=f"{first.name}_cast", to=elem))
+    return out
 
 
 def _layer_inside(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,4 +1,8 @@
-"""FLOPs and parameters per linear layer, per sample, read off the shape-inferred ONNX graph."""
+"""FLOPs and parameters per layer, per sample, read off the shape-inferred ONNX graph.
+
+Linear and recurrent layers, the products of two activations (attention's QK^T and AV) and
+Softmax: what channel pruning makes cheaper, and the attention work beside it that a report of
+an attention model would otherwise leave out."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +11,9 @@ import numpy as np
 
 from pipeline.analyze import LINEAR, RECURRENT
 from pipeline.graph import GraphView
+from pipeline.load import at_batch_one
+
+SOFTMAX_OPS = 5  # per element: max, subtract, exp, sum, divide
 
 
 @dataclass(frozen=True)
@@ -22,19 +29,33 @@ class LayerCost:
 
 
 def layer_costs(view: GraphView) -> list[LayerCost]:
-    """Conv, ConvTranspose, Gemm, MatMul and recurrent layers: the ones channel pruning makes cheaper."""
+    """Conv, ConvTranspose, Gemm, MatMul (with weights or of two activations), recurrent layers
+    and Softmax."""
     costs = []
-    batch = _fixed_batch(view)
+    shapes, batch = _sample_shapes(view)
     for node in view.graph.node:
-        if node.op_type not in LINEAR | RECURRENT:
+        if node.op_type not in LINEAR | RECURRENT | {"Softmax"}:
             continue
         params = sum(int(np.prod(view.initializers[i].dims)) for i in node.input if i in view.initializers)
         if node.op_type in RECURRENT:
-            flops, fixed = _recurrent_flops(view, node, batch)
+            flops, fixed = _recurrent_flops(shapes, node, batch)
             costs.append(LayerCost(node.name, node.op_type, flops, params, fixed))
+        elif node.op_type == "Softmax":
+            elements = _per_sample(shapes.shape(node.output[0]), batch)
+            costs.append(LayerCost(node.name, node.op_type, SOFTMAX_OPS * (elements or 0), 0))
         else:
-            costs.append(LayerCost(node.name, node.op_type, _flops(view, node, batch), params))
+            costs.append(LayerCost(node.name, node.op_type, _flops(shapes, node, batch), params))
     return costs
+
+
+def _sample_shapes(view: GraphView) -> tuple[GraphView, int | None]:
+    """The view to read shapes from and the batch they hold: the graph's own where it fixes the
+    batch, else its shapes at batch 1 (None: the free dimension left to stand for the batch)."""
+    fixed = _fixed_batch(view)
+    if fixed is not None:
+        return view, fixed
+    one = at_batch_one(view.proto)
+    return (GraphView(one), 1) if one is not None else (view, None)
 
 
 def _fixed_batch(view: GraphView) -> int | None:
@@ -69,13 +90,12 @@ def _flops(view: GraphView, node, batch: int | None) -> int:
             return 0 if inputs is None else 2 * inputs * int(np.prod(w[1:]))
         outputs = _per_sample(out, batch)
         return 0 if outputs is None else 2 * int(np.prod(w[1:])) * outputs  # (C_in / group) x kernel per output
-    a, b = view.shape(node.input[0]), view.shape(node.input[1]) if len(node.input) > 1 else None
-    if a is None or b is None or len(a) < 2 or len(b) < 2 or None in b:
+    a = view.shape(node.input[0])  # MatMul and Gemm: each output a dot product over the inner axis
+    if a is None or len(a) < 1:
         return 0
     inner = a[-2] if node.op_type == "Gemm" and view.attr(node, "transA", 0) else a[-1]
-    width = b[0] if node.op_type == "Gemm" and view.attr(node, "transB", 0) else b[-1]
-    rows = _per_sample(a[:-2] + a[-1:] if node.op_type == "Gemm" and view.attr(node, "transA", 0) else a[:-1], batch)
-    return 0 if rows is None or inner is None else 2 * rows * int(inner) * int(width)
+    outputs = _per_sample(out, batch)
+    return 0 if outputs is None or inner is None else 2 * outputs * int(inner)
 
 
 def _recurrent_flops(view: GraphView, node, batch: int | None) -> tuple[int, int]:

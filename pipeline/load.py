@@ -36,9 +36,9 @@ class IOSpec:
 
     @property
     def takes_integers(self) -> bool:
-        """Raw pixels in (uint8 and the like): the model does its own preprocessing."""
+        """Raw pixels (uint8 and the like) or token ids (int64): the model does its own preprocessing."""
         return self.elem_type in (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
-                                  TensorProto.INT32)
+                                  TensorProto.INT32, TensorProto.INT64)
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype_name,
@@ -364,6 +364,42 @@ def sized(proto: ModelProto, sample: tuple[int, ...]) -> ModelProto:
             dim.dim_value = int(size)
     del out.graph.value_info[:]
     return _infer_shapes(Path(f"at input size {'x'.join(map(str, sample))}"), out)
+
+
+def at_batch_one(proto: ModelProto) -> ModelProto | None:
+    """Shapes for one sample: a weightless copy with the free batch dimension bound to 1 in every
+    input (and dims of other inputs that share its name), shapes inferred again with data
+    propagation. Where reshapes fold the batch into rows (attention heads split and merged,
+    a Gemm after them), only this knows each layer's rows. None where the first input has no
+    single free dimension to bind, or inference fails."""
+    inputs = [v for v in proto.graph.input if v.name not in {i.name for i in proto.graph.initializer}]
+    free = [d for d in inputs[0].type.tensor_type.shape.dim if not d.HasField("dim_value")] if inputs else []
+    if len(free) != 1:
+        return None
+    name = free[0].dim_param
+    out = ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.value_info[:]
+    big = [i for i in out.graph.initializer if int(np.prod(i.dims)) > 64]  # no shape is computed from these
+    for init in big:
+        out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    keep = [i for i in out.graph.initializer if int(np.prod(i.dims)) <= 64]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    for v in out.graph.input:
+        for dim in v.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value") and (v.name == inputs[0].name or (name and dim.dim_param == name)):
+                dim.dim_value = 1
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:  # onnxruntime's inference follows shape arithmetic (Shape, Gather, Slice, Concat) that onnx's loses
+        return SymbolicShapeInference.infer_shapes(out, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001 - an op it does not know: onnx's inference instead
+        pass
+    try:
+        return _infer_shapes(Path("at batch 1"), out)
+    except ModelError:
+        return None
 
 
 def _reads_a_matrix(view: GraphView, node: NodeProto, flat: str) -> bool:

@@ -107,7 +107,8 @@ class Sectioned(click.Command):
     """A command whose --help groups its options under SECTIONS' headings."""
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)
+                   if isinstance(p, click.Option)}  # arguments are in the usage line (click 8.5 lists them too)
         records = {name: rec for name, rec in records.items() if rec is not None}
         listed = {name for names in SECTIONS.values() for name in names}
         headings = [*SECTIONS.items(), ("Other options", [n for n in records if n not in listed])]

@@ -348,10 +348,12 @@ def _rounding(pruned: list[dict]) -> list[str]:
     parts = [f"of {step} in {n} group{'s' if n > 1 else ''}" for step, n in sorted(counts.items(), reverse=True)]
     lines = [f"kept widths rounded to multiples {', '.join(parts)} (--round-to; onnxruntime runs a width "
              f"between two multiples as slowly as the next)"] if parts else []
-    grouped = [g for g in pruned if g.get("unit", 1) > 1]
-    if grouped:
-        lines.append(f"{len(grouped)} group{'s' if len(grouped) > 1 else ''} cut in whole groups of a grouped Conv or GroupNorm "
-                     f"({', '.join(map(str, sorted({g['unit'] for g in grouped})))} channels each)")
+    for heads in (False, True):
+        grouped = [g for g in pruned if g.get("unit", 1) > 1 and bool(g.get("heads")) == heads]
+        if grouped:
+            what = "attention heads" if heads else "whole groups of a grouped Conv or GroupNorm"
+            lines.append(f"{len(grouped)} group{'s' if len(grouped) > 1 else ''} cut in {what} "
+                         f"({', '.join(map(str, sorted({g['unit'] for g in grouped})))} channels each)")
     return lines
 
 

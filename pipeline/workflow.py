@@ -173,10 +173,10 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
                                 options.providers, options.batches, runs=options.bench_runs, threads=options.threads,
                                 seed=options.seed, progress=progress, shape=ready.shots.calib.x.shape[1:])
     failures = _gates(options, chain.quality, timed)
-    if output is not None and not failures:
-        atomic_write(output, chain.final)
     auto = {**choice.to_json(), "channels_chosen_by": f"{selector.method} mu={selector.mu}"} if choice else None
     rep = compress_report.build(ready, options, found, chain, verify_err, timed, stages, output, auto, failures)
+    if output is not None and not failures:  # after the report: a run that fails writes nothing
+        atomic_write(output, chain.final)
     return CompressResult(chain.slim_bytes, rep, failures, {name: m for name, m, _ in chain.links})
 
 

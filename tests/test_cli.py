@@ -1,6 +1,7 @@
 """The command line as a pipeline would use it: outputs, reports, exit codes, bad options."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -185,11 +186,18 @@ def test_a_reader_that_stops_early_is_not_an_error(vgg_path):
     assert proc.returncode == 141 and err.decode() == ""
 
 
+# The demo's kept channels (sha256 of their JSON) as this code chooses them: a change to the layout
+# of the code must leave them alone; a change to the method that moves them updates this line.
+DEMO_KEPT = "5a4471af2f6eeee1"
+
+
 def test_demo_meets_its_quality_bar():
     """The embedded teacher at 5 shots, ratio 0.5: numbers that depend on the seed, not the machine."""
     res = run("demo", "--json", "--quiet")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
+    kept = json.dumps([g["kept"] for g in rep["groups"] if g["prunable"]])
+    assert hashlib.sha256(kept.encode()).hexdigest()[:16] == DEMO_KEPT
     assert rep["totals"]["flops_reduction"] > 3.5
     assert rep["quality"]["samples"] == 5000 and rep["quality"]["teacher_accuracy"] > 0.92
     assert rep["quality"]["accuracy_drop"] < 0.03

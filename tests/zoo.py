@@ -1,4 +1,6 @@
-"""Architectures for the zoo test and benchmark: torchvision's definitions plus two written here.
+"""Architectures for the zoo test and benchmark: torchvision's definitions plus two written here,
+and two transformers (a ViT-B/16-shaped torchvision model, a BERT-style encoder from a
+transformers config) with an exporter of sequences or images.
 
 Weights are random (structure is what the channel analysis sees) with BatchNorm statistics
 randomised, so that slicing the wrong channel shows in the outputs.
@@ -174,3 +176,66 @@ def build(name: str, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model.eval()
+
+
+TOKENS = 16  # the BERT-style encoder's samples; its sequence axis stays free in the export
+
+
+def vit_b16_shaped() -> nn.Module:
+    """ViT-B/16's blocks (width 768, 12 heads of 64, MLP 3072), two of them, on 32x32 images
+    (4 patches and the class token); the classifier drawn at random (torchvision zeroes it)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=12, hidden_dim=768,
+                              mlp_dim=3072, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.05)
+    return model.eval()
+
+
+class Bert(nn.Module):
+    """A BERT-style classifier from a transformers config (nothing downloaded): token ids in,
+    logits out; 2 blocks of width 256, 4 heads of 64, FFN 1024."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=1024, max_position_embeddings=64, num_labels=3)
+        self.bert = transformers.BertForSequenceClassification(config).eval()
+
+    def forward(self, ids):
+        return self.bert(input_ids=ids).logits
+
+
+# name -> (builder, example input, input name, whether the second axis is a free sequence length)
+TRANSFORMERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, bool]] = {
+    "vit_b16_shaped": (vit_b16_shaped, lambda: torch.randn(2, 3, 32, 32), "image", False),
+    "bert": (Bert, lambda: torch.randint(0, 1000, (2, TOKENS)), "input_ids", True),
+}
+
+
+def export_sequence(model: nn.Module, x: torch.Tensor, path, opset: int | None, name: str,
+                    free_tokens: bool = False, outputs: tuple[str, ...] = ("logits",)):
+    """torch.onnx.export with the batch (and with free_tokens the sequence axis) free: TorchScript
+    at `opset`, or dynamo with opset None."""
+    import warnings
+
+    axes = {0: "batch", 1: "sequence"} if free_tokens else {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if opset is None:
+            dims = ({k: torch.export.Dim(v, min=2, max=64) for k, v in axes.items()},)
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=[name], output_names=list(outputs),
+                              dynamic_shapes=dims, external_data=True, verbose=False)
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[name],
+                              output_names=list(outputs), dynamic_axes={name: axes, **{o: {0: "batch"} for o in outputs}})
+    return path
+
+
+def export_transformer(name: str, path, opset: int | None):
+    build, example, input_name, free = TRANSFORMERS[name]
+    return export_sequence(build(), example(), path, opset, input_name, free)

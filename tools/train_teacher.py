@@ -8,13 +8,14 @@
     python tools/train_teacher.py --arch resnet50 --epochs 2
     python tools/train_teacher.py --arch mobilenet_v3_small --epochs 4
     python tools/train_teacher.py --arch tiny_se --epochs 4
+    python tools/train_teacher.py --arch vit --epochs 10
 
 CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifier) and ResNet-56
 (three stages of nine basic blocks, 16/32/64 channels, 1x1 projection shortcuts where the shape
 changes): the paper's nets. ResNet-18, ResNet-50, MobileNetV2, MobileNetV3-Small and GoogLeNet are
 the architecture zoo's (torchvision's definitions, tests/zoo.py) with a first convolution that
 reads one grey channel; their stems divide the input by 32, so they see the 32x32 images with every
-pixel doubled (64x64). All 60,000 training images train the teacher; the 10,000 test images are
+pixel doubled (64x64). The ViT is torchvision's VisionTransformer, small, trained with AdamW. All 60,000 training images train the teacher; the 10,000 test images are
 used only to report its accuracy. Writes tools/teachers/<arch>.onnx and a line of JSON with the
 accuracy.
 """
@@ -89,6 +90,17 @@ def tiny_se(classes: int = 10) -> nn.Module:
     return _grey_stem(MobileNetV3(*_mobilenet_v3_conf("mobilenet_v3_small", width_mult=0.25), num_classes=classes))
 
 
+def vit(classes: int = 10) -> nn.Module:
+    """torchvision's VisionTransformer at the size of a small DeiT: 4x4 patches of the 32x32 images
+    (64 tokens and a class token), 6 blocks of width 192 with 6 heads of 32 channels, MLP 384."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=192,
+                              mlp_dim=384, num_classes=classes)
+    model.conv_proj = nn.Conv2d(1, 192, 4, 4)
+    return model
+
+
 def grey(name: str) -> nn.Module:
     """A zoo architecture whose first convolution reads one channel instead of three."""
     return _grey_stem(ZOO[name]())
@@ -103,8 +115,9 @@ def _grey_stem(model: nn.Module) -> nn.Module:
 
 
 ZOO_NETS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "googlenet")
-ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "tiny_se": tiny_se, **{name: partial(grey, name) for name in ZOO_NETS}}
+ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "tiny_se": tiny_se, "vit": vit, **{name: partial(grey, name) for name in ZOO_NETS}}
 UPSAMPLE = dict.fromkeys(ZOO_NETS, 2)  # the zoo's stems divide by 32: pixels doubled, 64x64 inputs
+ADAMW_LR = {"vit": 1e-3}  # SGD trains transformers poorly
 
 
 def main() -> None:
@@ -121,7 +134,9 @@ def main() -> None:
     x = torch.from_numpy(fmnist.normalise(x_img, pad=2, upsample=up))
     model = ARCHS[args.arch]()
     start = time.time()
-    training.fit(model, x, torch.from_numpy(y), epochs=args.epochs, seed=args.seed, background=fmnist.BACKGROUND)
+    lr = ADAMW_LR.get(args.arch)
+    training.fit(model, x, torch.from_numpy(y), epochs=args.epochs, seed=args.seed, background=fmnist.BACKGROUND,
+                 **({"max_lr": lr, "adamw": True} if lr else {}))
     x_test, y_test = fmnist.load("t10k")
     x_test = torch.from_numpy(fmnist.normalise(x_test, pad=2, upsample=up))
     acc = training.accuracy(model, x_test, torch.from_numpy(y_test))

@@ -50,6 +50,30 @@ class ShapeEdit:
     block: int
 
 
+@dataclass(frozen=True)
+class Attention:
+    """A multi-head attention block whose heads are a group: queries, keys and values written by
+    linear layers (`q`, `k`, `v`: their output tensors, one tensor `fused` for all three), the heads
+    merged into `merged`, which linear layer `out` reads. What the graph does in between was shown
+    by a probe to be softmax(scale * Q K^T + mask) V over `heads` heads of `head_dim` channels with
+    tokens on the axis `lead` says ("bt": batch, tokens, channels; "tb": tokens first)."""
+
+    softmax: str
+    q: str
+    k: str
+    v: str
+    fused: bool
+    out: str
+    merged: str
+    merged_rank: int
+    heads: int
+    head_dim: int
+    scale: float
+    mask: str  # tensor added to the scores, "" for none
+    lead: str
+    nan_guard: bool = False  # weights that come out NaN (rows masked whole) are set to zero
+
+
 @dataclass
 class ChannelGroup:
     """Channels shared by every tensor in `tensors`: sliced in each producer, refit in each consumer.
@@ -70,6 +94,9 @@ class ChannelGroup:
     unit: int = 1  # channels removed together: a grouped Conv's group width (ResNeXt, RegNet), else 1
     coupling: str = ""
     reason: str = ""  # why it is frozen; empty when prunable
+    attention: Attention | None = None  # the group is the heads of this block (unit: head_dim)
+    follows: list[str] = field(default_factory=list)  # layers whose cost scales with the units kept
+
 
     @property
     def prunable(self) -> bool:
@@ -83,7 +110,8 @@ class ChannelGroup:
     def to_json(self) -> dict:
         return {"id": self.id, "producers": self.producers, "channels": self.channels, "unit": self.unit,
                 "consumers": [c.node for c in self.consumers], "prunable": self.prunable,
-                "coupling": self.coupling or None, "reason": self.reason or None, "tensors": len(self.tensors)}
+                "coupling": self.coupling or None, "reason": self.reason or None, "tensors": len(self.tensors),
+                "heads": self.attention.softmax if self.attention else None}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from onnx import NodeProto
 
+from pipeline.analyze.attention import find_blocks, head_group
 from pipeline.analyze.checks import producer_start
 from pipeline.analyze.model import ChannelGroup, Divide, Frozen, ParamSlice, Place, Repeat, ShapeEdit
 from pipeline.analyze.rules import rule_for
@@ -28,10 +29,17 @@ def find_groups(view: GraphView) -> list[ChannelGroup]:
     traced when the loop comes to it."""
     groups: list[ChannelGroup] = []
     claimed: dict[str, list[tuple[int, int]]] = {}  # producer -> (first channel, channels) held by groups
+    blocks, frozen = find_blocks(view)
+    heads = {min(block.projections, key=view.order.get): (att, block) for att, block in blocks}
+    for att, block in blocks:
+        for name in block.projections:
+            claimed[name] = [(0, producer_start(view, view.nodes[name])[0])]
     for node in view.graph.node:
         start = producer_start(view, node)
         if start is None:
             continue
+        if node.name in heads:
+            groups.append(head_group(view, *heads[node.name], len(groups)))
         for window in _unclaimed(start[0], claimed.get(node.name, [])):
             try:
                 traced = [_trace(view, node, len(groups), window)]
@@ -43,6 +51,8 @@ def find_groups(view: GraphView) -> list[ChannelGroup]:
             for group, windows in traced:
                 for producer, held in windows.items():
                     claimed.setdefault(producer, []).append(held)
+                if group.reason and node.name in frozen:  # say what the attention around it lacks
+                    group.reason = frozen[node.name]
                 groups.append(group)
     return groups
 

@@ -65,6 +65,8 @@ class FlopsModel:
                     self.layers[s.node]["out"].append((g.id, dims(s.node)[s.axis % len(dims(s.node))] // s.block))
             for name in g.group_attrs:  # depthwise or grouped: cost follows its channels
                 self.layers[name]["out"] = [(g.id, dims(name)[0] // g.unit)]
+            for name in g.follows:  # attention's products and Softmax: one share per head kept
+                self.layers[name]["in"].append((g.id, g.size))
 
     def fractions(self, keep: dict[int, int]) -> dict[str, tuple[float, float]]:
         """Per layer: the share of its input and of its output channels left."""

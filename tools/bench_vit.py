@@ -1,0 +1,82 @@
+"""Half the heads and half the FFN neurons of every block of the trained ViT, from K shots per class.
+
+    python tools/bench_vit.py
+    python tools/bench_vit.py --shots 10 --seeds 0 --batches 32,1
+
+Teacher: tools/teachers/vit.onnx (`python tools/train_teacher.py --arch vit --epochs 10`). For
+each K and seed, K Fashion-MNIST training images per class; every test image scored
+(--eval-count); `--scope internal --ratio 0.5` (every head group and FFN group to half, the
+residual width whole) with the command's other defaults, no fine-tuning. The first seed of the
+largest K is timed with the teacher in one run (--batches). Prints a table and writes
+results/vit.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(TOOLS.parent))
+import bench_paper  # noqa: E402
+
+from pipeline import CompressOptions, PruneConfig, compress  # noqa: E402
+
+MODEL = TOOLS / "teachers" / "vit.onnx"
+
+
+def run(folder: Path, k: int, seed: int, eval_count: int, batches: list[int]) -> dict:
+    options = CompressOptions(data=bench_paper.write_shots(folder, k, seed), shots=k, seed=seed,
+                              eval_data=bench_paper.write_eval(folder, eval_count), min_fidelity=0.0,
+                              providers=["cpu"] if batches else [], batches=batches,
+                              prune=PruneConfig(ratio=0.5, scope="internal"), auto_method=True, auto_mu=True)
+    rep = compress(MODEL, options).report
+    q = rep["quality"]
+    timings = (rep["latency"] or {}).get("timings", [])
+    return {"k": k, "seed": seed, "teacher": q["teacher_accuracy"], "student": q["student_accuracy"],
+            "agreement": q["top1_agreement"], "flops_reduction": rep["totals"]["flops_reduction"],
+            "parity": rep["parity"]["slim_vs_masked_student"], "seconds": sum(rep["stages_seconds"].values()),
+            "heads": [g["channels_after"] // g["unit"] for g in rep["groups"] if g["heads"]],
+            "speedup": {t["batch"]: t["speedup"] for t in timings if t["model"] != "teacher"},
+            "ms": {f"{t['model']}@{t['batch']}": t["p50_ms"] for t in timings}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shots", default="1,5,10")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--eval-count", type=int, default=10000)
+    p.add_argument("--batches", default="32,1")
+    p.add_argument("--out", type=Path, default=TOOLS.parent / "results" / "vit.json")
+    args = p.parse_args()
+    if not MODEL.is_file():
+        raise SystemExit(f"{MODEL}: missing; python tools/train_teacher.py --arch vit --epochs 10 writes it")
+    shots = [int(k) for k in args.shots.split(",")]
+    rows = []
+    print("K   seeds  teacher  slim (per seed)              drop   agreement  FLOPs  s/run  speedup")
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in shots:
+            runs = [run(Path(tmp), k, int(s), args.eval_count,
+                        [int(b) for b in args.batches.split(",") if b] if (k == max(shots) and i == 0) else [])
+                    for i, s in enumerate(args.seeds.split(","))]
+            rows += runs
+            student = [r["student"] for r in runs]
+            speed = next((r["speedup"] for r in runs if r["speedup"]), {})
+            print(f"{k:<3d} {len(runs):5d}  {100 * runs[0]['teacher']:6.2f}%  {100 * statistics.mean(student):6.2f}% "
+                  f"({', '.join(f'{100 * s:.2f}' for s in student)})  "
+                  f"{100 * (runs[0]['teacher'] - statistics.mean(student)):5.2f}  "
+                  f"{100 * statistics.mean(r['agreement'] for r in runs):6.2f}%  "
+                  f"{statistics.mean(r['flops_reduction'] for r in runs):4.2f}x  "
+                  f"{statistics.mean(r['seconds'] for r in runs):5.1f}  "
+                  f"{', '.join(f'b{b} {v:.2f}x' for b, v in speed.items())}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
