@@ -12,6 +12,7 @@ that is not understood costs a group, never a wrong model.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,7 +20,7 @@ import onnx
 from onnx import NodeProto
 
 from pipeline.analyze.checks import consumer, producer_start
-from pipeline.analyze.model import Attention, ChannelGroup, Frozen, ParamSlice, Place
+from pipeline.analyze.model import Attention, ChannelGroup, Consumer, Frozen, ParamSlice, Place
 from pipeline.graph import GraphView
 from pipeline.runtime import first_line, make_session
 
@@ -63,10 +64,13 @@ def find_blocks(view: GraphView) -> tuple[list[tuple[Attention, Block]], dict[st
         values = _probe(view, blocks) if blocks else {}
     except Exception as exc:  # noqa: BLE001 - whatever stops the probe leaves the heads whole
         values, failed = {}, f"the probe run failed ({first_line(exc)})"
+    shared = {n for n, uses in Counter(n for b in blocks for n in set(b.projections)).items() if uses > 1}
     for block in blocks:
         try:
             if failed:
                 raise Frozen(failed)
+            if shared & set(block.projections):
+                raise Frozen(f"'{next(iter(shared & set(block.projections)))}' writes for more than one attention")
             found.append((_confirmed(view, block, values), block))
         except Frozen as reason:
             for name in block.projections:
@@ -86,12 +90,16 @@ def head_group(view: GraphView, att: Attention, block: Block, gid: int) -> Chann
         group.slices += [replace(s, block=d, offset=offset) for s in slices]
         if bias is not None:
             group.slices.append(ParamSlice(bias[0], bias[1], -1, d, offset))
-    reader = consumer(view, block.out, att.merged, Place(1, 0, h * d, last=att.merged_rank > 2 and
-                                                          block.out.op_type == "MatMul"))
-    group.consumers = [replace(reader, block=d)]
+    group.consumers = [replace(_consumer(view, block, att.merged_rank), block=d)]
     group.follows = [_scores_product(view, block.softmax).name, block.softmax.name,
                      _values_product(view, block.softmax).name]
     return group
+
+
+def _consumer(view: GraphView, block: Block, rank: int) -> Consumer:
+    """How the output layer reads the merged heads (Frozen where it cannot be refit)."""
+    last = rank > 2 and block.out.op_type == "MatMul"
+    return consumer(view, block.out, block.merged, Place(1, 0, block.width, last=last))
 
 
 def _is_core(view: GraphView, softmax: NodeProto) -> bool:
@@ -315,6 +323,7 @@ def _confirmed(view: GraphView, block: Block, values: dict[str, np.ndarray]) -> 
     if leak:
         raise Frozen(f"{leak} reads inside the block")
     merged = values[block.merged].astype(np.float64)
+    _consumer(view, block, merged.ndim)
     scale = 1.0
     for tensor, divides in block.scalars:
         value = float(np.asarray(values[tensor]).reshape(-1)[0])
