@@ -1,6 +1,6 @@
 """Attention blocks that lost heads, written again in plain ops for the heads kept.
 
-The analysis proved that the block computes softmax(scale * Q K^T + mask) V per head from its
+A probe showed that the block computes softmax(scale * Q K^T + mask) V per head from its
 projections' outputs (pipeline/analyze/attention.py); the exporter's own split and merge of the
 heads, with their head counts in Reshape targets and shape arithmetic, are dropped with it.
 """

@@ -101,7 +101,7 @@ def main() -> None:
                     print(f"{name:<20}{label:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%} {r['error']}")
                     continue
                 lat = (f"{r['latency_before_ms']:>11.2f}{r['latency_after_ms']:>8.2f}"
-                       + " ".join(f"{v:.2f}x" for v in r["speedup"].values()).rjust(9)
+                       + (" " + " ".join(f"{v:.2f}x" for v in r["speedup"].values())).rjust(9)
                        if "speedup" in r else f"{'-':>11}{'-':>8}{'-':>9}")
                 print(f"{name:<20}{label:>6}{r['prunable_internal']:>9.0%}/{r['prunable_all']:<8.0%}"
                       f"{r['flops_before'] / 1e6:>15.1f}{r['flops_after'] / 1e6:>9.1f}{r['slim_vs_masked']:>13.1e}"

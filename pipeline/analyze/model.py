@@ -97,7 +97,6 @@ class ChannelGroup:
     attention: Attention | None = None  # the group is the heads of this block (unit: head_dim)
     follows: list[str] = field(default_factory=list)  # layers whose cost scales with the units kept
 
-
     @property
     def prunable(self) -> bool:
         return not self.reason
