@@ -87,6 +87,9 @@ def test_heads_are_groups_and_half_of_them_go(arch, opset, tmp_path):
     assert [(g["channels_before"], g["channels_after"]) for g in cut] == [(heads * width, heads * width // 2)] * blocks
     assert rep["parity"]["slim_vs_masked_student"] < 1e-4
     assert rep["totals"]["flops_after"] < 0.6 * rep["totals"]["flops_before"]
+    layers, tokens = {row["node"]: row for row in rep["layers"]}, TOKENS if arch == "bert" else 5
+    for g in found:  # the output projection reads every token, also where the heads were merged into rows
+        assert layers[g.consumers[0].node]["flops_before"] == 2 * tokens * (heads * width) ** 2
     slim = onnx.load(str(tmp_path / "slim.onnx"))
     assert load.signature(slim) == load.signature(onnx.load(str(path)))
 
