@@ -1,6 +1,6 @@
 """Architectures for the zoo test and benchmark: torchvision's definitions plus two written here,
-and two transformers (a ViT-B/16-shaped torchvision model, a BERT-style encoder from a
-transformers config) with an exporter of sequences or images.
+and three transformers (a ViT-B/16-shaped torchvision model, a BERT-style encoder and a ViT from
+transformers configs) with an exporter of sequences or images.
 
 Weights are random (structure is what the channel analysis sees) with BatchNorm statistics
 randomised, so that slicing the wrong channel shows in the outputs.
@@ -210,10 +210,28 @@ class Bert(nn.Module):
         return self.bert(input_ids=ids).logits
 
 
+class HFViT(nn.Module):
+    """A Hugging Face ViT classifier from a config (separate q/k/v projections): 32x32 images in
+    8x8 patches (16 tokens and the class token), 2 blocks of width 192, 3 heads of 64, MLP 384."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=2,
+                                        num_attention_heads=3, intermediate_size=384, num_labels=10)
+        self.vit = transformers.ViTForImageClassification(config).eval()
+
+    def forward(self, x):
+        return self.vit(pixel_values=x).logits
+
+
 # name -> (builder, example input, input name, whether the second axis is a free sequence length)
 TRANSFORMERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, bool]] = {
     "vit_b16_shaped": (vit_b16_shaped, lambda: torch.randn(2, 3, 32, 32), "image", False),
     "bert": (Bert, lambda: torch.randint(0, 1000, (2, TOKENS)), "input_ids", True),
+    "hf_vit": (HFViT, lambda: torch.randn(2, 3, 32, 32), "pixel_values", False),
 }
 
 
