@@ -19,7 +19,7 @@ from pipeline.analyze import find_groups
 from pipeline.cli import main
 from pipeline.flops import SOFTMAX_OPS, layer_costs
 from pipeline.graph import GraphView
-from tests.zoo import TOKENS, Bert, export_sequence, export_transformer
+from tests.zoo import TOKENS, HFClassifier, export_sequence, export_transformer
 
 EXPORTERS = [14, 17, None]  # None: dynamo
 
@@ -96,7 +96,7 @@ def test_heads_are_groups_and_half_of_them_go(arch, opset, tmp_path):
 
 def test_attention_flops_follow_the_formula(tmp_path):
     """QK^T and AV: 2 x heads x T x T x head_dim each; Softmax SOFTMAX_OPS per weight."""
-    path = export(Bert(), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids", free_tokens=True)
+    path = export(HFClassifier("bert"), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids", free_tokens=True)
     view = GraphView(load.sized(load.load_model(path).proto, (TOKENS,)))
     costs = {c.node: c for c in layer_costs(view)}
     group = heads_of(path)[0]
@@ -141,7 +141,7 @@ def test_a_custom_domain_attention_node_keeps_its_projections(tmp_path):
     """onnxruntime's com.microsoft.MultiHeadAttention in place of each BERT block's core: the
     channel analysis does not know the op, so the projections stay whole; onnxruntime runs it in
     the twin."""
-    path = export(Bert(), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids", free_tokens=True)
+    path = export(HFClassifier("bert"), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids", free_tokens=True)
     proto = onnx.load(str(path))
     view = GraphView(proto)
     for k, group in enumerate(heads_of(path)):

@@ -193,45 +193,36 @@ def vit_b16_shaped() -> nn.Module:
     return model.eval()
 
 
-class Bert(nn.Module):
-    """A BERT-style classifier from a transformers config (nothing downloaded): token ids in,
-    logits out; 2 blocks of width 256, 4 heads of 64, FFN 1024."""
+HF_MODELS = {  # name -> (config class, model class, config, the forward's argument); weights drawn, not downloaded
+    "bert": ("BertConfig", "BertForSequenceClassification",  # 2 blocks of width 256, 4 heads of 64, FFN 1024
+             dict(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=1024, max_position_embeddings=64, num_labels=3), "input_ids"),
+    "hf_vit": ("ViTConfig", "ViTForImageClassification",  # 32x32 in 8x8 patches, 2 blocks of 192, 3 heads of 64
+               dict(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=2, num_attention_heads=3,
+                    intermediate_size=384, num_labels=10), "pixel_values"),
+}
 
-    def __init__(self):
+
+class HFClassifier(nn.Module):
+    """A transformers classifier of HF_MODELS built from its config: one input in, logits out."""
+
+    def __init__(self, name: str):
         super().__init__()
         import transformers
 
+        config, model, kwargs, self.argument = HF_MODELS[name]
         torch.manual_seed(0)
-        config = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=1024, max_position_embeddings=64, num_labels=3)
-        self.bert = transformers.BertForSequenceClassification(config).eval()
-
-    def forward(self, ids):
-        return self.bert(input_ids=ids).logits
-
-
-class HFViT(nn.Module):
-    """A Hugging Face ViT classifier from a config (separate q/k/v projections): 32x32 images in
-    8x8 patches (16 tokens and the class token), 2 blocks of width 192, 3 heads of 64, MLP 384."""
-
-    def __init__(self):
-        super().__init__()
-        import transformers
-
-        torch.manual_seed(0)
-        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=2,
-                                        num_attention_heads=3, intermediate_size=384, num_labels=10)
-        self.vit = transformers.ViTForImageClassification(config).eval()
+        self.net = getattr(transformers, model)(getattr(transformers, config)(**kwargs)).eval()
 
     def forward(self, x):
-        return self.vit(pixel_values=x).logits
+        return self.net(**{self.argument: x}).logits
 
 
 # name -> (builder, example input, input name, whether the second axis is a free sequence length)
 TRANSFORMERS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, bool]] = {
     "vit_b16_shaped": (vit_b16_shaped, lambda: torch.randn(2, 3, 32, 32), "image", False),
-    "bert": (Bert, lambda: torch.randint(0, 1000, (2, TOKENS)), "input_ids", True),
-    "hf_vit": (HFViT, lambda: torch.randn(2, 3, 32, 32), "pixel_values", False),
+    "bert": (lambda: HFClassifier("bert"), lambda: torch.randint(0, 1000, (2, TOKENS)), "input_ids", True),
+    "hf_vit": (lambda: HFClassifier("hf_vit"), lambda: torch.randn(2, 3, 32, 32), "pixel_values", False),
 }
 
 
