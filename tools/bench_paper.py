@@ -106,6 +106,17 @@ def run(teacher: Path, shots: Path, k: int, seed: int, ratio: float, variant: be
     return out
 
 
+def seeds_line(runs: list[dict]) -> str:
+    """One compress per seed as a table cell run: the teacher's top-1, the mean slim top-1 (each
+    seed's), agreement, FLOPs reduction and seconds (the keys of bench_spread's and bench_vit's runs)."""
+    student = [r["student"] for r in runs]
+    return (f"{100 * runs[0]['teacher']:6.2f}%  {100 * statistics.mean(student):6.2f}% "
+            f"({', '.join(f'{100 * s:.2f}' for s in student)})  "
+            f"{100 * statistics.mean(r['agreement'] for r in runs):6.2f}%  "
+            f"{statistics.mean(r['flops_reduction'] for r in runs):4.2f}x  "
+            f"{statistics.mean(r['seconds'] for r in runs):5.1f}")
+
+
 def row(k: int, name: str, seeds: list[int], runs: list[dict], teacher_acc: float) -> dict:
     acc = [r["accuracy"] * 100 for r in runs]
     val = [r["val_accuracy"] * 100 for r in runs]

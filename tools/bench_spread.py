@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -64,14 +63,8 @@ def main() -> None:
                             for s in args.seeds.split(",")]
                     row = {"model": name, "ratio": ratio, "spread": spread, "shots": args.shots, "runs": runs}
                     rows.append(row)
-                    student = [r["student"] for r in runs]
                     print(f"{name:19s} {ratio:5.2f}  {'default' if spread else 'uniform':7s}  {len(runs):5d}  "
-                          f"{100 * runs[0]['teacher']:6.2f}%  {100 * statistics.mean(student):6.2f}% "
-                          f"({', '.join(f'{100 * s:.2f}' for s in student)})  "
-                          f"{100 * statistics.mean(r['agreement'] for r in runs):6.2f}%  "
-                          f"{statistics.mean(r['flops_reduction'] for r in runs):4.2f}x  "
-                          f"{statistics.mean(r['seconds'] for r in runs):5.1f}  "
-                          f"{'/'.join(r['chosen'] for r in runs)}", flush=True)
+                          f"{bench_paper.seeds_line(runs)}  {'/'.join(r['chosen'] for r in runs)}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     print(f"wrote {args.out}")

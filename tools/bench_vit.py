@@ -59,16 +59,17 @@ def run(folder: Path, k: int, seed: int, eval_count: int, batches: list[int], me
             "ms": {f"{t['model']}@{t['batch']}": t["p50_ms"] for t in timings}, "slim": result.slim}
 
 
-def peers(folder: Path, k: int, seed: int, eval_count: int, steps: int, lr: float) -> dict[str, float]:
-    """Accuracy of magnitude pruning and of crossprune at the same widths, each also fine-tuned."""
+def peers(folder: Path, ours: dict, eval_count: int, steps: int, lr: float) -> dict[str, float]:
+    """Accuracy of magnitude pruning and of crossprune (`ours`: its run on these shots) at the
+    same widths, each also fine-tuned."""
+    k, seed = ours["k"], ours["seed"]
     shots = np.load(bench_paper.write_shots(folder, k, seed))
     test = np.load(bench_paper.write_eval(folder, eval_count))
     twin = to_torch(onnx.load(str(MODEL)))
     teacher_logits = lambda batch: run_torch(twin, batch)[0]  # noqa: E731
     transforms = augment.build(augment.DEFAULT_SPEC, None, seed, shots["x"], teacher_logits).transforms
     out = {}
-    for name, method in (("magnitude (l1)", "l1"), ("crossprune", "auto")):
-        slim = run(folder, k, seed, eval_count, [], method)
+    for name, slim in (("magnitude (l1)", run(folder, k, seed, eval_count, [], "l1")), ("crossprune", ours)):
         out[name] = slim["student"]
         net = bench_peers.finetune(to_torch(onnx.load_from_string(slim["slim"])).module, teacher_logits, shots["x"],
                                    transforms, steps, lr, seed)
@@ -90,26 +91,21 @@ def main() -> None:
     if not MODEL.is_file():
         raise SystemExit(f"{MODEL}: missing; python tools/train_teacher.py --arch vit --epochs 10 writes it")
     shots = [int(k) for k in args.shots.split(",")]
-    rows = []
-    print("K   seeds  teacher  slim (per seed)              drop   agreement  FLOPs  s/run  speedup")
+    rows, largest = [], []
+    print("K   seeds  teacher  slim (per seed)              agreement  FLOPs  s/run  drop   speedup")
     with tempfile.TemporaryDirectory() as tmp:
         for k in shots:
             runs = [run(Path(tmp), k, int(s), args.eval_count,
                         [int(b) for b in args.batches.split(",") if b] if (k == max(shots) and i == 0) else [])
                     for i, s in enumerate(args.seeds.split(","))]
             rows += [{key: v for key, v in r.items() if key != "slim"} for r in runs]
-            student = [r["student"] for r in runs]
+            largest = runs if k == max(shots) else largest
+            drop = runs[0]["teacher"] - statistics.mean(r["student"] for r in runs)
             speed = next((r["speedup"] for r in runs if r["speedup"]), {})
-            print(f"{k:<3d} {len(runs):5d}  {100 * runs[0]['teacher']:6.2f}%  {100 * statistics.mean(student):6.2f}% "
-                  f"({', '.join(f'{100 * s:.2f}' for s in student)})  "
-                  f"{100 * (runs[0]['teacher'] - statistics.mean(student)):5.2f}  "
-                  f"{100 * statistics.mean(r['agreement'] for r in runs):6.2f}%  "
-                  f"{statistics.mean(r['flops_reduction'] for r in runs):4.2f}x  "
-                  f"{statistics.mean(r['seconds'] for r in runs):5.1f}  "
+            print(f"{k:<3d} {len(runs):5d}  {bench_paper.seeds_line(runs)}  {100 * drop:5.2f}  "
                   f"{', '.join(f'b{b} {v:.2f}x' for b, v in speed.items())}", flush=True)
-        if args.peers:
-            found = [peers(Path(tmp), max(shots), int(s), args.eval_count, args.ft_steps, args.ft_lr)
-                     for s in args.seeds.split(",")]
+        if args.peers:  # beside crossprune's own runs at the largest K
+            found = [peers(Path(tmp), ours, args.eval_count, args.ft_steps, args.ft_lr) for ours in largest]
             for name in found[0]:
                 acc = [100 * f[name] for f in found]
                 print(f"K={max(shots)} {name:22s} {statistics.mean(acc):6.2f} ± {statistics.pstdev(acc):.2f}  "

@@ -35,6 +35,8 @@ class Block:
     """What the graph says of one attention core before the probe."""
 
     softmax: NodeProto
+    scores: NodeProto  # the product Q K^T
+    values: NodeProto  # the product of the weights with V
     sources: tuple[str, str, str]  # the q, k and v projections' output tensors (after a bias Add)
     projections: tuple[str, str, str]  # the linear nodes writing them
     biases: tuple[tuple[str, int] | None, ...]  # (Add node, slot of its constant) after each projection
@@ -91,8 +93,7 @@ def head_group(view: GraphView, att: Attention, block: Block, gid: int) -> Chann
         if bias is not None:
             group.slices.append(ParamSlice(bias[0], bias[1], -1, d, offset))
     group.consumers = [replace(_consumer(view, block, att.merged_rank), block=d)]
-    group.follows = [_scores_product(view, block.softmax).name, block.softmax.name,
-                     _values_product(view, block.softmax).name]
+    group.follows = [block.scores.name, block.softmax.name, block.values.name]
     return group
 
 
@@ -179,7 +180,8 @@ def _block(view: GraphView, softmax: NodeProto) -> Block:
     width = widths[0] // 3 if fused else widths[2]
     if (not fused and len(set(widths)) > 1) or (fused and widths[0] % 3):
         raise Frozen(f"queries, keys and values are not equally wide ({', '.join(map(str, widths))} channels)")
-    return Block(softmax, (q, k, v), (pq, pk, pv), (bq, bk, bv), scalars, mask, out, merged, width, guarded)
+    return Block(softmax, scores, values, (q, k, v), (pq, pk, pv), (bq, bk, bv), scalars, mask, out, merged, width,
+                 guarded)
 
 
 def _score_path(view: GraphView, softmax: NodeProto, scores: NodeProto, scalars: list) -> str:
@@ -263,9 +265,8 @@ def _reaches(view: GraphView, tensor: str, target: str, depth: int = 6) -> bool:
 
 def _projections_near(view: GraphView, softmax: NodeProto) -> list[str]:
     """The linear layers a frozen core reads from, for the reason their own groups give."""
-    names, stack, seen = [], list(softmax.input), set()
-    scores, values = _scores_product(view, softmax), _values_product(view, softmax)
-    stack += [*scores.input, values.input[1]] if scores is not None and values is not None else []
+    scores, values = _scores_product(view, softmax), _values_product(view, softmax)  # a core has both
+    names, stack, seen = [], [*softmax.input, *scores.input, values.input[1]], set()
     while stack:
         tensor = stack.pop()
         node = view.producer.get(tensor)
