@@ -39,6 +39,7 @@ class Choice:
     config: prune.PruneConfig
     scores: dict[str, float]  # candidate -> relative squared output error on the held-out shots (mean of splits)
     splits: int = 1
+    first_split: float = float("nan")  # the chosen objective's error on the first split alone
 
     def to_json(self) -> dict:
         return {"method": self.config.method, "mu": self.config.mu, "holdout_relative_squared_error": self.scores,
@@ -64,7 +65,8 @@ def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
                                "auto" if folds == 1 else f"auto, split {fold + 1}/{folds}", progress, fold)
                 for fold in range(folds)]
     scores = {n: float(np.mean([f[n] for f in per_fold])) for n in named}
-    return Choice(named[min(scores, key=scores.get)], scores, folds)
+    best = min(scores, key=scores.get)
+    return Choice(named[best], scores, folds, per_fold[0][best])
 
 
 def _held(shots: int) -> int:

@@ -158,7 +158,7 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     replayed = replay.fit(ready.groups, ready.teacher, options.prune) if replay else None
     selector = options.prune
     options, choice, selection = _choose(ready, options, progress, stage)
-    found = search.widths(ready, options, progress, stage, selection, replayed)
+    found = search.widths(ready, options, progress, stage, selection, replayed, choice.first_split if choice else None)
     with stage("verify"):
         check_x = convert.spread(ready.shots.calib.x)
         if ready.evalset.x is not ready.shots.calib.x:

@@ -63,3 +63,31 @@ def test_uniform_is_about_the_ratio_alone(tmp_path, images):
     res = CliRunner().invoke(main, ["compress", str(TEACHER), "--data", str(images[0]), "--shots", "10",
                                     "--target-flops", "0.5", "--uniform", "-o", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "--uniform" in res.output and "--target-flops" in res.output
+
+
+def test_method_auto_s_held_out_error_settles_one_ratio_for_all_without_pruning_again(tmp_path):
+    """Under --method auto the chosen objective's error on the first fold is one ratio for all's:
+    where it settles, nothing is pruned on the fold again; --method cross prunes it to know."""
+    import torch
+
+    from tests.conftest import TinyResidual, export, make_data, randomise_bn
+
+    torch.manual_seed(0)
+    model = export(randomise_bn(TinyResidual()), tmp_path / "r.onnx")
+    x, y = make_data(4)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    reports = {}
+    for method in ("auto", "cross"):
+        report = tmp_path / f"{method}.json"
+        res = CliRunner().invoke(main, ["compress", str(model), "--data", str(tmp_path / "d.npz"), "--shots", "4",
+                                        "--scope", "all", "--ratio", "0.75", "--method", method, "-o",
+                                        str(tmp_path / f"{method}.onnx"), "--report", str(report), "--no-bench",
+                                        "--augment", "none"])
+        assert res.exit_code == 0, res.output
+        reports[method] = (json.loads(report.read_text()), res.output)
+    (auto, said), (cross, cross_said) = reports["auto"], reports["cross"]
+    assert auto["allocation"]["chosen"] == "uniform" and auto["auto"]["holdout_splits"] == 1
+    chosen = f"{auto['auto']['method']} mu={auto['auto']['mu']}"
+    uniform = auto["allocation"]["holdout_relative_squared_error"]["uniform"]
+    assert uniform == auto["auto"]["holdout_relative_squared_error"][chosen] <= 0.02
+    assert "spread, held-out fold" not in said and "spread, held-out fold" in cross_said

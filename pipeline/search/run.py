@@ -15,12 +15,14 @@ if TYPE_CHECKING:
 
 
 def widths(ready: Prepared, options: CompressOptions, progress: Progress, stage: Stage,
-           selection: prune.PruneResult | None = None, replayed: Keep | None = None) -> SearchOutcome:
+           selection: prune.PruneResult | None = None, replayed: Keep | None = None,
+           auto_error: float | None = None) -> SearchOutcome:
     """Prune `ready`'s model to the widths `options.mode` asks for, with `options.prune`'s
     objective, and export it; every step runs under `stage`.
 
     `selection`: channels --method auto already pruned at the ratio, used as they are where the
-    ratio's widths are (Ratio, not spread). `replayed`: a WidthsFrom mode's widths, fitted to this model by Replay.fit."""
+    ratio's widths are (Ratio, not spread). `replayed`: a WidthsFrom mode's widths, fitted to this model by Replay.fit.
+    `auto_error`: --method auto's held-out error of those channels on the first fold."""
     mode = options.mode
     problem = Problem(ready.view, ready.teacher, ready.groups, ready.shots.calib.x, options.prune, options.seed,
                       ready.layer_augmenter(options.prune), options.threads)
@@ -30,7 +32,7 @@ def widths(ready: Prepared, options: CompressOptions, progress: Progress, stage:
     alloc: Allocation | None = None
     choice: FlopsChoice | SpreadChoice | None = None
     if isinstance(mode, Ratio) and spread.applies(mode, problem):
-        alloc, choice = spread.widths(problem, stage, progress)
+        alloc, choice = spread.widths(problem, stage, progress, auto_error)
         if alloc is not None:
             pruner.selection = None  # channels chosen at the ratio's widths, not these
     elif isinstance(mode, WidthsFrom):

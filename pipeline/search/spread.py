@@ -32,10 +32,15 @@ def applies(mode: Ratio, problem: Problem) -> bool:
         g.coupling for g in allocate.eligible_groups(problem.teacher, problem.groups, problem.config))
 
 
-def widths(problem: Problem, stage: Stage, progress: Progress) -> tuple[Allocation | None, SpreadChoice]:
+def widths(problem: Problem, stage: Stage, progress: Progress,
+           auto_error: float | None = None) -> tuple[Allocation | None, SpreadChoice]:
     """The allocation at one ratio for all's FLOPs, where it beats one ratio for all on held-out
     shots (None: one ratio for all, pruned as without spreading). One ratio for all within
-    SETTLED of the teacher there is kept as it is: the loss curves cost a pruning per group."""
+    SETTLED of the teacher there is kept as it is: the loss curves cost a pruning per group.
+
+    `auto_error`: the first fold's error of one ratio for all that --method auto measured on its
+    way. Its channels were chosen from every shot, the held-out ones too, so it only settles
+    (a pruning saved); the allocation is compared with one ratio for all pruned without them."""
     p = problem
     with stage("allocate"):
         model = FlopsModel(p.view, p.groups)
@@ -43,7 +48,8 @@ def widths(problem: Problem, stage: Stage, progress: Progress) -> tuple[Allocati
                                                                                               p.config)}
         share = model.cost(uniform) / model.cost({})
         held = len(p.x) >= choose.MIN_SAMPLES
-        scores = {"uniform": _score(p, None, "uniform", progress)} if held else {}
+        settles = auto_error is not None and auto_error <= SETTLED
+        scores = {"uniform": auto_error if settles else _score(p, None, "uniform", progress)} if held else {}
         if held and scores["uniform"] <= SETTLED:
             progress(f"ratio {p.config.ratio}: one ratio for all is within {SETTLED} of the teacher on held-out "
                      f"shots ({scores['uniform']:.4f}); kept")
