@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from tests.conftest import TinyResidual, export, make_data, randomise_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "tools" / "teachers" / "tiny_se.onnx"
@@ -68,10 +70,6 @@ def test_uniform_is_about_the_ratio_alone(tmp_path, images):
 def test_method_auto_s_held_out_error_settles_one_ratio_for_all_without_pruning_again(tmp_path):
     """Under --method auto the chosen objective's error on the first fold is one ratio for all's:
     where it settles, nothing is pruned on the fold again; --method cross prunes it to know."""
-    import torch
-
-    from tests.conftest import TinyResidual, export, make_data, randomise_bn
-
     torch.manual_seed(0)
     model = export(randomise_bn(TinyResidual()), tmp_path / "r.onnx")
     x, y = make_data(4)

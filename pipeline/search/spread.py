@@ -52,7 +52,7 @@ def widths(problem: Problem, stage: Stage, progress: Progress,
         scores = {"uniform": auto_error if settles else _score(p, None, "uniform", progress)} if held else {}
         if held and scores["uniform"] <= SETTLED:
             progress(f"ratio {p.config.ratio}: one ratio for all is within {SETTLED} of the teacher on held-out "
-                     f"shots ({scores['uniform']:.4f}); kept")
+                     f"shots ({scores['uniform']:.4f}{', --method auto' if settles else ''}); kept")
             return None, SpreadChoice("uniform", share, scores)
         curves = allocate.curves(p.view, p.teacher, p.groups, p.x, p.config, p.augmenter, progress)
         alloc = allocate.allocate(curves, model, share, SPREAD_COST, strict=False)
