@@ -100,9 +100,9 @@ class HoldOut:
         """Relative squared output error on the held-out inputs (the worst output's)."""
         return self.scores([prune.Job(config, keep)])[0]
 
-    def scores(self, jobs: list[prune.Job]) -> list[float]:
+    def scores(self, jobs: list[prune.Job], progress: Callable[[str], None] = lambda _: None) -> list[float]:
         """`score` of several prunings, pruned together in one walk over the fitted shots."""
-        results = prune.prune_jobs(self.view, self.teacher, self.groups, self.fit, jobs, augmenter=self.augmenter,
+        results = prune.prune_jobs(self.view, self.teacher, self.groups, self.fit, jobs, progress, self.augmenter,
                                    cache=self.grams, reuse=self.prefixes)
         return [max(relative_squared_error(r, s) for r, s in zip(self.reference, run_torch(res.student, self.check)))
                 for res in results]
@@ -127,7 +127,7 @@ def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGro
                    progress: Callable[[str], None] = lambda _: None, fold: int = 0) -> dict[str, float]:
     """Relative squared output error on held-out shots of each job, pruned together from the rest."""
     holdout = HoldOut(view, teacher, groups, x, seed, augmenter, fold)
-    scores = dict(zip(jobs, holdout.scores(list(jobs.values()))))
+    scores = dict(zip(jobs, holdout.scores(list(jobs.values()), lambda said: progress(f"{label}: {said}"))))
     for name, score in scores.items():
         progress(f"{label}: {name}: relative squared error {score:.4f} on {len(holdout.check)} held-out inputs")
     return scores

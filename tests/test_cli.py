@@ -309,9 +309,12 @@ def test_few_shots_are_scored_over_disjoint_held_out_splits(vgg_path, npz_path):
         said: list[str] = []
         kept = prune.prune(view, teacher, groups, x[:shots], options[0]).kept
         choice = choose.choose(view, teacher, groups, x[:shots], options, 0, None, kept, said.append)
-        assert len(said) == splits * len(options) and len(choice.scores) == len(options)
+        scored = [line for line in said if "relative squared error" in line]
+        assert len(scored) == splits * len(options) and len(choice.scores) == len(options)
         assert choice.splits == splits
         assert (f"split {splits}/{splits}" in said[-1]) == (splits > 1)
+        walked = [line for line in said if ": group " in line]  # one line per group and split while it walks
+        assert len(walked) == splits * sum(g.prunable for g in groups) and walked[0].startswith("auto")
 
 
 def test_a_provider_fallback_is_explained_by_onnxruntime_s_own_reason():

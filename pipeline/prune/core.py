@@ -77,17 +77,21 @@ def prune_jobs(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup],
                jobs: Sequence[Job], progress: Progress = lambda _: None, augmenter: Augmenter | None = None,
                cache: TeacherGrams | None = None, reuse: Prefixes | None = None) -> list[PruneResult]:
     """Several prunings of the same samples in one walk: the teacher's values and Gram matrices
-    are computed once for all of them. Progress is told group by group for a single job."""
-    say = progress if len(jobs) == 1 else lambda _: None
-    todo, runs = _schedule(teacher, groups, jobs, reuse, say)
+    are computed once for all of them. Progress is told group by group, of the first job."""
+    todo, runs = _schedule(teacher, groups, jobs, reuse, progress)
     walking = [r for r in runs if r.walks]
     if walking:
-        _walk(view, teacher, todo, x, walking, augmenter, cache if cache is not None else TeacherGrams(), say)
+        _walk(view, teacher, todo, x, walking, augmenter, cache if cache is not None else TeacherGrams(), progress)
     for r in runs:
         if not r.walks:  # magnitude pruning, or every group found in `reuse`
             for t in range(len(todo)):
-                r.solve(view, t, None, say)
+                r.solve(view, t, None, _told(r, runs, progress))
     return [r.result for r in runs]
+
+
+def _told(run: _Run, runs: list[_Run], progress: Progress) -> Progress:
+    """`progress` for the first run, nothing for the others: one line per group."""
+    return progress if run is runs[0] else lambda _: None
 
 
 def teacher_problems(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
@@ -125,7 +129,8 @@ def _schedule(teacher: TorchModel, groups: list[ChannelGroup], jobs: Sequence[Jo
             why = skip_reason(teacher, group, config) or ("" if count < group.size else "nothing to remove")
             if why:
                 result.skipped[group.id] = why
-                progress(f"group {group.id}: skipped ({why})")
+                if result is results[0]:
+                    progress(f"group {group.id}: skipped ({why})")
             wanted.append(None if why else count)
         if any(n is not None for n in wanted):
             todo.append(group)
@@ -250,10 +255,9 @@ def _walk(view: GraphView, teacher: TorchModel, todo: list[ChannelGroup], x: np.
             return
         seconds = (time.perf_counter() - start) / max(1, len(selecting) + len(fitting))
         for r in runs:
-            if id(r) in fits:
-                r.solve(view, t, held[id(r)], progress, seconds, refit.solution(r.given(t), fits[id(r)]))
-            else:
-                r.solve(view, t, problems.get(id(r)), progress, seconds)
+            fitted = id(r) in fits
+            r.solve(view, t, held[id(r)] if fitted else problems.get(id(r)), _told(r, runs, progress), seconds,
+                    refit.solution(r.given(t), fits[id(r)]) if fitted else None)
 
     walk.run(plan.ops, visit)
 
