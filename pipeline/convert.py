@@ -17,7 +17,7 @@ from pipeline.converter import OnnxGraph
 from pipeline.converter import convert as onnx2torch_convert
 from pipeline.errors import ModelError
 from pipeline.graph import GraphView
-from pipeline.load import LoadedModel
+from pipeline.load import LoadedModel, data_inputs
 from pipeline.ortnode import OrtNode, refused_nodes, with_fallbacks
 from pipeline.runtime import AS_WRITTEN, declared_batch, first_line, make_session, run_batched
 
@@ -99,8 +99,7 @@ def to_torch(proto: ModelProto, source: str = "model", batch: int | None = None,
 def _float_input(proto: ModelProto) -> ModelProto:
     """The twin takes float32 samples like every model; an input of integers (token ids, raw
     pixels) is cast back to its type first thing inside it (float32 holds them exactly)."""
-    inits = {i.name for i in proto.graph.initializer}
-    first = next((v for v in proto.graph.input if v.name not in inits), None)
+    first = next(iter(data_inputs(proto)), None)
     elem = first.type.tensor_type.elem_type if first is not None else TensorProto.FLOAT
     if elem not in (TensorProto.INT64, TensorProto.INT32):
         return proto

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.analyze import LINEAR, RECURRENT
 from pipeline.graph import GraphView
-from pipeline.load import at_batch_one
+from pipeline.load import at_batch_one, data_inputs
 
 SOFTMAX_OPS = 5  # per element: max, subtract, exp, sum, divide
 
@@ -61,7 +61,7 @@ def _sample_shapes(view: GraphView) -> tuple[GraphView, int | None]:
 def _fixed_batch(view: GraphView) -> int | None:
     """The first input's leading dimension where the graph fixes every one of its dimensions;
     None where one is free (that one is the batch)."""
-    first = next((v for v in view.graph.input if v.name not in view.initializers), None)
+    first = next(iter(data_inputs(view.proto)), None)
     dims = view.shape(first.name) if first is not None else None
     return None if not dims or None in dims or not dims[0] else int(dims[0])
 

@@ -94,9 +94,13 @@ def _value_spec(value: ValueInfoProto) -> IOSpec:
 
 def signature(proto: ModelProto) -> tuple[list[IOSpec], list[IOSpec]]:
     """Graph inputs (initializers excluded, as IR < 4 models list them) and outputs."""
+    return [_value_spec(v) for v in data_inputs(proto)], [_value_spec(v) for v in proto.graph.output]
+
+
+def data_inputs(proto: ModelProto) -> list[ValueInfoProto]:
+    """The graph inputs that are fed, not initializers listed as inputs (IR < 4)."""
     inits = {i.name for i in proto.graph.initializer}
-    inputs = [_value_spec(v) for v in proto.graph.input if v.name not in inits]
-    return inputs, [_value_spec(v) for v in proto.graph.output]
+    return [v for v in proto.graph.input if v.name not in inits]
 
 
 def load_model(path: str | os.PathLike, *, normalise: bool = True,
@@ -372,7 +376,7 @@ def at_batch_one(proto: ModelProto) -> ModelProto | None:
     propagation. Where reshapes fold the batch into rows (attention heads split and merged,
     a Gemm after them), only this knows each layer's rows. None where the first input has no
     single free dimension to bind, or inference fails."""
-    inputs = [v for v in proto.graph.input if v.name not in {i.name for i in proto.graph.initializer}]
+    inputs = data_inputs(proto)
     free = [d for d in inputs[0].type.tensor_type.shape.dim if not d.HasField("dim_value")] if inputs else []
     if len(free) != 1:
         return None

@@ -10,5 +10,5 @@ from pipeline.analyze.model import Attention, ChannelGroup, Consumer, ParamSlice
 from pipeline.analyze.rules import BINARY, LINEAR, PER_CHANNEL_PARAMS, POOL, RECURRENT, RULES, UNARY, Rule, rule_for
 from pipeline.analyze.tracer import find_groups
 
-__all__ = ["Attention", "BINARY", "LINEAR", "PER_CHANNEL_PARAMS", "POOL", "RECURRENT", "RULES", "UNARY", "ChannelGroup", "Consumer",
-           "ParamSlice", "Rule", "ShapeEdit", "find_groups", "rule_for"]
+__all__ = ["Attention", "BINARY", "LINEAR", "PER_CHANNEL_PARAMS", "POOL", "RECURRENT", "RULES", "UNARY", "ChannelGroup",
+           "Consumer", "ParamSlice", "Rule", "ShapeEdit", "find_groups", "rule_for"]

@@ -22,6 +22,7 @@ from onnx import NodeProto
 from pipeline.analyze.checks import consumer, producer_start
 from pipeline.analyze.model import Attention, ChannelGroup, Consumer, Frozen, ParamSlice, Place
 from pipeline.graph import GraphView
+from pipeline.load import onnx_opset
 from pipeline.runtime import first_line, make_session
 
 LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Gather", "Slice", "Split", "Identity", "Flatten"}
@@ -159,8 +160,8 @@ def _nan_guard(view: GraphView, tensor: str, users: list[NodeProto]) -> NodeProt
 
 
 def _block(view: GraphView, softmax: NodeProto) -> Block:
-    if _opset(view) < MIN_OPSET:
-        raise Frozen(f"heads are recognised from opset {MIN_OPSET}; the model has opset {_opset(view)}")
+    if onnx_opset(view.proto) < MIN_OPSET:
+        raise Frozen(f"heads are recognised from opset {MIN_OPSET}; the model has opset {onnx_opset(view.proto)}")
     if view.attr(softmax, "axis", -1) not in (-1, len(view.shape(softmax.input[0]) or ()) - 1):
         raise Frozen("the Softmax is not over the last axis")
     scores, (values, guarded) = _scores_product(view, softmax), _weights_path(view, softmax)
@@ -278,10 +279,6 @@ def _projections_near(view: GraphView, softmax: NodeProto) -> list[str]:
             continue
         stack += [i for i in node.input if not view.is_const(i)]
     return names
-
-
-def _opset(view: GraphView) -> int:
-    return next((o.version for o in view.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _probe(view: GraphView, blocks: list[Block]) -> dict[str, np.ndarray]:
