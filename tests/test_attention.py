@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -65,6 +66,22 @@ def heads_of(path) -> list:
     return [g for g in find_groups(GraphView(load.load_model(path).proto)) if g.attention is not None]
 
 
+def bert(tmp_path) -> Path:
+    """The BERT-style encoder at opset 17, its token axis free."""
+    return export(HFClassifier("bert"), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids",
+                  free_tokens=True)
+
+
+def half(path, data: np.ndarray, tmp_path, *extra) -> dict:
+    """`compress --scope all --ratio 0.5` on 12 of `data`, unbenchmarked: the report."""
+    np.savez(tmp_path / "x.npz", x=data)
+    res = run("compress", path, "--data", tmp_path / "x.npz", "--samples", 12, "--scope", "all", "--ratio", 0.5,
+              *extra, "--no-bench", "--min-fidelity", 0, "--quiet", "-o", tmp_path / "slim.onnx",
+              "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp_path / "r.json").read_text())
+
+
 CASES = [("vit_b16_shaped", opset) for opset in EXPORTERS] + [("bert", opset) for opset in EXPORTERS] + [("hf_vit", 17)]
 SHAPES = {"vit_b16_shaped": (12, 64, 5), "bert": (4, 64, TOKENS), "hf_vit": (3, 64, 17)}  # heads, head_dim, tokens
 
@@ -75,16 +92,13 @@ def test_heads_are_groups_and_half_of_them_go(arch, opset, tmp_path):
     heads, width, tokens = SHAPES[arch]
     data = rng.integers(0, 1000, (16, TOKENS)) if arch == "bert" else rng.standard_normal((16, 3, 32, 32))
     path, blocks = export_transformer(arch, tmp_path / "m.onnx", opset), 2
-    np.savez(tmp_path / "x.npz", x=data if arch == "bert" else data.astype(np.float32))
     found = heads_of(path)
     assert len(found) == blocks and all(g.size == heads and g.prunable for g in found)
-    res = run("compress", path, "--data", tmp_path / "x.npz", "--samples", 12, "--scope", "all", "--ratio", 0.5,
-              "--method", "cross", "--augment", "none", "--no-bench", "--min-fidelity", 0, "--quiet",
-              "-o", tmp_path / "slim.onnx", "--report", tmp_path / "r.json")
-    assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "r.json").read_text())
+    rep = half(path, data if arch == "bert" else data.astype(np.float32), tmp_path, "--method", "cross",
+               "--augment", "none")
     cut = [g for g in rep["groups"] if g["heads"]]
-    assert [(g["channels_before"], g["channels_after"]) for g in cut] == [(heads * width, -(-heads // 2) * width)] * blocks
+    assert ([(g["channels_before"], g["channels_after"]) for g in cut]
+            == [(heads * width, -(-heads // 2) * width)] * blocks)
     assert rep["parity"]["slim_vs_masked_student"] < 1e-4
     assert rep["totals"]["flops_after"] < 0.7 * rep["totals"]["flops_before"]  # hf_vit keeps 2 of its 3 heads
     layers = {row["node"]: row for row in rep["layers"]}
@@ -96,7 +110,7 @@ def test_heads_are_groups_and_half_of_them_go(arch, opset, tmp_path):
 
 def test_attention_flops_follow_the_formula(tmp_path):
     """QK^T and AV: 2 x heads x T x T x head_dim each; Softmax SOFTMAX_OPS per weight."""
-    path = export(HFClassifier("bert"), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids", free_tokens=True)
+    path = bert(tmp_path)
     view = GraphView(load.sized(load.load_model(path).proto, (TOKENS,)))
     costs = {c.node: c for c in layer_costs(view)}
     group = heads_of(path)[0]
@@ -110,13 +124,9 @@ def test_attention_flops_follow_the_formula(tmp_path):
 @pytest.mark.parametrize("opset", [17, None], ids=["17", "dynamo"])
 def test_a_hand_written_block_with_fused_qkv_loses_heads_exactly(opset, tmp_path):
     path = export(Block(), torch.randn(2, TOKENS, 12), tmp_path / "m.onnx", opset, "x")
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((16, TOKENS, 12)).astype(np.float32))
     (group,) = heads_of(path)
     assert group.attention.fused and group.size == 4
-    res = run("compress", path, "--data", tmp_path / "x.npz", "--samples", 12, "--scope", "all", "--ratio", 0.5,
-              "--no-bench", "--min-fidelity", 0, "--quiet", "-o", tmp_path / "slim.onnx", "--report", tmp_path / "r.json")
-    assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "r.json").read_text())
+    rep = half(path, np.random.default_rng(0).standard_normal((16, TOKENS, 12)).astype(np.float32), tmp_path)
     assert rep["parity"]["slim_vs_masked_student"] < 1e-4
     assert [g["channels_after"] for g in rep["groups"] if g["heads"]] == [32]
 
@@ -130,18 +140,15 @@ def test_variants_not_understood_keep_their_heads_with_a_reason(variant, reason,
     groups = find_groups(GraphView(load.load_model(path).proto))
     qkv = next(g for g in groups if any("qkv" in p for p in g.producers))
     assert not qkv.prunable and reason in qkv.reason and "attention at Softmax" in qkv.reason
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((16, TOKENS, 12)).astype(np.float32))
-    res = run("compress", path, "--data", tmp_path / "x.npz", "--samples", 12, "--scope", "all", "--ratio", 0.5,
-              "--no-bench", "--min-fidelity", 0, "--quiet", "-o", tmp_path / "slim.onnx", "--report", tmp_path / "r.json")
-    assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "r.json").read_text())["parity"]["slim_vs_masked_student"] < 1e-4
+    rep = half(path, np.random.default_rng(0).standard_normal((16, TOKENS, 12)).astype(np.float32), tmp_path)
+    assert rep["parity"]["slim_vs_masked_student"] < 1e-4
 
 
 def test_a_custom_domain_attention_node_keeps_its_projections(tmp_path):
     """onnxruntime's com.microsoft.MultiHeadAttention in place of each BERT block's core: the
     channel analysis does not know the op, so the projections stay whole; onnxruntime runs it in
     the twin."""
-    path = export(HFClassifier("bert"), torch.randint(0, 1000, (2, TOKENS)), tmp_path / "b.onnx", 17, "input_ids", free_tokens=True)
+    path = bert(tmp_path)
     proto = onnx.load(str(path))
     view = GraphView(proto)
     for k, group in enumerate(heads_of(path)):
@@ -161,10 +168,5 @@ def test_a_custom_domain_attention_node_keeps_its_projections(tmp_path):
     groups = find_groups(GraphView(load.load_model(tmp_path / "custom.onnx").proto))
     query = next(g for g in groups if any("query" in p for p in g.producers))
     assert not query.prunable and "com.microsoft.MultiHeadAttention node 'mha_0'" in query.reason
-    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).integers(0, 1000, (16, TOKENS)))
-    res = run("compress", tmp_path / "custom.onnx", "--data", tmp_path / "x.npz", "--samples", 12, "--scope", "all",
-              "--ratio", 0.5, "--no-bench", "--min-fidelity", 0, "--quiet", "-o", tmp_path / "slim.onnx",
-              "--report", tmp_path / "r.json")
-    assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "r.json").read_text())
+    rep = half(tmp_path / "custom.onnx", np.random.default_rng(0).integers(0, 1000, (16, TOKENS)), tmp_path)
     assert rep["parity"]["slim_vs_masked_student"] < 1e-4 and rep["parity"]["run_by_onnxruntime"]
