@@ -241,7 +241,8 @@ def export_sequence(model: nn.Module, x: torch.Tensor, path, opset: int | None, 
                               dynamic_shapes=dims, external_data=True, verbose=False)
         else:
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[name],
-                              output_names=list(outputs), dynamic_axes={name: axes, **{o: {0: "batch"} for o in outputs}})
+                              output_names=list(outputs),
+                              dynamic_axes={name: axes, **{o: {0: "batch"} for o in outputs}})
     return path
 
 

@@ -45,7 +45,8 @@ def run(folder: Path, k: int, seed: int, eval_count: int, batches: list[int], me
     options = CompressOptions(data=bench_paper.write_shots(folder, k, seed), shots=k, seed=seed,
                               eval_data=bench_paper.write_eval(folder, eval_count), min_fidelity=0.0,
                               providers=["cpu"] if batches else [], batches=batches,
-                              prune=PruneConfig(ratio=0.5, scope="internal", method="cross" if method == "auto" else method),
+                              prune=PruneConfig(ratio=0.5, scope="internal",
+                                                method="cross" if method == "auto" else method),
                               auto_method=method == "auto", auto_mu=method == "auto")
     result = compress(MODEL, options)
     rep = result.report

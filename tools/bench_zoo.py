@@ -4,9 +4,10 @@
     python tools/bench_zoo.py --opsets dynamo --out results/zoo_dynamo.json
     python tools/bench_zoo.py --models vit_b16_shaped,bert --opsets 14,17,dynamo --ratio 0.5 --batches 1,32
 
-Per model and opset ("dynamo": torch's dynamo exporter at its own opset, external weights): channels prunable (scope internal / all), FLOPs before and after, whether
-the slim model equals its masked student, and CPU latency (--batches, both models timed in one
-run, medians; latency only for the last opset listed). Random weights: structure, not accuracy.
+Per model and opset ("dynamo": torch's dynamo exporter at its own opset, external weights):
+channels prunable (scope internal / all), FLOPs before and after, whether the slim model equals
+its masked student, and CPU latency (--batches, both models timed in one run, medians; latency
+only for the last opset listed). Random weights: structure, not accuracy.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def run(name: str, opset: int | None, folder: Path, data: Path, batches: list[in
                params_after=totals["params_after"], slim_vs_masked=report["parity"]["slim_vs_masked_student"])
     if report["latency"]:
         t = {(x["model"], x["batch"]): x for x in report["latency"]["timings"]}
-        row.update(latency_before_ms=t["teacher", batches[0]]["p50_ms"], latency_after_ms=t["slim", batches[0]]["p50_ms"],
-                   speedup={b: t["slim", b]["speedup"] for b in batches})
+        row.update(latency_before_ms=t["teacher", batches[0]]["p50_ms"],
+                   latency_after_ms=t["slim", batches[0]]["p50_ms"], speedup={b: t["slim", b]["speedup"] for b in batches})
     return row
 
 

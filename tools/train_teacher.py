@@ -15,9 +15,9 @@ CIFAR-style VGG-16 at half width (BatchNorm, five max-pools, one linear classifi
 changes): the paper's nets. ResNet-18, ResNet-50, MobileNetV2, MobileNetV3-Small and GoogLeNet are
 the architecture zoo's (torchvision's definitions, tests/zoo.py) with a first convolution that
 reads one grey channel; their stems divide the input by 32, so they see the 32x32 images with every
-pixel doubled (64x64). The ViT is torchvision's VisionTransformer, small, trained with AdamW. All 60,000 training images train the teacher; the 10,000 test images are
-used only to report its accuracy. Writes tools/teachers/<arch>.onnx and a line of JSON with the
-accuracy.
+pixel doubled (64x64). The ViT is torchvision's VisionTransformer, small, trained with AdamW. All
+60,000 training images train the teacher; the 10,000 test images are used only to report its
+accuracy. Writes tools/teachers/<arch>.onnx and a line of JSON with the accuracy.
 """
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def _grey_stem(model: nn.Module) -> nn.Module:
 
 
 ZOO_NETS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "googlenet")
-ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "tiny_se": tiny_se, "vit": vit, **{name: partial(grey, name) for name in ZOO_NETS}}
+ARCHS = {"vgg16": vgg16, "resnet56": resnet56, "tiny_se": tiny_se, "vit": vit,
+         **{name: partial(grey, name) for name in ZOO_NETS}}
 UPSAMPLE = dict.fromkeys(ZOO_NETS, 2)  # the zoo's stems divide by 32: pixels doubled, 64x64 inputs
 ADAMW_LR = {"vit": 1e-3}  # SGD trains transformers poorly
 
