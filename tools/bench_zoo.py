@@ -56,7 +56,8 @@ def run(name: str, opset: int | None, folder: Path, data: Path, batches: list[in
     if report["latency"]:
         t = {(x["model"], x["batch"]): x for x in report["latency"]["timings"]}
         row.update(latency_before_ms=t["teacher", batches[0]]["p50_ms"],
-                   latency_after_ms=t["slim", batches[0]]["p50_ms"], speedup={b: t["slim", b]["speedup"] for b in batches})
+                   latency_after_ms=t["slim", batches[0]]["p50_ms"],
+                   speedup={b: t["slim", b]["speedup"] for b in batches})
     return row
 
 
