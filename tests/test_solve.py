@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline.solve import Problem, Stats, kept_rows, objective, solve_closed, solve_l1, solve_pgd
+from pipeline.solve import Problem, Stats, _FreeRows, kept_rows, objective, solve_closed, solve_l1, solve_pgd
 
 F64 = torch.float64
 
@@ -96,6 +96,24 @@ def test_pgd_reaches_the_target_count_and_a_good_loss():
     dropped = [c for c in range(6) if c not in pgd.kept.tolist()]
     assert torch.all(pgd.weights[0][p.columns[dropped].reshape(-1)] == 0)
     assert closed.loss <= pgd.loss * 1.001
+
+
+def test_pgd_gradient_on_the_free_rows_is_the_full_one_masked():
+    """As rows are dropped a few at a time, the free block's gradient with its running offset
+    equals 2 H (W - W*) computed whole, on every row (zero on the dropped ones)."""
+    p = problem(channels=8, per=3, out=4)
+    h, ws = objective(p.stats, p.weight, "soft", 0.5, 1e-6)
+    free = _FreeRows(h, ws)
+    w = p.weight.clone()
+    alive = torch.ones(len(w), dtype=torch.bool)
+    for gone in ([], [0, 1, 2], [9, 10, 11, 21, 22, 23], [24]):  # channels 0, 3 and 7, then the bias row
+        alive[gone] = False
+        w[~alive] = 0
+        free.keep(alive)
+        full = h @ (w - ws)
+        full[~alive] = 0
+        assert torch.allclose(free.grad(w), full, rtol=1e-9, atol=1e-12)
+        w[alive] += 0.1 * torch.randn(int(alive.sum()), w.shape[1], dtype=F64)
 
 
 @pytest.mark.parametrize("method", ["layerwise", "soft"])
