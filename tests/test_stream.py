@@ -83,6 +83,26 @@ def test_the_walk_prunes_as_the_per_group_capture_does(tmp_path, name, method, r
     assert np.isfinite(twin).all()
 
 
+def test_student_convs_read_only_the_channels_their_weights_use(tmp_path):
+    """The walk's students skip the input channels a refit zeroed (in every layer that has
+    some, the Concat read by three groups included), and their outputs are the masked layers'
+    within float32 rounding."""
+    torch.manual_seed(0)
+    view, teacher, groups = _setup(export(randomise_bn(CoupledBlock()), tmp_path / "coupled.onnx"))
+    x, _ = make_data(3)
+    result = prune.prune(view, teacher, groups, x, PruneConfig(ratio=0.5, scope="all"))
+    convs = [m for m in result.student.modules_by_node.values() if isinstance(m, torch.nn.Conv2d)]
+    zeroed = [m for m in convs if m.groups == 1 and bool((m.weight.abs().sum((0, 2, 3)) == 0).any())]
+    assert any(m.in_channels == 30 for m in zeroed)  # merge: p, q, q and c
+    assert [m for m in convs if "forward" in vars(m)] == zeroed
+    sliced = run_torch(result.student, x)[0]
+    for m in zeroed:
+        del vars(m)["forward"]
+    masked = run_torch(result.student, x)[0]
+    assert np.abs(sliced - masked).max() <= 1e-5 * np.abs(masked).max()
+    assert not np.array_equal(sliced, run_torch(teacher, x)[0])
+
+
 def test_the_walk_takes_a_fixed_batch_model_in_pieces(tmp_path):
     """A dynamo export without dynamic shapes fixes its batch: the walk runs each unit in pieces
     of that batch and joins them where statistics are taken."""

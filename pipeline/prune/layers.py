@@ -127,6 +127,21 @@ class _Conv(Kind):
         module = student.layer(consumer.node)
         module.weight.copy_(torch.from_numpy(layer.weight))
         _set_bias(module, torch.from_numpy(layer.bias))
+        _skip_dropped_inputs(module)
+
+
+def _skip_dropped_inputs(conv: torch.nn.Module) -> None:
+    """Let the student's conv read only the input channels its weights still use. The walk runs
+    every student forward through the masked layers, and a convolution multiplies its zero
+    weights as dearly as any other: at half the channels this halves its work, with the same
+    outputs (up to the order of summation). The twin's nn.Conv keeps the weights, so every later
+    write and the verification still see the whole masked layer."""
+    weight = conv.weight.detach()
+    live = torch.nonzero(weight.abs().sum(dim=[0, *range(2, weight.dim())]) != 0).squeeze(1)
+    conv.__dict__.pop("forward", None)  # a later write (another group's channels) starts afresh
+    if conv.groups == 1 and len(live) < weight.shape[1]:
+        conv.forward = lambda x: conv._conv_forward(x.index_select(1, live), conv.weight.index_select(1, live),
+                                                    conv.bias)
 
 
 class _Deconv(Kind):
