@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def run(folder: Path, k: int, seed: int, eval_count: int, batches: list[int], me
 
 def peers(folder: Path, ours: dict, eval_count: int, steps: int, lr: float) -> dict[str, float]:
     """Accuracy of magnitude pruning and of crossprune (`ours`: its run on these shots) at the
-    same widths, each also fine-tuned."""
+    same widths, each also fine-tuned, and the seconds of each fine-tune."""
     k, seed = ours["k"], ours["seed"]
     shots = np.load(bench_paper.write_shots(folder, k, seed))
     test = np.load(bench_paper.write_eval(folder, eval_count))
@@ -73,8 +74,10 @@ def peers(folder: Path, ours: dict, eval_count: int, steps: int, lr: float) -> d
     out = {}
     for name, slim in (("magnitude (l1)", run(folder, k, seed, eval_count, [], "l1")), ("crossprune", ours)):
         out[name] = slim["student"]
+        start = time.perf_counter()
         net = bench_peers.finetune(to_torch(onnx.load_from_string(slim["slim"])).module, teacher_logits, shots["x"],
                                    transforms, steps, lr, seed)
+        out[f"{name} +ft seconds"] = time.perf_counter() - start
         out[f"{name} +ft"] = bench_peers.accuracy(bench_peers.to_onnx(net, MODEL, shots["x"]), test["x"], test["y"])
     return out
 
@@ -108,10 +111,12 @@ def main() -> None:
                   f"{', '.join(f'b{b} {v:.2f}x' for b, v in speed.items())}", flush=True)
         if args.peers:  # beside crossprune's own runs at the largest K
             found = [peers(Path(tmp), ours, args.eval_count, args.ft_steps, args.ft_lr) for ours in largest]
-            for name in found[0]:
+            for name in (n for n in found[0] if not n.endswith("seconds")):
                 acc = [100 * f[name] for f in found]
+                took = f"  fine-tune {statistics.mean(f[name + ' seconds'] for f in found):.0f} s" if name.endswith(
+                    "+ft") else ""
                 print(f"K={max(shots)} {name:22s} {statistics.mean(acc):6.2f} ± {statistics.pstdev(acc):.2f}  "
-                      f"({', '.join(f'{a:.2f}' for a in acc)})", flush=True)
+                      f"({', '.join(f'{a:.2f}' for a in acc)}){took}", flush=True)
             rows.append({"peers": found, "ft_steps": args.ft_steps, "ft_lr": args.ft_lr})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
