@@ -660,13 +660,15 @@ def test_teacher_grams_shared_between_candidates_change_nothing(vgg_path, monkey
     assert empty.get(next(iter(fresh.layers)), PruneConfig()) is None
 
 
-@pytest.mark.parametrize("dims", [1, 7, 33])
+@pytest.mark.parametrize("dims", [1, 7, 33, 600])  # 600: three of mirror's blocks, the last one short
 def test_symmetric_gram_from_its_upper_blocks(dims):
     a = torch.randn(50, dims)
     total = torch.zeros(dims, dims, dtype=torch.float64)
     add_gram(total, a, a)
     add_gram(total, a, a)
-    torch.testing.assert_close(mirror(total), 2 * (a.T @ a).double(), rtol=1e-5, atol=1e-4)
+    full = mirror(total)
+    assert torch.equal(full, full.T)
+    torch.testing.assert_close(full, 2 * (a.T @ a).double(), rtol=1e-5, atol=1e-4)
 
 
 def test_contrib_operator_freezes_its_groups_and_the_run_goes_on(vgg_path, tmp_path, npz_path):
