@@ -7,6 +7,7 @@ layout and into the torch twin. Supporting another linear layer is one more entr
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,8 +141,13 @@ def _skip_dropped_inputs(conv: torch.nn.Module) -> None:
     live = torch.nonzero(weight.abs().sum(dim=[0, *range(2, weight.dim())]) != 0).squeeze(1)
     conv.__dict__.pop("forward", None)  # a later write (another group's channels) starts afresh
     if conv.groups == 1 and len(live) < weight.shape[1]:
-        conv.forward = lambda x: conv._conv_forward(x.index_select(1, live), conv.weight.index_select(1, live),
-                                                    conv.bias)
+        conv.live_inputs = live
+        conv.forward = types.MethodType(_live_forward, conv)  # bound, so that a deep copy reads its own weights
+
+
+def _live_forward(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    live = conv.live_inputs
+    return conv._conv_forward(x.index_select(1, live), conv.weight.index_select(1, live), conv.bias)
 
 
 class _Deconv(Kind):
