@@ -208,18 +208,20 @@ def main() -> None:
             print(header)
             for name, setup in setups(folder, args.models.split(",")).items():
                 low = floor(setup, rate)
-                for code, tree in trees:
-                    for method in filter(None, (args.methods if code == "new" else args.old_methods).split(",")):
-                        got = run(tree, setup, method, args.device, folder, args.timeout)
-                        row = {"model": name, "code": code, "method": method, "device": args.device, **low, **got}
-                        rows.append(row)
-                        st = got.get("stages", {})
-                        work = st.get("prune", 0) + st.get("choose", 0)
-                        total = f"{got['seconds']:.1f}" if got.get("seconds") is not None else "-"
-                        print(f"{name:<10}{code:<5}{method:<7}{total:>9}{st.get('choose', 0):>8.1f}"
-                              f"{st.get('prune', 0):>8.1f}{st.get('bench', 0):>7.1f}{got.get('peak_rss_mb', 0):>9.0f}"
-                              f"{low['floor_s']:>9.1f}{work / low['floor_s']:>12.1f}  "
-                              f"{got.get('chosen') or got.get('error', '')}", flush=True)
+                methods = dict.fromkeys(filter(None, f"{args.methods},{args.old_methods}".split(",")))
+                for method, (code, tree) in ((m, t) for m in methods for t in trees):  # old and new in turn
+                    if method not in (args.methods if code == "new" else args.old_methods).split(","):
+                        continue
+                    got = run(tree, setup, method, args.device, folder, args.timeout)
+                    row = {"model": name, "code": code, "method": method, "device": args.device, **low, **got}
+                    rows.append(row)
+                    st = got.get("stages", {})
+                    work = st.get("prune", 0) + st.get("choose", 0)
+                    total = f"{got['seconds']:.1f}" if got.get("seconds") is not None else "-"
+                    print(f"{name:<10}{code:<5}{method:<7}{total:>9}{st.get('choose', 0):>8.1f}"
+                          f"{st.get('prune', 0):>8.1f}{st.get('bench', 0):>7.1f}{got.get('peak_rss_mb', 0):>9.0f}"
+                          f"{low['floor_s']:>9.1f}{work / low['floor_s']:>12.1f}  "
+                          f"{got.get('chosen') or got.get('error', '')}", flush=True)
         finally:
             if args.old:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder / "old")],
