@@ -296,15 +296,16 @@ def solve_pgd(problems: list[Problem], keep: int, method: str, mu: float, damp: 
     """
     quads = [_Quadratic(*objective(p.stats, p.weight, method, mu, damp)) for p in problems]
     scale = sum(q.energy for q in quads)
-    free = [_FreeRows(q.h.float() * (2 / scale), q.w_star.float()) for q in quads]
     params = [p.weight.float().clone() for p in problems]
     opt = torch.optim.Adam(params, lr=lr)
     channels, device = len(problems[0].columns), problems[0].weight.device
     alive = torch.ones(channels, dtype=torch.bool, device=device)
+    free = [_FreeRows(q.h.float() * (2 / scale), q.w_star.float()) for q in quads]
+    for f, p in zip(free, problems):  # rows held at zero by earlier groups
+        f.keep(~_dropped_mask(p, torch.nonzero(alive).squeeze(1), len(p.weight)))
     prox_end = max(1, iters // 3)
     for it in range(iters):
-        for w, f, p in zip(params, free, problems):
-            f.keep(~_dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w)))
+        for w, f in zip(params, free):
             w.grad = f.grad(w)
         opt.step()
         if it == prox_end:
@@ -316,8 +317,9 @@ def solve_pgd(problems: list[Problem], keep: int, method: str, mu: float, damp: 
             norms[~alive] = -1
             alive = torch.zeros(channels, dtype=torch.bool, device=device)
             alive[torch.topk(norms, target).indices] = True
-        for w, p in zip(params, problems):
+        for w, f, p in zip(params, free, problems):
             rows = _dropped_mask(p, torch.nonzero(alive).squeeze(1), len(w))
+            f.keep(~rows)
             w[rows] = 0
             state = opt.state.get(w, {})
             for key in ("exp_avg", "exp_avg_sq"):
