@@ -206,11 +206,12 @@ def main() -> None:
             header = (f"{'model':<10}{'code':<5}{'method':<7}{'total s':>9}{'choose':>8}{'prune':>8}{'bench':>7}"
                       f"{'peak MB':>9}{'floor s':>9}{'prune/floor':>12}  chosen")
             print(header)
+            runs = {code: [m for m in methods.split(",") if m] for code, methods in (("new", args.methods),
+                                                                                  ("old", args.old_methods))}
             for name, setup in setups(folder, args.models.split(",")).items():
                 low = floor(setup, rate)
-                methods = dict.fromkeys(filter(None, f"{args.methods},{args.old_methods}".split(",")))
-                for method, (code, tree) in ((m, t) for m in methods for t in trees):  # old and new in turn
-                    if method not in (args.methods if code == "new" else args.old_methods).split(","):
+                for method, (code, tree) in ((m, t) for m in dict.fromkeys(runs["new"] + runs["old"]) for t in trees):
+                    if method not in runs[code]:  # old and new in turn, method by method
                         continue
                     got = run(tree, setup, method, args.device, folder, args.timeout)
                     row = {"model": name, "code": code, "method": method, "device": args.device, **low, **got}
