@@ -1,11 +1,14 @@
 """`--method auto` / `--mu auto`: pick the objective without labels and without test data.
 
-The channels are chosen once, by the first candidate (cross distillation at the given mu) on all
-shots. Every candidate objective then refits those channels from most of the shots, in one walk
-over the network, reading only the kept columns' statistics; the one whose student stays closest
-to the teacher on the shots it did not see (and their augmented variants) wins, and refits the
-channels from all shots. Fidelity is the relative error of the outputs, which needs no labels.
-The selection, the costly part of a pruning, is paid once.
+Most of the shots play the whole pruning: in one walk over the network, the selector (cross
+distillation at the given mu) chooses each group's channels as the walk reaches it and every
+other candidate objective refits the same channels, reading only the kept columns' statistics.
+The one whose student stays closest to the teacher on the shots none of them saw (and their
+augmented variants) wins, and refits the channels of the first split from all shots. Fidelity is
+the relative error of the outputs, which needs no labels. The selection, the costly part of a
+pruning, is paid once, inside the walk the candidates need anyway. Each candidate costs a
+student's forward over the shots, and a method's mu moves its score far less than the methods
+differ, so the selector's method walks at its other mu only where the selector beat the others.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def usual_mu(method: str) -> float:
 class Choice:
     config: prune.PruneConfig
     scores: dict[str, float]  # candidate -> relative squared output error on the held-out shots (mean of splits)
+    kept: dict[int, np.ndarray]  # the channels the selector chose on the first split's fitted shots
     splits: int = 1
     first_split: float = float("nan")  # the chosen objective's error on the first split alone
 
@@ -53,20 +57,41 @@ def candidates(config: prune.PruneConfig, auto_method: bool, auto_mu: bool) -> l
 
 
 def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
-           options: list[prune.PruneConfig], seed: int, augmenter: Augmenter | None, kept: dict[int, np.ndarray],
+           options: list[prune.PruneConfig], selector: prune.PruneConfig, seed: int, augmenter: Augmenter | None,
            progress: Callable[[str], None] = lambda _: None) -> Choice:
-    """The candidate with the least held-out error refitting the channels `kept`; with few shots
-    the error is averaged over disjoint held-out sets, since one split of a handful of shots can
-    pick a method by chance."""
-    named = {f"{config.method} mu={config.mu}": config for config in options}
+    """The candidate with the least held-out error refitting the channels `selector` chooses on
+    the first split; with few shots the error is averaged over disjoint held-out sets, since one
+    split of a handful of shots can pick a method by chance (the later splits refit the first
+    one's channels: a selection costs more than the refits)."""
+    named = {f"{config.method} mu={config.mu}": config for config in [selector] + options}
     folds = min(disjoint_folds(len(x)), -(-MIN_HELD_OUT // _held(len(x))))
-    jobs = {n: prune.Job(c, kept=kept, ranking=True) for n, c in named.items()}
-    per_fold = [holdout_scores(view, teacher, groups, x, jobs, seed, augmenter,
-                               "auto" if folds == 1 else f"auto, split {fold + 1}/{folds}", progress, fold)
-                for fold in range(folds)]
-    scores = {n: float(np.mean([f[n] for f in per_fold])) for n in named}
+    first = [n for n, c in named.items() if c == selector or c.method != selector.method]
+    rest = [n for n in named if n not in first] if len(first) > 1 else []
+    per_fold: dict[str, list[float]] = {n: [] for n in named}
+    kept: dict[int, np.ndarray] = {}
+
+    def play(names: list[str]) -> None:
+        for fold in range(folds):
+            jobs = {n: prune.Job(named[n], kept=kept, ranking=True) if kept else
+                    prune.Job(named[n], ranking=True, follows=None if named[n] == selector else 0) for n in names}
+            scores, results = holdout_results(view, teacher, groups, x, jobs, seed, augmenter,
+                                              "auto" if folds == 1 else f"auto, split {fold + 1}/{folds}", progress,
+                                              fold)
+            if not kept:
+                kept.update(results[0].kept)
+            for n, score in scores.items():
+                per_fold[n].append(score)
+
+    def mean(name: str) -> float:
+        """A candidate's held-out error over the splits; infinite where it was not scored."""
+        return float(np.mean(per_fold[name])) if per_fold[name] and named[name] in options else np.inf
+
+    play(first if rest else list(named))
+    if rest and min(first, key=mean) == first[0]:
+        play(rest)  # the selector's method won: its other mu
+    scores = {n: mean(n) for n in named if mean(n) < np.inf}
     best = min(scores, key=scores.get)
-    return Choice(named[best], scores, folds, per_fold[0][best])
+    return Choice(named[best], scores, kept, folds, per_fold[best][0])
 
 
 def _held(shots: int) -> int:
@@ -102,8 +127,15 @@ class HoldOut:
 
     def scores(self, jobs: list[prune.Job], progress: Callable[[str], None] = lambda _: None) -> list[float]:
         """`score` of several prunings, pruned together in one walk over the fitted shots."""
-        results = prune.prune_jobs(self.view, self.teacher, self.groups, self.fit, jobs, progress, self.augmenter,
-                                   cache=self.grams, reuse=self.prefixes)
+        return self.errors(self.prune(jobs, progress))
+
+    def prune(self, jobs: list[prune.Job], progress: Callable[[str], None] = lambda _: None) -> list[prune.PruneResult]:
+        """Several prunings of the fitted shots in one walk."""
+        return prune.prune_jobs(self.view, self.teacher, self.groups, self.fit, jobs, progress, self.augmenter,
+                                cache=self.grams, reuse=self.prefixes)
+
+    def errors(self, results: list[prune.PruneResult]) -> list[float]:
+        """Each pruning's relative squared output error on the held-out inputs (the worst output's)."""
         return [max(relative_squared_error(r, s) for r, s in zip(self.reference, run_torch(res.student, self.check)))
                 for res in results]
 
@@ -126,8 +158,17 @@ def holdout_scores(view: GraphView, teacher: TorchModel, groups: list[ChannelGro
                    jobs: dict[str, prune.Job], seed: int, augmenter: Augmenter | None, label: str,
                    progress: Callable[[str], None] = lambda _: None, fold: int = 0) -> dict[str, float]:
     """Relative squared output error on held-out shots of each job, pruned together from the rest."""
+    return holdout_results(view, teacher, groups, x, jobs, seed, augmenter, label, progress, fold)[0]
+
+
+def holdout_results(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
+                    jobs: dict[str, prune.Job], seed: int, augmenter: Augmenter | None, label: str,
+                    progress: Callable[[str], None] = lambda _: None,
+                    fold: int = 0) -> tuple[dict[str, float], list[prune.PruneResult]]:
+    """`holdout_scores`, and the prunings they score."""
     holdout = HoldOut(view, teacher, groups, x, seed, augmenter, fold)
-    scores = dict(zip(jobs, holdout.scores(list(jobs.values()), lambda said: progress(f"{label}: {said}"))))
+    results = holdout.prune(list(jobs.values()), lambda said: progress(f"{label}: {said}"))
+    scores = dict(zip(jobs, holdout.errors(results)))
     for name, score in scores.items():
         progress(f"{label}: {name}: relative squared error {score:.4f} on {len(holdout.check)} held-out inputs")
-    return scores
+    return scores, results

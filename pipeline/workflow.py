@@ -204,16 +204,13 @@ def _choose(ready: Prepared, options: CompressOptions, progress: Progress,
         progress(f"auto: one sample, none to hold out; {options.prune.method} mu={options.prune.mu}")
     if len(candidates) <= 1 or len(x) < choose.MIN_SAMPLES:
         return options, None, None
-    with stage("prune"):  # the channels every candidate refits, chosen once, at the ratio
-        selection = prune.prune(view, teacher, groups, x, options.prune, progress, augmenter)
     with stage("choose"):
-        choice = choose.choose(view, teacher, groups, x, candidates, options.seed, augmenter, selection.kept, progress)
+        choice = choose.choose(view, teacher, groups, x, candidates, options.prune, options.seed, augmenter, progress)
         progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-    if not isinstance(options.mode, search.Ratio):
-        selection = None  # other widths than the ratio's: pruned with the chosen objective
-    elif choice.config != options.prune:
-        with stage("prune"):
-            selection = prune.prune_jobs(view, teacher, groups, x, [prune.Job(choice.config, kept=selection.kept)],
+    selection = None  # other widths than the ratio's: pruned with the chosen objective
+    if isinstance(options.mode, search.Ratio):
+        with stage("prune"):  # the ratio's channels, as the selector chose them, refit from every shot
+            selection = prune.prune_jobs(view, teacher, groups, x, [prune.Job(choice.config, kept=choice.kept)],
                                          progress, augmenter)[0]
     return replace(options, prune=choice.config), choice, selection
 

@@ -188,7 +188,7 @@ def test_a_reader_that_stops_early_is_not_an_error(vgg_path):
 
 # The demo's kept channels (sha256 of their JSON) as this code chooses them: a change to the layout
 # of the code must leave them alone; a change to the method that moves them updates this line.
-DEMO_KEPT = "5a4471af2f6eeee1"
+DEMO_KEPT = "71610680a1edb559"
 
 
 def test_demo_meets_its_quality_bar():
@@ -281,7 +281,11 @@ def test_auto_method_and_mu_pick_the_best_held_out_fidelity(vgg_path, npz_path, 
     assert res.exit_code == 0, res.output
     rep = json.loads(report.read_text())
     scores = rep["auto"]["holdout_relative_squared_error"]
-    assert len(scores) == 5  # cross at three mu, soft at 0.3, layerwise
+    first = {"cross mu=0.6", "soft mu=0.3", "layerwise mu=0.6"}  # the selector and the other methods
+    assert first <= set(scores)
+    # cross at its other mu only where cross at 0.6 beat the other methods
+    cross_won = min(first, key=scores.get) == "cross mu=0.6"
+    assert set(scores) == first | ({"cross mu=0.3", "cross mu=0.9"} if cross_won else set())
     best = min(scores, key=scores.get)
     assert best == f"{rep['auto']['method']} mu={rep['auto']['mu']}"
     assert (rep["config"]["method"], rep["config"]["mu"]) == (rep["auto"]["method"], rep["auto"]["mu"])
@@ -307,8 +311,7 @@ def test_few_shots_are_scored_over_disjoint_held_out_splits(vgg_path, npz_path):
     options = choose.candidates(prune.PruneConfig(ratio=0.5), auto_method=True, auto_mu=False)
     for shots, splits in ((10, 4), (40, 1)):
         said: list[str] = []
-        kept = prune.prune(view, teacher, groups, x[:shots], options[0]).kept
-        choice = choose.choose(view, teacher, groups, x[:shots], options, 0, None, kept, said.append)
+        choice = choose.choose(view, teacher, groups, x[:shots], options, options[0], 0, None, said.append)
         scored = [line for line in said if "relative squared error" in line]
         assert len(scored) == splits * len(options) and len(choice.scores) == len(options)
         assert choice.splits == splits

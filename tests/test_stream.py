@@ -211,3 +211,23 @@ def test_a_refit_of_given_channels_from_kept_columns_equals_the_full_refit(tmp_p
         scale = np.abs(layer.weight).max()
         assert np.abs(refit.layers[node].weight - layer.weight).max() <= 1e-3 * scale, node
         assert np.abs(ranked.layers[node].weight - layer.weight).max() <= 1e-2 * scale, node
+
+
+def test_a_job_that_follows_refits_what_its_leader_chooses_as_the_walk_goes(tmp_path):
+    """--method auto's walk: the selector chooses each group and the other candidates refit those
+    channels at once, as a refit given the finished selection does, and nothing can follow a job
+    that does not choose."""
+    torch.manual_seed(0)
+    view, teacher, groups = _setup(export(randomise_bn(TinyResidual()), tmp_path / "r.onnx"))
+    x, _ = make_data(3)
+    lead, other = PruneConfig(ratio=0.5, scope="all"), PruneConfig(ratio=0.5, scope="all", method="soft", mu=0.3)
+    leader, follower = prune.prune_jobs(view, teacher, groups, x, [Job(lead), Job(other, follows=0)])
+    assert leader.kept and [o.kept.tolist() for o in leader.outcomes] == \
+        [o.kept.tolist() for o in prune.prune(view, teacher, groups, x, lead).outcomes]
+    given = prune.prune_jobs(view, teacher, groups, x, [Job(other, kept=leader.kept)])[0]
+    assert [o.kept.tolist() for o in follower.outcomes] == [o.kept.tolist() for o in leader.outcomes]
+    for node, layer in given.layers.items():
+        np.testing.assert_allclose(follower.layers[node].weight, layer.weight, rtol=1e-6, atol=1e-9, err_msg=node)
+    for jobs in ([Job(other, follows=0)], [Job(lead, kept=leader.kept), Job(other, follows=0)]):
+        with pytest.raises(ValueError, match="must name an earlier job"):
+            prune.prune_jobs(view, teacher, groups, x, jobs)

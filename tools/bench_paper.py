@@ -102,7 +102,8 @@ def run(teacher: Path, shots: Path, k: int, seed: int, ratio: float, variant: be
                      "choose_seconds": rep["stages_seconds"].get("choose", 0.0),
                      "compress_seconds": time.perf_counter() - start,
                      "flops_reduction": rep["totals"]["flops_reduction"],
-                     "auto": rep["auto"]["method"] + f" mu={rep['auto']['mu']}" if rep["auto"] else None}
+                     "auto": rep["auto"]["method"] + f" mu={rep['auto']['mu']}" if rep["auto"] else None,
+                     "auto_scores": rep["auto"]["holdout_relative_squared_error"] if rep["auto"] else None}
     return out
 
 

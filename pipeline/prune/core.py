@@ -61,6 +61,12 @@ class Job:
     keep: dict[int, int] | None = None
     kept: dict[int, np.ndarray] | None = None  # channels chosen elsewhere (per group id): refit only, no loss
     ranking: bool = False  # only compared with other jobs (--method auto's candidates): refits in float32
+    follows: int | None = None  # refit only the channels that this earlier job of the walk chooses, as it goes
+
+    @property
+    def refits(self) -> bool:
+        """Whether the channels come from elsewhere (no selection, no loss of its own)."""
+        return self.kept is not None or self.follows is not None
 
 
 def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
@@ -136,7 +142,13 @@ def _schedule(teacher: TorchModel, groups: list[ChannelGroup], jobs: Sequence[Jo
             todo.append(group)
             for k, n in enumerate(wanted):
                 counts[k].append(n)
-    return todo, [_Run(job, result, todo, n, reuse) for job, result, n in zip(jobs, results, counts)]
+    runs = [_Run(job, result, todo, n, reuse) for job, result, n in zip(jobs, results, counts)]
+    for run in runs:
+        if run.job.follows is not None:
+            if not 0 <= run.job.follows < runs.index(run) or jobs[run.job.follows].refits:
+                raise ValueError("Job.follows must name an earlier job of the same walk that selects its channels")
+            run.leader = runs[run.job.follows]
+    return todo, runs
 
 
 class _Run:
@@ -146,6 +158,7 @@ class _Run:
                  reuse: Prefixes | None):
         self.job, self.config, self.result, self.reuse = job, job.config, result, reuse
         self.groups, self.counts = groups, counts
+        self.leader: _Run | None = None  # the run whose channels this one refits (Job.follows)
         self.fixed: dict[str, torch.Tensor] = {}  # consumer -> input rows dropped with earlier groups (Concat)
         widths: list[tuple[int, int]] = []
         self.keys, self.found = [], []
@@ -153,7 +166,7 @@ class _Run:
             if count is not None:
                 widths.append((group.id, count))
             self.keys.append((self.config, tuple(widths)))
-            usable = reuse is not None and count is not None and job.kept is None
+            usable = reuse is not None and count is not None and not job.refits
             self.found.append(reuse.get(self.keys[-1]) if usable else None)
         self.walks = self.config.method != "l1" and any(
             n is not None and f is None for n, f in zip(counts, self.found))
@@ -163,10 +176,11 @@ class _Run:
         return self.counts[t] is not None and self.found[t] is None
 
     def given(self, t: int) -> torch.Tensor | None:
-        """The channels of time t's group chosen elsewhere, if any."""
-        if self.job.kept is None:
+        """The channels of time t's group chosen elsewhere (by the leader: once it solved time t), if any."""
+        kept = self.job.kept if self.leader is None else self.leader.result.kept
+        if kept is None:
             return None
-        return torch.as_tensor(self.job.kept[self.groups[t].id], device=self.result.student.device)
+        return torch.as_tensor(kept[self.groups[t].id], device=self.result.student.device)
 
     def problems(self, view: GraphView, t: int) -> list[Problem]:
         """Time t's consumers with this job's held rows, without statistics."""
@@ -191,7 +205,7 @@ class _Run:
             kept = solution.kept.cpu().numpy().astype(np.int64)
             seconds += time.perf_counter() - start
             solved = Solved(GroupOutcome(group.id, group.size, kept, solution.loss, seconds), layers, rows)
-            if self.reuse is not None and self.job.kept is None:
+            if self.reuse is not None and not self.job.refits:
                 self.reuse.put(self.keys[t], solved)
         for consumer, layer, rows in zip(group.consumers, solved.layers, solved.fixed):
             self.fixed[consumer.node] = rows
@@ -212,28 +226,21 @@ def _walk(view: GraphView, teacher: TorchModel, todo: list[ChannelGroup], x: np.
                                        if writes and any(r.counts[t] is not None for r in runs) else set()
                                        for t, group in enumerate(todo)])
     config = runs[0].config
-    needs = []
-    for t, group in enumerate(todo):
-        wanted: list[Value] = []
-        for c in group.consumers:
-            node, version = inputs[c.node], plan.version(inputs[c.node], t)
-            cached = cache.get(c.node, config) is not None
-            for r in filter(lambda r: r.pending(t), runs):
-                grams = ("tt", "st") if r.job.kept is not None else stats.grams_needed(r.config.method, version == 0,
-                                                                                         cached)
-                if any("t" in g for g in grams):
-                    wanted.append((node, 0))
-                if version and any("s" in g for g in grams):
-                    wanted.append((node, version))
-        needs.append(wanted)
-    plan.build(needs)
+    plan.build(_needs(todo, runs, inputs, plan, cache))
     walk = Walk(teacher.module, [r.result.student.module for r in runs], _units(x, config.chunk, augmenter, teacher))
 
     def visit(t: int) -> None:
+        """Solve time t; a run that follows another one once that one has chosen."""
+        following = [r for r in runs if r.leader is not None]
+        solve_runs(t, [r for r in runs if r.leader is None])
+        if following:
+            solve_runs(t, following)
+
+    def solve_runs(t: int, batch: list[_Run]) -> None:
         start = time.perf_counter()
         group = todo[t]
-        selecting = [r for r in runs if r.pending(t) and r.job.kept is None]
-        fitting = [r for r in runs if r.pending(t) and r.job.kept is not None]
+        selecting = [r for r in batch if r.pending(t) and not r.job.refits]
+        fitting = [r for r in batch if r.pending(t) and r.job.refits]
         problems: dict[int, list[Problem]] = {id(r): [] for r in selecting}
         fits: dict[int, list[torch.Tensor]] = {id(r): [] for r in fitting}
         held = {id(r): r.problems(view, t) for r in fitting}  # problems without statistics
@@ -254,12 +261,31 @@ def _walk(view: GraphView, teacher: TorchModel, todo: list[ChannelGroup], x: np.
             solved(t, problems[id(runs[0])])
             return
         seconds = (time.perf_counter() - start) / max(1, len(selecting) + len(fitting))
-        for r in runs:
+        for r in batch:
             fitted = id(r) in fits
             r.solve(view, t, held[id(r)] if fitted else problems.get(id(r)), _told(r, runs, progress), seconds,
                     refit.solution(r.given(t), fits[id(r)]) if fitted else None)
 
     walk.run(plan.ops, visit)
+
+
+def _needs(todo: list[ChannelGroup], runs: list[_Run], inputs: dict[str, fx.Node], plan: Plan,
+           cache: TeacherGrams) -> list[list[Value]]:
+    """The values each time reads: the teacher's and each pending run's inputs of its consumers."""
+    needs = []
+    for t, group in enumerate(todo):
+        wanted: list[Value] = []
+        for c in group.consumers:
+            node, version = inputs[c.node], plan.version(inputs[c.node], t)
+            cached = cache.get(c.node, runs[0].config) is not None
+            for r in filter(lambda r: r.pending(t), runs):
+                grams = ("tt", "st") if r.job.refits else stats.grams_needed(r.config.method, version == 0, cached)
+                if any("t" in g for g in grams):
+                    wanted.append((node, 0))
+                if version and any("s" in g for g in grams):
+                    wanted.append((node, version))
+        needs.append(wanted)
+    return needs
 
 
 def _consumer_refits(view: GraphView, c: Consumer, made: list[Problem], t: int, node: fx.Node, version: int,
