@@ -39,8 +39,9 @@ def widths(problem: Problem, stage: Stage, progress: Progress,
     SETTLED of the teacher there is kept as it is: the loss curves cost a pruning per group.
 
     `auto_error`: the first fold's error of one ratio for all that --method auto measured on its
-    way. Its channels were chosen from every shot, the held-out ones too, so it only settles
-    (a pruning saved); the allocation is compared with one ratio for all pruned without them."""
+    way, its channels chosen by auto's selector and refit by the winning objective. It only
+    settles (a pruning saved): the allocation is compared with one ratio for all pruned by the
+    winning objective alone, as the allocation is."""
     p = problem
     with stage("allocate"):
         model = FlopsModel(p.view, p.groups)
