@@ -231,3 +231,5 @@ def test_a_job_that_follows_refits_what_its_leader_chooses_as_the_walk_goes(tmp_
     for jobs in ([Job(other, follows=0)], [Job(lead, kept=leader.kept), Job(other, follows=0)]):
         with pytest.raises(ValueError, match="must name an earlier job"):
             prune.prune_jobs(view, teacher, groups, x, jobs)
+    with pytest.raises(ValueError, match="the other leaves whole"):  # keep={}: every group whole
+        prune.prune_jobs(view, teacher, groups, x, [Job(lead, keep={}), Job(other, follows=0)])

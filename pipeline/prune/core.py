@@ -148,6 +148,8 @@ def _schedule(teacher: TorchModel, groups: list[ChannelGroup], jobs: Sequence[Jo
             if not 0 <= run.job.follows < runs.index(run) or jobs[run.job.follows].refits:
                 raise ValueError("Job.follows must name an earlier job of the same walk that selects its channels")
             run.leader = runs[run.job.follows]
+            if any(n is not None and lead is None for n, lead in zip(run.counts, run.leader.counts)):
+                raise ValueError("a job that follows another prunes a group that the other leaves whole")
     return todo, runs
 
 
