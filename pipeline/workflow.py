@@ -157,8 +157,9 @@ def _compress(model_path: str | Path, options: CompressOptions, output: str | Pa
     # before any statistics: a report from another model fails at once
     replayed = replay.fit(ready.groups, ready.teacher, options.prune) if replay else None
     selector = options.prune
-    options, choice, selection = _choose(ready, options, progress, stage)
-    found = search.widths(ready, options, progress, stage, selection, replayed, choice.first_split if choice else None)
+    options, choice = _choose(ready, options, progress, stage)
+    found = search.widths(ready, options, progress, stage, choice.kept if choice else None, replayed,
+                          choice.first_split if choice else None)
     with stage("verify"):
         check_x = convert.spread(ready.shots.calib.x)
         if ready.evalset.x is not ready.shots.calib.x:
@@ -194,25 +195,20 @@ def _stage_timer(stages: dict[str, float], progress: Progress) -> Stage:
 
 
 def _choose(ready: Prepared, options: CompressOptions, progress: Progress,
-            stage: Stage) -> tuple[CompressOptions, choose.Choice | None, prune.PruneResult | None]:
+            stage: Stage) -> tuple[CompressOptions, choose.Choice | None]:
     """--method/--mu auto: the options with the objective closest to the teacher on held-out shots,
-    the choice, and the channels it refit, which the ratio's widths keep (a target prunes anew)."""
+    and the choice, with the channels its selector chose at the ratio's widths."""
     view, teacher, groups, x = ready.view, ready.teacher, ready.groups, ready.shots.calib.x
     augmenter = ready.layer_augmenter(options.prune)
     candidates = choose.candidates(options.prune, options.auto_method, options.auto_mu)
     if len(candidates) > 1 and len(x) < choose.MIN_SAMPLES:
         progress(f"auto: one sample, none to hold out; {options.prune.method} mu={options.prune.mu}")
     if len(candidates) <= 1 or len(x) < choose.MIN_SAMPLES:
-        return options, None, None
+        return options, None
     with stage("choose"):
         choice = choose.choose(view, teacher, groups, x, candidates, options.prune, options.seed, augmenter, progress)
         progress(f"auto: chose {choice.config.method} mu={choice.config.mu}")
-    selection = None  # other widths than the ratio's: pruned with the chosen objective
-    if isinstance(options.mode, search.Ratio):
-        with stage("prune"):  # the ratio's channels, as the selector chose them, refit from every shot
-            selection = prune.prune_jobs(view, teacher, groups, x, [prune.Job(choice.config, kept=choice.kept)],
-                                         progress, augmenter)[0]
-    return replace(options, prune=choice.config), choice, selection
+    return replace(options, prune=choice.config), choice
 
 
 @dataclass

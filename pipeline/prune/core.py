@@ -72,11 +72,12 @@ class Job:
 def prune(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,
           config: PruneConfig, progress: Progress = lambda _: None,
           augmenter: Augmenter | None = None, keep: dict[int, int] | None = None,
-          cache: TeacherGrams | None = None, reuse: Prefixes | None = None) -> PruneResult:
+          cache: TeacherGrams | None = None, reuse: Prefixes | None = None,
+          kept: dict[int, np.ndarray] | None = None) -> PruneResult:
     """Prune every eligible group to `config.ratio`, or to `keep[group id]` channels when an
-    allocation is given (groups it leaves out stay whole). Pass one `cache`, and one `reuse`, to
-    every call on the same samples."""
-    return prune_jobs(view, teacher, groups, x, [Job(config, keep)], progress, augmenter, cache, reuse)[0]
+    allocation is given (groups it leaves out stay whole); `kept`: only refit these channels. Pass
+    one `cache`, and one `reuse`, to every call on the same samples."""
+    return prune_jobs(view, teacher, groups, x, [Job(config, keep, kept)], progress, augmenter, cache, reuse)[0]
 
 
 def prune_jobs(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: np.ndarray,

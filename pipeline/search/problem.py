@@ -47,14 +47,14 @@ class Pruner:
     source: Path  # the model's path, named where every group was left whole
     stage: Stage
     progress: Progress
-    selection: prune.PruneResult | None = None  # channels --method auto already pruned: used as they are
+    kept: dict[int, np.ndarray] | None = None  # channels --method auto chose at the ratio's widths: refit only
 
     def slim(self, keep: Keep | None) -> tuple[prune.PruneResult, onnx.ModelProto]:
         """Pruned for real (the ratio's widths where `keep` is None), in the prune and export stages."""
         p = self.problem
         with self.stage("prune"):
-            result = self.selection or prune.prune(p.view, p.teacher, p.groups, p.x, p.config, self.progress,
-                                                   p.augmenter, keep=keep)
+            result = prune.prune(p.view, p.teacher, p.groups, p.x, p.config, self.progress, p.augmenter, keep=keep,
+                                 kept=self.kept)
             if not result.outcomes:
                 raise NothingToPruneError(f"{self.source}: every channel group was left whole "
                                           f"({'; '.join(result.skipped.values())})")
