@@ -232,10 +232,11 @@ def _walk(view: GraphView, teacher: TorchModel, todo: list[ChannelGroup], x: np.
     plan.build(_needs(todo, runs, inputs, plan, cache))
     walk = Walk(teacher.module, [r.result.student.module for r in runs], _units(x, config.chunk, augmenter, teacher))
 
+    leading, following = [r for r in runs if r.leader is None], [r for r in runs if r.leader is not None]
+
     def visit(t: int) -> None:
         """Solve time t; a run that follows another one once that one has chosen."""
-        following = [r for r in runs if r.leader is not None]
-        solve_runs(t, [r for r in runs if r.leader is None])
+        solve_runs(t, leading)
         if following:
             solve_runs(t, following)
 
