@@ -17,8 +17,8 @@ import onnx
 import torch
 
 from exporters.write import atomic_write
-from pipeline import (analyze, augment, bench, choose, compress_report, convert, data, engine, finetune, limits, load,
-                      precision, prune, quantize, report, search, verify)
+from pipeline import (allocator, analyze, augment, bench, choose, compress_report, convert, data, engine, finetune,
+                      limits, load, precision, prune, quantize, report, search, verify)
 from pipeline.errors import ModelError, NothingToPruneError, UsageError, VerificationError
 from pipeline.analyze import ChannelGroup
 from pipeline.graph import GraphView
@@ -76,14 +76,15 @@ def compress(model_path: str | Path, options: CompressOptions, output: str | Pat
              progress: Progress = lambda _: None) -> CompressResult:
     """Run every stage; write `output` only after verification passed. Under `--device auto` a GPU
     that runs out of memory hands the whole job to the CPU: nothing has been written by then."""
-    try:
-        return _compress(model_path, options, output, progress)
-    except torch.OutOfMemoryError as exc:
-        if options.device != "auto":
-            raise
-        progress(f"warning: the GPU ran out of memory ({first_line(exc)}); starting again with torch on the CPU")
-        torch.cuda.empty_cache()
-        return _compress(model_path, replace(options, device="cpu"), output, progress)
+    with allocator.reuse_freed():
+        try:
+            return _compress(model_path, options, output, progress)
+        except torch.OutOfMemoryError as exc:
+            if options.device != "auto":
+                raise
+            progress(f"warning: the GPU ran out of memory ({first_line(exc)}); starting again with torch on the CPU")
+            torch.cuda.empty_cache()
+            return _compress(model_path, replace(options, device="cpu"), output, progress)
 
 
 @dataclass

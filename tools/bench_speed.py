@@ -142,7 +142,7 @@ def gemm_rate() -> float:
 def floor(setup: Setup, rate: float) -> dict:
     """Seconds of one teacher and one student forward over the pruning's inputs, plus G_tt and
     G_ss of every consumer of a pruned group over its sampled rows at `rate`."""
-    from pipeline import prune, workflow
+    from pipeline import allocator, prune, workflow
     from pipeline.prune import stats
     from pipeline.prune.core import _units
 
@@ -152,7 +152,7 @@ def floor(setup: Setup, rate: float) -> dict:
     ready = workflow.prepare(setup.model, options)
     units = _units(ready.shots.calib.x, config.chunk, ready.layer_augmenter(config), ready.teacher)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), allocator.reuse_freed():  # as compress allocates
         for unit in units:
             for piece in unit:
                 ready.teacher.module(piece)
