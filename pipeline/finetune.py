@@ -42,9 +42,9 @@ class FinetuneResult:
     model: ModelProto
     twin: TorchModel  # the trained torch model the ONNX file must reproduce
     tuned: list[str]  # ONNX nodes whose parameters were trained
-    loss_before: float
+    loss_before: float  # the training loss on the shots, before and after
     loss_after: float
-    inputs: int
+    inputs: int  # in the pool: the shots and their augmented variants
     seconds: float
 
     def to_json(self) -> dict:
@@ -73,9 +73,9 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
         out = twin.forward(pool_t[idx])
         return sum(torch.mean((o - t[idx]) ** 2) / s for o, t, s in zip(out, targets, scales)) / len(out)
 
-    everything = torch.arange(len(pool))
+    shots = torch.arange(len(x))  # the pool starts with them; its variants would cost as much as the steps
     with torch.no_grad():
-        before = float(loss_on(everything))
+        before = float(loss_on(shots))
     for step in range(config.steps if params else 0):
         idx = torch.randperm(len(pool), generator=gen)[:config.batch]
         opt.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
         if (step + 1) % max(1, config.steps // 5) == 0:
             progress(f"fine-tune step {step + 1}/{config.steps}: relative squared error {float(loss.detach()):.4f}")
     with torch.no_grad():
-        after = float(loss_on(everything))
+        after = float(loss_on(shots))
     for p in params:
         p.requires_grad_(False)
     _round_to_file(slim, twin, tuned)
@@ -94,7 +94,7 @@ def finetune(slim: ModelProto, teacher: TorchModel, x: np.ndarray, config: Finet
 
 
 def _pool(x: np.ndarray, augmenter: Augmenter | None) -> np.ndarray:
-    """The shots and rounds of their augmented variants, up to a memory budget."""
+    """The shots, then rounds of their augmented variants, up to a memory budget."""
     limit = max(len(x), min(POOL_INPUTS, POOL_BYTES // max(x[:1].nbytes, 1)))
     if augmenter is None or augmenter.factor == 1:
         return x
