@@ -11,7 +11,6 @@ Elsewhere than glibc (macOS, musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,13 +22,13 @@ TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 MMAP_MAX = 65536  # glibc's default
 
 
+_active = 0  # reuse_freed contexts entered and not left: only the outermost restores
+
+
 @functools.lru_cache(maxsize=None)
 def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version")):
+    libc = ctypes.CDLL(None)  # the process's own symbols, the C library's among them
+    if not all(hasattr(libc, name) for name in ("mallopt", "malloc_trim", "gnu_get_libc_version")):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
@@ -38,16 +37,22 @@ def _glibc() -> ctypes.CDLL | None:
 
 @contextmanager
 def reuse_freed() -> Iterator[None]:
+    """Large blocks from the heap, freed ones kept there, until the outermost such context ends."""
+    global _active
     libc = _glibc()
     if libc is None:
         yield
         return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, NEVER)
+    if not _active:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, NEVER)
+    _active += 1
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_MAX, MMAP_MAX)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        _active -= 1
+        if not _active:
+            libc.mallopt(M_MMAP_MAX, MMAP_MAX)
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+            libc.malloc_trim(0)
