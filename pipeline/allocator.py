@@ -3,7 +3,7 @@
 A pruning walk allocates and frees feature maps of tens to hundreds of MB at every node. By
 default glibc serves each from freshly mapped pages and unmaps them on free, so every new tensor
 page-faults on first touch while the kernel zeroes it: on ResNet-50 at 224x224 (64 samples,
-`--scope all`) a sixth of the whole command's time. Inside `reuse_freed`, large blocks come
+`--scope all`) about a fifth of the whole command's time. Inside `reuse_freed`, large blocks come
 from the heap and freed ones stay there for the next; on exit glibc's settings return to what
 its own adaptive rule settles at, and the heap gives its free pages back to the system.
 Elsewhere than glibc (macOS, musl) it does nothing.
@@ -20,8 +20,6 @@ NEVER = -1  # a trim threshold of -1 turns trimming off
 MMAP_THRESHOLD = 32 << 20  # glibc's adaptive limits on 64-bit systems, where it stops raising them
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 MMAP_MAX = 65536  # glibc's default
-
-
 _active = 0  # reuse_freed contexts entered and not left: only the outermost restores
 
 
