@@ -71,6 +71,7 @@ def choose(view: GraphView, teacher: TorchModel, groups: list[ChannelGroup], x: 
     kept: dict[int, np.ndarray] = {}
 
     def play(names: list[str]) -> None:
+        """Score `names` on every split; until the selector has chosen, it is names[0] and the others follow it."""
         for fold in range(folds):
             jobs = {n: prune.Job(named[n], kept=kept, ranking=True) if kept else
                     prune.Job(named[n], ranking=True, follows=None if named[n] == selector else 0) for n in names}

@@ -144,9 +144,9 @@ def _schedule(teacher: TorchModel, groups: list[ChannelGroup], jobs: Sequence[Jo
             for k, n in enumerate(wanted):
                 counts[k].append(n)
     runs = [_Run(job, result, todo, n, reuse) for job, result, n in zip(jobs, results, counts)]
-    for run in runs:
+    for k, run in enumerate(runs):
         if run.job.follows is not None:
-            if not 0 <= run.job.follows < runs.index(run) or jobs[run.job.follows].refits:
+            if not 0 <= run.job.follows < k or jobs[run.job.follows].refits:
                 raise ValueError("Job.follows must name an earlier job of the same walk that selects its channels")
             run.leader = runs[run.job.follows]
             if any(n is not None and lead is None for n, lead in zip(run.counts, run.leader.counts)):

@@ -22,7 +22,8 @@ def widths(ready: Prepared, options: CompressOptions, progress: Progress, stage:
     objective, and export it; every step runs under `stage`.
 
     `kept`: channels --method auto chose at the ratio's widths, refit from every shot where those
-    widths are pruned (Ratio, not spread) rather than chosen again. `replayed`: a WidthsFrom mode's widths, fitted to this model by Replay.fit.
+    widths are pruned (Ratio, not spread) rather than chosen again. `replayed`: a WidthsFrom mode's
+    widths, fitted to this model by Replay.fit.
     `auto_error`: --method auto's held-out error of those channels on the first fold."""
     mode = options.mode
     problem = Problem(ready.view, ready.teacher, ready.groups, ready.shots.calib.x, options.prune, options.seed,
